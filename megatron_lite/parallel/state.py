@@ -16,6 +16,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_lite.parallel.random import RNGStatesTracker
+
 
 @dataclass
 class ParallelState:
@@ -37,6 +39,7 @@ class ParallelState:
     dp_ranks: List[int]
     device: torch.device
     sequence_parallel: bool = False
+    rng: Optional[RNGStatesTracker] = None             # the model-parallel RNG tracker of this rank
 
     @property
     def is_first_stage(self) -> bool:
@@ -124,4 +127,4 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
         tp_rank=tp_ranks.index(rank), pp_rank=pp_ranks.index(rank), dp_rank=dp_ranks.index(rank),
         tp_group=tp_group, pp_group=pp_group, dp_group=dp_group, mp_group=mp_group,
         embedding_group=embedding_group, pp_ranks=pp_ranks, tp_ranks=tp_ranks, dp_ranks=dp_ranks,
-        device=device, sequence_parallel=sequence_parallel and tp > 1)
+        device=device, sequence_parallel=sequence_parallel and tp > 1, rng=RNGStatesTracker(device))

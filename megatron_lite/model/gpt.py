@@ -1,0 +1,160 @@
+"""GPTModel: embedding -> decoder layers -> final norm -> output layer, one pipeline stage.
+
+GPT-2 (LayerNorm, GeLU, learned positions, biases, tied embeddings) and the Llama family
+(RMSNorm, SwiGLU, RoPE, GQA, no biases, untied output) are the same class with different
+ModelConfig values. Parameter names are Megatron-Core's (see DESIGN.md); decoder layers are
+numbered locally within the stage, and `layer_offset` says where the stage starts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.model.layers import Norm, RotaryEmbedding, TransformerLayer
+from megatron_lite.parallel.random import recompute
+from megatron_lite.parallel.state import ParallelState
+from megatron_lite.parallel.tensor import (ColumnParallelLinear, VocabParallelEmbedding, column_parallel_linear,
+                                           init_param_, init_std_for, reduce_from_tp_region,
+                                           reduce_scatter_to_sequence_parallel_region, set_partition)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, dtype):
+        super().__init__()
+        self.cfg, self.state = cfg, state
+        self.word_embeddings = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, state, dtype=dtype)
+        self.position_embeddings = None
+        if cfg.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
+            set_partition(self.position_embeddings.weight, None)
+
+    def forward(self, input_ids, position_ids):
+        x = self.word_embeddings(input_ids.t())                    # [s, b, h] (partial sums over TP)
+        if self.state.sequence_parallel:
+            x = reduce_scatter_to_sequence_parallel_region(x, self.state)
+        else:
+            x = reduce_from_tp_region(x, self.state)
+        if self.position_embeddings is not None:
+            pos = self.position_embeddings(position_ids.t())
+            if self.state.sequence_parallel:
+                pos = pos.chunk(self.state.tp_size, dim=0)[self.state.tp_rank]
+            x = x + pos
+        p = self.cfg.hidden_dropout if self.training else 0.0
+        if p > 0:
+            if self.state.sequence_parallel:
+                with self.state.rng.fork():
+                    x = torch.nn.functional.dropout(x, p=p, training=True)
+            else:
+                x = torch.nn.functional.dropout(x, p=p, training=True)
+        return x
+
+
+class GPTModel(nn.Module):
+    """One pipeline stage of a GPT model.
+
+    forward(input_ids [b, s], position_ids [b, s], labels [b, s] | None, attention_mask) returns
+    the per-token loss [b, s] on the last stage when labels are given, its logits [s, b, v/tp]
+    when not, and the hidden states [s, b, h] (split along s under sequence parallelism) on
+    the other stages. Non-first stages take their input through `set_input_tensor`.
+    """
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, ops, *, seed: int = 1234,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        self.cfg, self.state, self.ops = cfg, state, ops
+        self.pre_process, self.post_process = state.is_first_stage, state.is_last_stage
+        per_stage = cfg.num_layers // state.pp_size
+        self.layer_offset = state.pp_rank * per_stage
+        self.share_embeddings = not cfg.untie_embeddings_and_output_weights
+        self.input_tensor = None
+
+        if self.pre_process:
+            self.embedding = Embedding(cfg, state, dtype)
+        self.rotary = RotaryEmbedding(cfg) if cfg.position_embedding_type == "rope" else None
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList(TransformerLayer(cfg, state, ops, dtype) for _ in range(per_stage))
+        if self.post_process:
+            self.decoder.final_layernorm = Norm(cfg, state, ops, dtype)
+            if not (self.share_embeddings and self.pre_process):
+                self.output_layer = ColumnParallelLinear(cfg.hidden_size, cfg.padded_vocab_size, state,
+                                                         bias=False, dtype=dtype)
+                if self.share_embeddings:
+                    self.output_layer.weight.shared_embedding = True
+        if self.share_embeddings and self.pre_process and not self.post_process:
+            self.embedding.word_embeddings.weight.shared_embedding = True
+        self._initialize(seed)
+        if device is not None:
+            self.to(device)
+
+    def global_name(self, local_name: str) -> str:
+        """The name a parameter has in the whole (unsplit) model: layer numbers are global, and
+        the untied-looking output layer of a tied model is the word embedding."""
+        parts = local_name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            parts[2] = str(int(parts[2]) + self.layer_offset)
+        name = ".".join(parts)
+        if name == "output_layer.weight" and self.share_embeddings:
+            return "embedding.word_embeddings.weight"
+        return name
+
+    def global_shape(self, local_name: str, param: nn.Parameter):
+        module = self.get_submodule(local_name.rsplit(".", 1)[0])
+        if param.tensor_model_parallel and hasattr(module, "global_shape"):
+            shape = list(module.global_shape)
+            if param.dim() == 1:
+                shape = shape[:1]
+            return tuple(shape)
+        return tuple(param.shape)
+
+    @torch.no_grad()
+    def _initialize(self, seed: int) -> None:
+        for name, p in self.named_parameters():
+            gname = self.global_name(name)
+            if name.endswith("bias"):
+                std = None
+            elif "layernorm" in name:
+                std = "ones"
+            else:
+                std = init_std_for(gname, self.cfg.init_method_std, self.cfg.num_layers)
+            init_param_(p, gname, self.global_shape(name, p), std, seed, self.state.tp_rank, self.state.tp_size)
+
+    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+        self.input_tensor = tensor
+
+    def output_weight(self) -> torch.Tensor:
+        if self.share_embeddings and self.pre_process:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def _layer_forward(self, layer, x, rotary, attention_mask):
+        if self.cfg.recompute_activations and self.training:
+            if rotary is None:
+                return recompute(lambda h: layer(h, None, attention_mask), self.state.rng, x)
+            return recompute(lambda h, c, s: layer(h, (c, s), attention_mask), self.state.rng, x, *rotary)
+        return layer(x, rotary, attention_mask)
+
+    def forward(self, input_ids, position_ids, labels=None, attention_mask=None):
+        x = self.embedding(input_ids, position_ids) if self.pre_process else self.input_tensor
+        rotary = None
+        if self.rotary is not None:
+            seq = input_ids.shape[1] if input_ids is not None else x.shape[0] * (
+                self.state.tp_size if self.state.sequence_parallel else 1)
+            rotary = self.rotary(seq, x.device, x.dtype)
+        for layer in self.decoder.layers:
+            x = self._layer_forward(layer, x, rotary, attention_mask)
+        if not self.post_process:
+            return x
+        x = self.decoder.final_layernorm(x)
+        logits = column_parallel_linear(x, self.output_weight(), None, self.state)   # [s, b, v/tp]
+        if labels is None:
+            return logits
+        loss = self.ops.vocab_parallel_cross_entropy(logits.float(), labels.t(), self._vocab_start(),
+                                                     self.state.tp_group if self.state.tp_size > 1 else None)
+        return loss.t().contiguous()                               # [b, s]
+
+    def _vocab_start(self) -> int:
+        return self.state.tp_rank * (self.cfg.padded_vocab_size // self.state.tp_size)

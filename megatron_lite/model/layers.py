@@ -1,0 +1,162 @@
+"""The transformer layer's parts: norms, rotary embedding, attention, MLP.
+
+Activations are [s, b, h]. Layers get parallel linears and a ParallelState; the only
+communication is inside those linears. Dropout on tensors that are split across TP ranks
+(attention heads; everything under sequence parallelism) runs under the RNG tracker's fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.parallel.state import ParallelState
+from megatron_lite.parallel.tensor import ColumnParallelLinear, RowParallelLinear, set_partition
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the hidden dimension, through the fused-op dispatch."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
+        super().__init__()
+        self.ops, self.eps, self.rms = ops, cfg.norm_epsilon, cfg.normalization == "RMSNorm"
+        self.weight = set_partition(nn.Parameter(torch.ones(cfg.hidden_size, dtype=dtype)), None)
+        self.weight.sequence_parallel = state.sequence_parallel
+        self.bias = None
+        if not self.rms:
+            self.bias = set_partition(nn.Parameter(torch.zeros(cfg.hidden_size, dtype=dtype)), None)
+            self.bias.sequence_parallel = state.sequence_parallel
+
+    def forward(self, x):
+        if self.rms:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """inv_freq[i] = base^(-2i / rot_dim); with Llama-3.1 scaling, low frequencies are divided
+    by `factor` and the band between them is interpolated (low_freq_factor 1, high 4,
+    original context 8192, as in Megatron and Hugging Face)."""
+    rot_dim = int(cfg.head_dim * cfg.rotary_percent)
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+    if cfg.use_rope_scaling:
+        factor, low, high, old_ctx = cfg.rope_scaling_factor, 1.0, 4.0, 8192
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    return inv_freq.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [s, 1, 1, rot_dim] for positions 0..s-1 (non-interleaved halves)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
+
+    def forward(self, seq_len: int, device, dtype):
+        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(device))
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection laid out per query group ([q heads of g, k_g, v_g] for each g),
+    torch SDPA (causal, grouped-query), and the row-parallel output projection."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
+        super().__init__()
+        self.cfg, self.state, self.ops = cfg, state, ops
+        d, groups = cfg.head_dim, cfg.query_groups
+        self.heads_per_group = cfg.num_attention_heads // groups
+        self.local_groups = groups // state.tp_size
+        qkv_size = groups * (self.heads_per_group + 2) * d
+        self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, state,
+                                               bias=cfg.add_bias_linear or cfg.add_qkv_bias, dtype=dtype)
+        self.linear_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, state,
+                                             bias=cfg.add_bias_linear, skip_bias_add=True, dtype=dtype)
+
+    def forward(self, x, rotary=None, attention_mask: Optional[torch.Tensor] = None):
+        qkv = self.linear_qkv(x)                                   # [s, b, groups_local * (hpg + 2) * d]
+        s, b = qkv.shape[:2]
+        d, hpg, ng = self.cfg.head_dim, self.heads_per_group, self.local_groups
+        qkv = qkv.view(s, b, ng, hpg + 2, d)
+        q = qkv[:, :, :, :hpg].reshape(s, b, ng * hpg, d)
+        k, v = qkv[:, :, :, hpg], qkv[:, :, :, hpg + 1]            # [s, b, ng, d]
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))      # [b, heads, s, d]
+        if hpg > 1:
+            k = k.repeat_interleave(hpg, dim=1)
+            v = v.repeat_interleave(hpg, dim=1)
+        p = self.cfg.attention_dropout if self.training else 0.0
+        # heads are split over TP ranks, so their dropout masks must differ: tracker fork
+        fork = self.state.rng.fork() if p > 0 else contextlib.nullcontext()
+        with fork:
+            if attention_mask is None:
+                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            else:
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=p)
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)            # [s, b, heads_local * d]
+        return self.linear_proj(ctx)
+
+
+class MLP(nn.Module):
+    """fc1 (column-parallel; [gate; up] per rank with SwiGLU) -> GeLU(tanh) or SwiGLU -> fc2."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
+        super().__init__()
+        self.ops, self.swiglu = ops, cfg.swiglu
+        ffn = cfg.ffn_size
+        self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if cfg.swiglu else ffn, state,
+                                               bias=cfg.add_bias_linear, skip_bias_add=True,
+                                               partition_chunks=2 if cfg.swiglu else 1, dtype=dtype)
+        self.linear_fc2 = RowParallelLinear(ffn, cfg.hidden_size, state, bias=cfg.add_bias_linear,
+                                            skip_bias_add=True, dtype=dtype)
+
+    def forward(self, x):
+        h, bias = self.linear_fc1(x)
+        if self.swiglu:
+            h = self.ops.swiglu(h if bias is None else h + bias)
+        else:
+            h = self.ops.bias_gelu(h, bias)
+        return self.linear_fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: x + drop(attn(norm(x))) then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
+        super().__init__()
+        self.cfg, self.state = cfg, state
+        self.input_layernorm = Norm(cfg, state, ops, dtype)
+        self.self_attention = SelfAttention(cfg, state, ops, dtype)
+        self.pre_mlp_layernorm = Norm(cfg, state, ops, dtype)
+        self.mlp = MLP(cfg, state, ops, dtype)
+
+    def _bias_dropout_add(self, out_and_bias, residual):
+        out, bias = out_and_bias
+        if bias is not None:
+            out = out + bias
+        p = self.cfg.hidden_dropout if self.training else 0.0
+        if p > 0:
+            # under sequence parallelism each rank holds different tokens: different masks
+            fork = self.state.rng.fork() if self.state.sequence_parallel else contextlib.nullcontext()
+            with fork:
+                out = F.dropout(out, p=p, training=True)
+        return residual + out
+
+    def forward(self, x, rotary=None, attention_mask=None):
+        x = self._bias_dropout_add(self.self_attention(self.input_layernorm(x), rotary, attention_mask), x)
+        return self._bias_dropout_add(self.mlp(self.pre_mlp_layernorm(x)), x)
