@@ -63,7 +63,7 @@ class GPTModel(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, ops, *, seed: int = 1234,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, init_weights: bool = True):
         super().__init__()
         self.cfg, self.state, self.ops = cfg, state, ops
         self.pre_process, self.post_process = state.is_first_stage, state.is_last_stage
@@ -86,7 +86,8 @@ class GPTModel(nn.Module):
                     self.output_layer.weight.shared_embedding = True
         if self.share_embeddings and self.pre_process and not self.post_process:
             self.embedding.word_embeddings.weight.shared_embedding = True
-        self._initialize(seed)
+        if init_weights:   # False for a skeleton (e.g. under `with torch.device("meta")`)
+            self._initialize(seed)
         if device is not None:
             self.to(device)
 

@@ -1,0 +1,249 @@
+"""The training loop: steps, evaluation, logging, exits and saves.
+
+    run = build_run(cfg); load (checkpoint/); data from consumed_train_samples on;
+    while iteration < train_iters: train_step; log; evaluate; save; exit checks
+
+Modes (pretrain / finetune / further-train) only change what the checkpoint loader restores;
+the loop is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.initialize import Run, build_run, model_dtype, print_rank0
+from megatron_lite.parallel.pipeline import get_forward_backward_func
+
+
+def num_microbatches(run: Run) -> int:
+    t = run.cfg.train
+    return t.global_batch_size // (t.micro_batch_size * run.state.dp_size)
+
+
+def total_train_iters(run: Run) -> int:
+    t = run.cfg.train
+    if t.train_iters is not None:
+        return t.train_iters
+    return t.train_samples // t.global_batch_size
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward_step(batch: dict, model):
+    """One microbatch through this stage; on the last stage also the loss function."""
+    batch = _to_device(batch, next(model.parameters()).device)
+    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"],
+                   attention_mask=batch.get("attention_mask"))
+
+    def loss_func(output):
+        mask = batch["loss_mask"].float()
+        loss = (output.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        return loss, {"lm loss": loss.detach()}
+
+    return losses, loss_func
+
+
+def _activation_shape(run: Run):
+    m, t, s = run.cfg.model, run.cfg.train, run.state
+    seq = m.seq_length // s.tp_size if s.sequence_parallel else m.seq_length
+    return (seq, t.micro_batch_size, m.hidden_size)
+
+
+def _average_reported(run: Run, reported: List[dict]) -> dict:
+    """Mean of each reported value over microbatches and DP ranks, known on every rank."""
+    s = run.state
+    keys = ["lm loss"]
+    values = torch.zeros(len(keys), dtype=torch.float64)
+    if s.is_last_stage and reported:
+        values = torch.tensor([sum(float(r[k]) for r in reported) / len(reported) for k in keys],
+                              dtype=torch.float64)
+    if s.is_distributed:
+        values = values.to(s.device)
+        if s.is_last_stage and s.dp_size > 1:
+            dist.all_reduce(values, group=s.dp_group)
+            values /= s.dp_size
+        if s.pp_size > 1:
+            dist.broadcast(values, src=s.pp_ranks[-1], group=s.pp_group)
+        values = values.cpu()
+    return dict(zip(keys, values.tolist()))
+
+
+def train_step(run: Run, batches: Iterator) -> dict:
+    """Forward and backward over the global batch, then one optimizer step."""
+    from megatron_lite.parallel.data import finalize_model_grads
+
+    run.optimizer.zero_grad()
+    schedule = get_forward_backward_func(run.state)
+    reported = schedule(forward_step, batches, run.model, run.state, num_microbatches=num_microbatches(run),
+                        tensor_shape=_activation_shape(run), dtype=model_dtype(run.cfg), loss_scale=run.optimizer.get_loss_scale())
+    finalize_model_grads([run.model], run.state)
+    loss_scale = run.optimizer.get_loss_scale()
+    ok, grad_norm, _ = run.optimizer.step()
+    run.scheduler.step(increment=run.cfg.train.global_batch_size)
+    out = _average_reported(run, reported)
+    out.update(skipped=not ok, grad_norm=grad_norm, loss_scale=loss_scale)
+    return out
+
+
+@torch.no_grad()
+def evaluate(run: Run, valid_iter: Iterator) -> Optional[float]:
+    if valid_iter is None:
+        return None
+    run.model.eval()
+    schedule = get_forward_backward_func(run.state)
+    losses = []
+    for _ in range(run.cfg.train.eval_iters):
+        reported = schedule(forward_step, valid_iter, run.model, run.state, num_microbatches=num_microbatches(run),
+                            tensor_shape=_activation_shape(run), dtype=model_dtype(run.cfg), forward_only=True)
+        losses.append(_average_reported(run, reported)["lm loss"])
+        run.progress.consumed_valid_samples += run.cfg.train.global_batch_size
+    run.model.train()
+    return sum(losses) / len(losses)
+
+
+class ExitSignal:
+    """Records SIGTERM/SIGINT; the loop asks all ranks together whether any received one."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank(self, run: Run) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=run.state.device)
+        if run.state.is_distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+def format_log_line(run: Run, it: int, total: int, step: dict, elapsed_ms: float, lr: float) -> str:
+    """Megatron's iteration line; the loss with 7 significant digits."""
+    t, p = run.cfg.train, run.progress
+    tokens_per_s = t.global_batch_size * run.cfg.model.seq_length / max(elapsed_ms / 1000.0, 1e-9)
+    grad_norm = f"{step['grad_norm']:.6f}" if step["grad_norm"] is not None else "nan"
+    return (f" iteration {it:8d}/{total:8d} | consumed samples: {p.consumed_train_samples:12d} | "
+            f"elapsed time per iteration (ms): {elapsed_ms:.1f} | learning rate: {lr:.6E} | "
+            f"global batch size: {t.global_batch_size:5d} | lm loss: {step['lm loss']:.6E} | "
+            f"loss scale: {step['loss_scale']:.1f} | grad norm: {grad_norm} | "
+            f"number of skipped iterations: {p.skipped_iterations:3d} | "
+            f"number of nan iterations: {p.nan_iterations:3d} | tokens per second: {tokens_per_s:.1f} |")
+
+
+def _tensorboard(run: Run):
+    if not run.cfg.train.tensorboard_dir or run.state.rank != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print_rank0("tensorboard is not installed; --tensorboard-dir ignored (pip install tensorboard)", run.state)
+        return None
+    return SummaryWriter(log_dir=run.cfg.train.tensorboard_dir)
+
+
+def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None, save_fn=None) -> List[dict]:
+    """Train from run.progress.iteration to the last iteration; returns one record per iteration
+    (iteration, lm loss, lr, grad norm, loss scale, skipped) as every rank saw it."""
+    t, p = run.cfg.train, run.progress
+    total = total_train_iters(run)
+    exit_signal = ExitSignal(t.exit_signal_handler)
+    writer = _tensorboard(run)
+    start = time.time()
+    run.model.train()
+    while p.iteration < total:
+        lr = run.scheduler.get_lr()
+        t0 = time.time()
+        step = train_step(run, train_iter)
+        elapsed_ms = (time.time() - t0) * 1000.0
+        p.iteration += 1
+        p.consumed_train_samples += t.global_batch_size
+        if step["skipped"]:
+            p.skipped_iterations += 1
+        if not math.isfinite(step["lm loss"]):
+            p.nan_iterations += 1
+        record = {"iteration": p.iteration, "lm loss": step["lm loss"], "lr": lr, "grad_norm": step["grad_norm"],
+                  "loss_scale": step["loss_scale"], "skipped": step["skipped"]}
+        run.history.append(record)
+        if p.iteration % t.log_interval == 0:
+            print_rank0(format_log_line(run, p.iteration, total, step, elapsed_ms, lr), run.state)
+        if writer is not None:
+            for k in ("lm loss", "lr", "loss_scale"):
+                writer.add_scalar(k.replace(" ", "_"), record[k], p.iteration)
+            if step["grad_norm"] is not None:
+                writer.add_scalar("grad_norm", step["grad_norm"], p.iteration)
+        if valid_iter is not None and t.eval_interval and p.iteration % t.eval_interval == 0:
+            val = evaluate(run, valid_iter)
+            print_rank0(f" validation loss at iteration {p.iteration} | lm loss value: {val:.6E} | "
+                        f"lm loss PPL: {math.exp(min(val, 700)):.6E} |", run.state)
+            if writer is not None:
+                writer.add_scalar("validation_lm_loss", val, p.iteration)
+        if save_fn is not None:
+            save_fn(run, reason="interval")
+        if _should_exit(run, exit_signal, start):
+            break
+    if save_fn is not None:
+        save_fn(run, reason="end")
+    if writer is not None:
+        writer.close()
+    return run.history
+
+
+def _should_exit(run: Run, exit_signal: ExitSignal, start: float) -> bool:
+    t, p = run.cfg.train, run.progress
+    if t.exit_interval and p.iteration % t.exit_interval == 0:
+        print_rank0(f"exiting at iteration {p.iteration} (--exit-interval {t.exit_interval})", run.state)
+        return True
+    if t.exit_duration_in_mins:
+        elapsed = torch.tensor([(time.time() - start) / 60.0], device=run.state.device)
+        if run.state.is_distributed:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if elapsed.item() > t.exit_duration_in_mins:
+            print_rank0(f"exiting after {elapsed.item():.1f} minutes (--exit-duration-in-mins)", run.state)
+            return True
+    if t.exit_signal_handler and exit_signal.any_rank(run):
+        print_rank0(f"exiting at iteration {p.iteration} on a signal", run.state)
+        return True
+    return False
+
+
+def build_data(run: Run):
+    from megatron_lite.data import build_data_iterators
+
+    t, m = run.cfg.train, run.cfg.model
+    total = total_train_iters(run)
+    eval_runs = (total // t.eval_interval + 1) if t.eval_interval else 0
+    return build_data_iterators(
+        run.cfg.data, run.tokenizer, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size, dp_rank=run.state.dp_rank, dp_size=run.state.dp_size,
+        seed=t.seed, train_samples=total * t.global_batch_size,
+        eval_samples=eval_runs * t.eval_iters * t.global_batch_size, test_samples=t.eval_iters * t.global_batch_size,
+        consumed_train_samples=run.progress.consumed_train_samples,
+        consumed_valid_samples=run.progress.consumed_valid_samples)
+
+
+def pretrain(cfg, data_iterators=None) -> Run:
+    """Everything `pretrain_gpt.py` does: build, load, train, save. Returns the Run."""
+    run = build_run(cfg)
+    try:
+        from megatron_lite.checkpoint.checkpointing import load_checkpoint, maybe_save_checkpoint
+    except ImportError:
+        load_checkpoint = maybe_save_checkpoint = None
+    if load_checkpoint is not None:
+        load_checkpoint(run)
+    if data_iterators is None:
+        train_iter, valid_iter, _ = build_data(run)
+    else:
+        train_iter, valid_iter = data_iterators(run)
+    train(run, train_iter, valid_iter, save_fn=maybe_save_checkpoint)
+    return run
