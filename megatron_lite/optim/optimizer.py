@@ -1,0 +1,245 @@
+"""MegatronOptimizer: fp32 main params, loss-scale handling, global-norm clipping, ZeRO-1 sharding.
+
+The torch optimizer (AdamW or SGD) never sees the model's parameters directly unless they
+are fp32 and unsharded. Otherwise it updates fp32 *main params*: a copy of each bf16/fp16
+parameter, or, with the distributed optimizer, a copy of the slice of each parameter that
+falls into this DP rank's shard of its gradient bucket (see parallel/data.py). Their
+gradients are the fp32 `main_grad` buffers that DistributedDataParallel fills, used in
+place. After the step the main params are copied back into the model (cast to its dtype)
+and, with ZeRO-1, all-gathered over DP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from megatron_lite.config import OptimizerConfig, ParallelConfig
+from megatron_lite.optim.clip_grads import clip_grads_by_total_norm, counts_in_grad_norm, global_grad_norm
+from megatron_lite.optim.grad_scaler import GradScaler, build_grad_scaler
+from megatron_lite.parallel.data import DistributedDataParallel, all_reduce, world_group
+from megatron_lite.parallel.state import ParallelState
+
+
+@dataclass
+class MainParam:
+    """What the torch optimizer updates for one model parameter on this rank.
+
+    `main_param` covers the flattened range [start, end) of `model_param`: the whole
+    parameter, or this DP rank's shard with the distributed optimizer. It is `model_param`
+    itself when that is fp32 and whole.
+    """
+    name: str
+    model_param: torch.nn.Parameter
+    main_param: torch.Tensor
+    start: int
+    end: int
+
+    @property
+    def is_copy(self) -> bool:
+        return self.main_param is not self.model_param
+
+    def main_grad(self) -> torch.Tensor:
+        """The fp32 gradient for `main_param`: a view of the DDP buffer, shaped like `main_param`."""
+        return self.model_param.main_grad.view(-1)[self.start:self.end].view(self.main_param.shape)
+
+    def copy_to_model(self) -> None:
+        self.model_param.detach().view(-1)[self.start:self.end].copy_(self.main_param.view(-1))
+
+
+def _main_params(chunk: DistributedDataParallel, prefix: str, state: ParallelState) -> List[MainParam]:
+    """The main params of one model chunk, in the module's parameter order."""
+    ranges = {p: (bucket, r) for bucket in chunk.buckets for p, r in bucket.ranges.items()}
+    result = []
+    for name, param in chunk.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if chunk.use_distributed_optimizer:
+            bucket, (p_start, p_end) = ranges[param]
+            s_start, s_end = bucket.shard_range(state.dp_rank, state.dp_size)
+            start, end = max(p_start, s_start) - p_start, min(p_end, s_end) - p_start
+            if start >= end:
+                continue  # another DP rank owns all of this parameter
+            main = param.detach().view(-1)[start:end].to(torch.float32, copy=True)
+        else:
+            start, end = 0, param.numel()
+            main = param if param.dtype == torch.float32 else param.detach().to(torch.float32, copy=True)
+        result.append(MainParam(prefix + name, param, main, start, end))
+    return result
+
+
+class MegatronOptimizer:
+    """One optimizer step over every model chunk of this rank: see the module docstring."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, main_params: List[MainParam],
+                 model_chunks: List[DistributedDataParallel], cfg: OptimizerConfig, state: ParallelState,
+                 grad_scaler: Optional[GradScaler]):
+        self.optimizer = optimizer
+        self.main_params = main_params
+        self.model_chunks = model_chunks
+        self.cfg = cfg
+        self.state = state
+        self.grad_scaler = grad_scaler
+        self.use_distributed_optimizer = model_chunks[0].use_distributed_optimizer if model_chunks else False
+        self._by_tensor = {id(m.main_param): m for m in main_params}
+
+    @property
+    def param_groups(self) -> List[dict]:
+        """The torch optimizer's groups (weight decay, then no weight decay); the scheduler sets
+        `lr` and `weight_decay` on them."""
+        return self.optimizer.param_groups
+
+    def get_loss_scale(self) -> float:
+        return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on: multiplied by the current loss scale."""
+        return loss * self.get_loss_scale()
+
+    def zero_grad(self) -> None:
+        """Zero the DDP gradient buffers (the main grads are views of them)."""
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        for m in self.main_params:
+            m.main_param.grad = None
+
+    def _unscale_and_check_overflow(self, grads: List[torch.Tensor]) -> bool:
+        """Divide the main grads by the loss scale; True when any rank has an inf or NaN."""
+        inv_scale = 1.0 / self.grad_scaler.scale
+        found_inf = torch.zeros((), dtype=torch.float32, device=self.state.device)
+        for g in grads:
+            g.mul_(inv_scale)
+            found_inf = torch.maximum(found_inf, (~torch.isfinite(g)).any().to(found_inf))
+        all_reduce(found_inf, world_group(), op=torch.distributed.ReduceOp.MAX)
+        return bool(found_inf.item())
+
+    @torch.no_grad()
+    def step(self) -> Tuple[bool, Optional[float], Optional[int]]:
+        """Unscale, skip on overflow, clip to --clip-grad by the global norm, update, copy back.
+
+        Returns (update_successful, grad_norm, num_zeros_in_grad); grad_norm is None for a
+        skipped step, num_zeros_in_grad is always None (not counted).
+        """
+        grads = []
+        for m in self.main_params:
+            m.main_param.grad = m.main_grad()
+            grads.append(m.main_param.grad)
+        try:
+            if self.grad_scaler is not None:
+                found_inf = self._unscale_and_check_overflow(grads)
+                self.grad_scaler.update(found_inf)
+                if found_inf:
+                    return False, None, None
+            norm_grads = [g for m, g in zip(self.main_params, grads) if counts_in_grad_norm(m.model_param, self.state)]
+            norm_group = world_group() if self.use_distributed_optimizer else self.state.mp_group
+            grad_norm = global_grad_norm(norm_grads, norm_group, self.state.device)
+            if self.cfg.clip_grad > 0.0:
+                clip_grads_by_total_norm(grads, self.cfg.clip_grad, grad_norm)
+            self.optimizer.step()
+        finally:
+            for m in self.main_params:
+                m.main_param.grad = None
+        for m in self.main_params:
+            if m.is_copy:
+                m.copy_to_model()
+        for chunk in self.model_chunks:
+            chunk.all_gather_params()
+        return True, grad_norm, None
+
+    def _ordered(self) -> List[MainParam]:
+        """Main params in the torch optimizer's numbering (group by group)."""
+        return [self._by_tensor[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict:
+        """Optimizer state by parameter name; plain tensors and numbers only (weights_only loadable).
+
+        The tensors are the live state, not copies: save or clone them before the next step.
+        """
+        torch_sd = self.optimizer.state_dict()
+        params: Dict[str, dict] = {}
+        for index, m in enumerate(self._ordered()):
+            entry = {k: v for k, v in torch_sd["state"].get(index, {}).items() if v is not None}
+            if m.is_copy:
+                entry["main_param"] = m.main_param
+            params[m.name] = entry
+        sd = {
+            "optimizer": self.cfg.optimizer,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in torch_sd["param_groups"]],
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "params": params,
+        }
+        if self.use_distributed_optimizer:
+            sd["shard_ranges"] = {m.name: [m.start, m.end] for m in self.main_params}
+        return sd
+
+    def _check_compatible(self, sd: dict) -> None:
+        if sd["optimizer"] != self.cfg.optimizer:
+            raise ValueError(f"the checkpoint's optimizer is {sd['optimizer']} but this run uses "
+                             f"{self.cfg.optimizer}; pass --optimizer {sd['optimizer']} or --no-load-optim")
+        if ("shard_ranges" in sd) != self.use_distributed_optimizer:
+            saved = "with" if "shard_ranges" in sd else "without"
+            raise ValueError(f"the optimizer state was saved {saved} --use-distributed-optimizer; "
+                             f"use the same setting or --no-load-optim")
+        mine = {m.name for m in self.main_params}
+        missing, unexpected = sorted(mine - set(sd["params"])), sorted(set(sd["params"]) - mine)
+        if missing or unexpected:
+            raise ValueError(f"optimizer state does not match the model: missing {missing}, unexpected "
+                             f"{unexpected}; load a checkpoint of the same model and layout or pass --no-load-optim")
+        if self.use_distributed_optimizer:
+            for m in self.main_params:
+                if list(sd["shard_ranges"][m.name]) != [m.start, m.end]:
+                    raise ValueError(f"{m.name}: the checkpoint's distributed-optimizer shard covers "
+                                     f"{sd['shard_ranges'][m.name]} but this rank owns [{m.start}, {m.end}]; "
+                                     f"load with the DP size and --ddp-bucket-size it was saved with")
+        if len(sd["param_groups"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"the checkpoint has {len(sd['param_groups'])} optimizer param groups, this run "
+                             f"{len(self.optimizer.param_groups)}")
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore moments, step counts, fp32 main params, hyperparameters and the loss scaler."""
+        self._check_compatible(sd)
+        ordered = self._ordered()
+        torch_state = {}
+        for index, m in enumerate(ordered):
+            saved = sd["params"][m.name]
+            state = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved.items() if k != "main_param"}
+            if state:
+                torch_state[index] = state
+            if m.is_copy:
+                m.main_param.copy_(saved["main_param"])
+        groups, index = [], 0
+        for saved_group, group in zip(sd["param_groups"], self.optimizer.param_groups):
+            groups.append(dict(saved_group, params=list(range(index, index + len(group["params"])))))
+            index += len(group["params"])
+        self.optimizer.load_state_dict({"state": torch_state, "param_groups": groups})
+        if self.grad_scaler is not None and sd["grad_scaler"] is not None:
+            self.grad_scaler.load_state_dict(sd["grad_scaler"])
+
+
+def build_optimizer(model_chunks: List[DistributedDataParallel], cfg: OptimizerConfig,
+                    parallel_cfg: ParallelConfig, state: ParallelState) -> MegatronOptimizer:
+    """AdamW (decoupled weight decay) or SGD over this rank's main params, in two param groups:
+    weight decay for parameters with 2 or more dimensions, none for biases and norm weights."""
+    if cfg.fp16 and cfg.bf16:
+        raise ValueError("--fp16 and --bf16 are exclusive; pass one")
+    for chunk in model_chunks:
+        if chunk.use_distributed_optimizer != parallel_cfg.use_distributed_optimizer:
+            raise ValueError("the model was wrapped with a different --use-distributed-optimizer setting than "
+                             "the optimizer is built with; build both from the same ParallelConfig")
+    main_params = []
+    for i, chunk in enumerate(model_chunks):
+        main_params += _main_params(chunk, f"chunk{i}." if len(model_chunks) > 1 else "", state)
+    decay = [m.main_param for m in main_params if m.model_param.dim() >= 2]
+    no_decay = [m.main_param for m in main_params if m.model_param.dim() < 2]
+    groups = [{"params": decay, "wd_mult": 1.0, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "wd_mult": 0.0, "weight_decay": 0.0}]
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum)
+    else:
+        raise ValueError(f"--optimizer {cfg.optimizer!r} is not supported; use adam or sgd")
+    return MegatronOptimizer(optimizer, main_params, model_chunks, cfg, state, build_grad_scaler(cfg))

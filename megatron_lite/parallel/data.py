@@ -1,0 +1,262 @@
+"""Data parallelism: bucketed gradient reduction over the DP group, and finalize_model_grads.
+
+`DistributedDataParallel` wraps one model chunk. Each parameter's gradient accumulates into
+`param.main_grad`, an fp32 view of a contiguous per-bucket buffer, so that microbatches add
+up in fp32 and each bucket is reduced with one collective. Parameters are laid out in
+reverse order (as Megatron does) because backward produces the last layers' gradients
+first: with `overlap_grad_reduce` the first bucket is complete, and its all-reduce starts,
+while the backward of earlier layers is still running.
+
+With the distributed optimizer (ZeRO-1) each bucket is reduce-scattered instead: DP rank r
+receives the averaged gradient of the r-th contiguous 1/DP slice of the bucket, updates the
+parameters in that slice, and `all_gather_params` then gathers the updated slices into
+every replica. For that the parameters live in a per-bucket contiguous buffer too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.config import ParallelConfig
+from megatron_lite.parallel.state import ParallelState
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    """Ranks in `group`; 1 for None (this rank is in no such group) or without torch.distributed."""
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def world_group() -> Optional[dist.ProcessGroup]:
+    """The group of every rank, or None in a single process without torch.distributed."""
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+def all_reduce(tensor: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> None:
+    """In-place all-reduce that is a no-op for a group of one (or a single process)."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+def all_reduce_coalesced(tensors: List[torch.Tensor], group: Optional[dist.ProcessGroup]) -> None:
+    """Sum a list of tensors over `group` with one collective (flatten, reduce, copy back)."""
+    if not tensors or group_size(group) == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases only have the old names.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class GradBucket:
+    """A group of parameters whose gradients (and, with ZeRO-1, values) share one flat buffer.
+
+    `ranges[param]` is the parameter's [start, end) in the buffer. The buffer is padded to a
+    multiple of DP x 128 elements when the distributed optimizer shards it, so that every DP
+    rank owns an equal, aligned slice (`shard_range`).
+    """
+
+    def __init__(self, params: List[torch.nn.Parameter], pad_to: int, keep_params_in_buffer: bool,
+                 device: torch.device):
+        self.params = params
+        self.ranges: Dict[torch.nn.Parameter, Tuple[int, int]] = {}
+        offset = 0
+        for p in params:
+            self.ranges[p] = (offset, offset + p.numel())
+            offset += p.numel()
+        self.numel = math.ceil(offset / pad_to) * pad_to
+        self.grad_data = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        self.param_data: Optional[torch.Tensor] = None
+        if keep_params_in_buffer:
+            self.param_data = torch.zeros(self.numel, dtype=params[0].dtype, device=device)
+        for p in params:
+            start, end = self.ranges[p]
+            p.main_grad = self.grad_data[start:end].view(p.shape)
+            if self.param_data is not None:
+                self.param_data[start:end].copy_(p.data.reshape(-1))
+                p.data = self.param_data[start:end].view(p.shape)
+        self.pending = set(params)
+        self.handle = None
+
+    def shard_range(self, dp_rank: int, dp_size: int) -> Tuple[int, int]:
+        """[start, end) of the buffer that DP rank `dp_rank` owns under the distributed optimizer."""
+        size = self.numel // dp_size
+        return dp_rank * size, (dp_rank + 1) * size
+
+    def reset(self) -> None:
+        self.pending = set(self.params)
+        self.handle = None
+
+
+class DistributedDataParallel(torch.nn.Module):
+    """Wraps one model chunk; averages its gradients over the data-parallel group.
+
+    Call `zero_grad_buffer()` before an iteration's first microbatch, run the microbatches
+    (all but the last under `no_sync()`, or with `is_last_microbatch = False`), then
+    `finish_grad_sync()` (through `finalize_model_grads`). Without `overlap_grad_reduce`
+    every bucket is reduced in `finish_grad_sync`; with it, a bucket's collective starts
+    as soon as the last microbatch's backward has produced all of its gradients.
+    """
+
+    def __init__(self, module: torch.nn.Module, state: ParallelState, parallel_cfg: ParallelConfig):
+        super().__init__()
+        self.module = module
+        self.state = state
+        self.overlap_grad_reduce = parallel_cfg.overlap_grad_reduce
+        self.use_distributed_optimizer = parallel_cfg.use_distributed_optimizer
+        self.is_last_microbatch = True
+        if parallel_cfg.ddp_bucket_size <= 0:
+            raise ValueError(f"--ddp-bucket-size must be positive, got {parallel_cfg.ddp_bucket_size}")
+        self.buckets = self._make_buckets(parallel_cfg.ddp_bucket_size)
+        self._bucket_of = {p: b for b in self.buckets for p in b.params}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._bucket_of]
+
+    def _make_buckets(self, bucket_size: int) -> List[GradBucket]:
+        """Fill buckets with parameters in reverse order, closing one when it reaches `bucket_size`.
+
+        A parameter starts a new bucket when its dtype differs from the bucket's (one buffer
+        dtype per bucket) and a shared embedding gets a bucket of its own, so that the first
+        and the last pipeline stage shard it identically over DP (their other buckets differ).
+        """
+        pad_to = math.lcm(self.state.dp_size, 128) if self.use_distributed_optimizer else 1
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        groups: List[List[torch.nn.Parameter]] = []
+        current: List[torch.nn.Parameter] = []
+        current_numel = 0
+        for p in reversed(params):
+            alone = getattr(p, "shared_embedding", False)
+            if current and (alone or p.dtype != current[0].dtype):
+                groups.append(current)
+                current, current_numel = [], 0
+            current.append(p)
+            current_numel += p.numel()
+            if alone or current_numel >= bucket_size:
+                groups.append(current)
+                current, current_numel = [], 0
+        if current:
+            groups.append(current)
+        device = params[0].device if params else self.state.device
+        return [GradBucket(g, pad_to, self.use_distributed_optimizer, device) for g in groups]
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        """Move the fresh gradient into main_grad (fp32) and, when enabled, start the bucket's reduction."""
+        bucket = self._bucket_of[param]
+        if bucket.handle is not None:
+            raise RuntimeError("a gradient arrived after its bucket's all-reduce had started (overlap_grad_reduce): "
+                               "run every microbatch but the last under model.no_sync()")
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if self.overlap_grad_reduce and self.is_last_microbatch:
+            bucket.pending.discard(param)
+            if not bucket.pending and bucket.handle is None:
+                self._start_reduce(bucket, async_op=True)
+
+    def _start_reduce(self, bucket: GradBucket, async_op: bool) -> None:
+        """Average the bucket over DP: scale by 1/DP, then all-reduce (or reduce-scatter for ZeRO-1)."""
+        dp_size, group = self.state.dp_size, self.state.dp_group
+        bucket.pending = set()
+        if group_size(group) == 1:
+            bucket.handle = _DONE
+            return
+        bucket.grad_data.mul_(1.0 / dp_size)
+        if self.use_distributed_optimizer:
+            start, end = bucket.shard_range(self.state.dp_rank, dp_size)
+            work = _reduce_scatter(bucket.grad_data[start:end], bucket.grad_data, group=group, async_op=async_op)
+        else:
+            work = dist.all_reduce(bucket.grad_data, group=group, async_op=async_op)
+        bucket.handle = work if async_op else _DONE
+
+    def finish_grad_sync(self) -> None:
+        """Make every main_grad the DP average (ZeRO-1: on this rank's shard); wait for overlapped work.
+
+        Buckets not yet started (no overlap, or parameters that got no gradient) are reduced
+        here in bucket order, which is the same on every DP rank.
+        """
+        for bucket in self.buckets:
+            if bucket.handle is None:
+                self._start_reduce(bucket, async_op=False)
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.reset()
+
+    def zero_grad_buffer(self) -> None:
+        """Zero every main_grad and forget any partly reduced bucket (start of an iteration)."""
+        for bucket in self.buckets:
+            bucket.grad_data.zero_()
+            bucket.reset()
+        for p in self._bucket_of:
+            p.grad = None
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without starting any reduction (every microbatch but the last)."""
+        self.is_last_microbatch = False
+        try:
+            yield
+        finally:
+            self.is_last_microbatch = True
+
+    def all_gather_params(self) -> None:
+        """ZeRO-1: gather every DP rank's updated slice of each parameter bucket into all replicas."""
+        group = self.state.dp_group
+        if not self.use_distributed_optimizer or group_size(group) == 1:
+            return
+        for bucket in self.buckets:
+            start, end = bucket.shard_range(self.state.dp_rank, self.state.dp_size)
+            _all_gather(bucket.param_data, bucket.param_data[start:end], group=group)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if assign and self.use_distributed_optimizer:
+            raise ValueError("load_state_dict(assign=True) would detach the parameters from the "
+                             "distributed optimizer's buffers; load with assign=False")
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self.module.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+
+class _Done:
+    """Stands in for the work handle of a reduction that has already completed."""
+
+    def wait(self) -> None:
+        pass
+
+
+_DONE = _Done()
+
+
+def finalize_model_grads(model_chunks: List[DistributedDataParallel], state: ParallelState) -> None:
+    """Finish every gradient reduction an iteration needs before the optimizer step.
+
+    1. DP: `finish_grad_sync` on each chunk (average over data-parallel replicas).
+    2. TP: sum the grads of parameters marked `sequence_parallel` over the TP group; each
+       TP rank saw only its part of the sequence, so each holds a partial gradient.
+    3. PP: sum the grads of parameters marked `shared_embedding` (the tied word-embedding /
+       output weight on the first and last stage) over the embedding group.
+    """
+    for chunk in model_chunks:
+        chunk.finish_grad_sync()
+    params = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad]
+    all_reduce_coalesced([p.main_grad for p in params if getattr(p, "sequence_parallel", False)],
+                         state.tp_group)
+    all_reduce_coalesced([p.main_grad for p in params if getattr(p, "shared_embedding", False)],
+                         state.embedding_group)
