@@ -1,0 +1,265 @@
+"""Which checkpoint to load: find them, check them, choose, and say why in one report.
+
+`choose_checkpoint` gives every rank the same LoadPlan: rank 0 lists the directory and reads
+the tracker and broadcasts what it saw; then for each candidate every rank checksums its
+share of the files (so a large checkpoint is read in parallel, and each rank's page cache
+is warm for what it loads next) and the problems are gathered, so the decision is made from
+the same facts everywhere. A damaged or incomplete checkpoint is never chosen.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from megatron_lite.checkpoint.integrity import (CheckpointMetadataError, check_files, committed_metadata,
+                                                read_metadata)
+from megatron_lite.checkpoint.layout import (RELEASE, TRACKER_FILENAME, Iteration, format_iteration,
+                                             iteration_dir_name, parse_dir_name, tracker_path)
+from megatron_lite.checkpoint.storage import all_gather_object, broadcast_object
+from megatron_lite.parallel.state import ParallelState
+
+INTACT = "intact, every checksum verified"
+NOT_CHECKED = "not checked"
+WEIGHTS_ONLY = "weights only: not used to resume"
+
+
+class CheckpointLoadError(RuntimeError):
+    """The requested checkpoint cannot be loaded; the message says why and what to do."""
+
+
+@dataclass
+class CheckpointInfo:
+    name: str                  # directory name
+    path: str
+    iteration: Iteration
+    state: str                 # "committed"; "incomplete" (temporary name); "replaced" (stale copy of a re-save)
+    kind: Optional[str]        # "full" or "weights" from metadata.json; None when it cannot be read
+    size_bytes: int
+    saved_at: Optional[str] = None
+    status: str = NOT_CHECKED  # set by choose_checkpoint: INTACT, NOT_CHECKED, or why it is not loaded
+
+
+@dataclass
+class LoadPlan:
+    load_dir: str
+    iteration: Optional[Iteration]   # None: nothing to load
+    iter_dir: Optional[str]
+    reason: str                      # "tracker", "--ckpt-step", "fallback", or "none"
+    kind: Optional[str] = None
+    tracker_iteration: Optional[Iteration] = None
+    rejected: List[Tuple[str, str]] = field(default_factory=list)   # (directory or file name, why)
+    checkpoints: List[CheckpointInfo] = field(default_factory=list)
+    metadata: Optional[dict] = None   # the chosen checkpoint's metadata.json
+
+
+def _order_key(iteration: Iteration) -> int:
+    return -1 if iteration == RELEASE else iteration
+
+
+def _bytes_on_disk(path: str) -> int:
+    total = 0
+    for root, _, names in os.walk(path):
+        for n in names:
+            try:
+                total += os.path.getsize(os.path.join(root, n))
+            except OSError:
+                pass
+    return total
+
+
+def find_checkpoints(load_dir: str) -> List[CheckpointInfo]:
+    """Committed checkpoints newest first (`release` after the numbered ones), then leftovers.
+
+    Leftovers are incomplete saves (temporary name) and stale `.old` copies. An `.old` copy
+    whose iteration has no final directory is the only committed copy of that iteration (a
+    re-save died between its two renames) and is listed as committed.
+    """
+    if not os.path.isdir(load_dir):
+        return []
+    names = set(os.listdir(load_dir))
+    found = []
+    for name in names:
+        parsed = parse_dir_name(name)
+        path = os.path.join(load_dir, name)
+        if parsed is None or not os.path.isdir(path):
+            continue
+        iteration, dir_state = parsed
+        if dir_state == "tmp":
+            state = "incomplete"
+        elif dir_state == "old" and iteration_dir_name(iteration) in names:
+            state = "replaced"
+        else:
+            state = "committed"
+        kind, size, saved_at = None, None, None
+        if state == "committed":
+            try:
+                meta = read_metadata(path)
+                kind, saved_at = meta.get("kind"), meta.get("saved_at")
+                size = sum(e.get("size", 0) for e in meta["files"].values() if isinstance(e, dict))
+            except CheckpointMetadataError:
+                pass
+        found.append(CheckpointInfo(name, path, iteration, state, kind,
+                                    _bytes_on_disk(path) if size is None else size, saved_at))
+    found.sort(key=lambda c: (c.state != "committed", -_order_key(c.iteration)))
+    return found
+
+
+def read_tracker(load_dir: str) -> Tuple[Optional[Iteration], Optional[str]]:
+    """(iteration named by latest_checkpointed_iteration.txt, None) or (None, what is wrong with it)."""
+    try:
+        with open(tracker_path(load_dir), encoding="utf-8") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"cannot be read: {e}"
+    if text == RELEASE:
+        return RELEASE, None
+    if text.isdigit():
+        return int(text), None
+    return None, f"says {text!r}, which is not an iteration number"
+
+
+def _check(info: CheckpointInfo, state: Optional[ParallelState]) -> Tuple[Optional[dict], List[str]]:
+    """(metadata, problems) of one candidate, every rank checksumming its share of the files."""
+    meta, problems = committed_metadata(info.path)
+    if not problems:
+        rank, world = (0, 1) if state is None else (state.rank, state.world_size)
+        problems = check_files(info.path, meta, sorted(meta["files"])[rank::world], deep=True)
+    merged = []
+    for rank_problems in all_gather_object(problems, state):
+        merged += [p for p in rank_problems if p not in merged]
+    return meta, merged
+
+
+def _weights_only_error(load_dir: str, names: List[str]) -> CheckpointLoadError:
+    return CheckpointLoadError(
+        f"{load_dir} holds only weights-only checkpoints ({', '.join(names)}), which have no optimizer state to "
+        f"resume from; load them with --pretrained-checkpoint {load_dir}, or with --finetune --no-load-optim")
+
+
+def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Optional[ParallelState] = None, *,
+                      allow_weights_only: bool = False) -> LoadPlan:
+    """The checkpoint to load from `load_dir`; collective over all ranks when `state` is distributed.
+
+    With `ckpt_step`, that iteration or CheckpointLoadError if it is missing or fails its
+    checks. Without, the tracker's iteration if intact, else the newest intact one
+    ("fallback"); checkpoints newer than an intact tracker iteration are left alone (the
+    tracker may have been moved back on purpose). Weights-only checkpoints count only with
+    `allow_weights_only`. A directory with no committed checkpoint gives iteration None; one
+    whose checkpoints all fail their checks is an error rather than a silent fresh start.
+    """
+    survey = broadcast_object((find_checkpoints(load_dir), read_tracker(load_dir))
+                              if state is None or state.rank == 0 else None, state)
+    checkpoints, (tracker_iteration, tracker_problem) = survey
+    plan = LoadPlan(load_dir, None, None, "none", tracker_iteration=tracker_iteration, checkpoints=checkpoints)
+    committed = {c.iteration: c for c in checkpoints if c.state == "committed"}
+    for c in checkpoints:
+        if c.state == "incomplete":
+            c.status = "incomplete: still has its temporary name, so the save did not finish"
+            plan.rejected.append((c.name, c.status))
+        elif c.state == "replaced":
+            c.status = f"stale copy left by a re-save of {iteration_dir_name(c.iteration)}"
+        elif c.kind == "weights" and not allow_weights_only:
+            c.status = WEIGHTS_ONLY
+
+    if ckpt_step is not None:
+        info = committed.get(ckpt_step)
+        if info is None:
+            available = ", ".join(str(i) for i in committed) or "none"
+            raise CheckpointLoadError(f"--ckpt-step {ckpt_step}: {load_dir} has no committed checkpoint "
+                                      f"{iteration_dir_name(ckpt_step)} (committed iterations: {available})")
+        meta, problems = _check(info, state)
+        if problems:
+            raise CheckpointLoadError(f"checkpoint {info.name} in {load_dir} failed its checks: {'; '.join(problems)}; "
+                                      f"pick another with --ckpt-step or drop it to load the newest intact one")
+        if info.kind != "full" and not allow_weights_only:
+            raise _weights_only_error(load_dir, [info.name])
+        candidates, reason_of = [info], {id(info): "--ckpt-step"}
+    else:
+        if tracker_problem is not None and any(c.kind == "full" for c in committed.values()):
+            plan.rejected.append((TRACKER_FILENAME, tracker_problem))
+        tracker_info = committed.get(tracker_iteration)
+        if tracker_iteration is not None and tracker_info is None:
+            plan.rejected.append((format_iteration(tracker_iteration), f"named by {TRACKER_FILENAME} but not in "
+                                                                      f"{load_dir}"))
+        rest = [c for c in committed.values() if c is not tracker_info]
+        candidates = ([tracker_info] if tracker_info is not None else []) + rest
+        reason_of = {id(c): "fallback" for c in rest}
+        if tracker_info is not None:
+            reason_of[id(tracker_info)] = "tracker"
+        meta = None
+
+    for info in candidates:
+        if info.status == WEIGHTS_ONLY:
+            continue
+        if reason_of[id(info)] != "--ckpt-step":
+            meta, problems = _check(info, state)
+            if problems:
+                info.status = "failed its checks: " + "; ".join(problems)
+                plan.rejected.append((info.name, info.status))
+                continue
+        info.status = INTACT
+        plan.iteration, plan.iter_dir, plan.kind, plan.metadata = info.iteration, info.path, info.kind, meta
+        plan.reason = reason_of[id(info)]
+        break
+
+    if plan.iteration is None and committed:
+        damaged = [f"{c.name}: {c.status}" for c in committed.values() if c.status.startswith("failed")]
+        if damaged:
+            raise CheckpointLoadError(f"no intact checkpoint in {load_dir}:\n  " + "\n  ".join(damaged) +
+                                      "\nrestore or move away the damaged ones, or start without --load")
+        raise _weights_only_error(load_dir, [c.name for c in committed.values()])
+    if plan.reason == "tracker":
+        for c in checkpoints:
+            if c.status == NOT_CHECKED and c.state == "committed" and _order_key(c.iteration) > _order_key(plan.iteration):
+                c.status = (f"newer than the tracker's {format_iteration(plan.iteration)}, not loaded "
+                            f"(load it with --ckpt-step {c.iteration})")
+    return plan
+
+
+def human_bytes(n: float) -> str:
+    """`812 B`, `12.3 MB`: decimal units, as storage is sold."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+
+
+_REASONS = {"tracker": f"named by {TRACKER_FILENAME}", "--ckpt-step": "requested with --ckpt-step",
+            "fallback": "fallback: the newest intact checkpoint"}
+_MAX_LISTED = 12
+
+
+def format_recovery_report(plan: LoadPlan, restored: Dict[str, str]) -> str:
+    """One block for rank 0's log: what was found, what is loaded and why, and what was restored or reset."""
+    lines = [f"checkpoint recovery report for {plan.load_dir}"]
+    tracker = format_iteration(plan.tracker_iteration) if plan.tracker_iteration is not None else "nothing"
+    lines.append(f"  tracker {TRACKER_FILENAME} names {tracker}")
+    if plan.checkpoints:
+        lines.append("  found (newest first):")
+        width = max(len(c.name) for c in plan.checkpoints)
+        for c in plan.checkpoints[:_MAX_LISTED]:
+            mark = "   <- loaded" if c.path == plan.iter_dir else ""
+            lines.append(f"    {c.name:<{width}}  {c.kind or '?':<7}  {human_bytes(c.size_bytes):>9}  "
+                         f"{c.status}{mark}")
+        if len(plan.checkpoints) > _MAX_LISTED:
+            lines.append(f"    ... and {len(plan.checkpoints) - _MAX_LISTED} older")
+    else:
+        lines.append("  found: no checkpoints")
+    if plan.rejected:
+        lines.append("  not loaded:")
+        lines += [f"    {name}: {why}" for name, why in plan.rejected]
+    if plan.iteration is None:
+        lines.append("  loading: nothing, training starts from scratch")
+    else:
+        lines.append(f"  loading: {os.path.basename(plan.iter_dir)} ({plan.kind}), {_REASONS[plan.reason]}")
+    if restored:
+        lines.append("  restored:")
+        width = max(len(k) for k in restored)
+        lines += [f"    {k:<{width}}  {v}" for k, v in restored.items()]
+    return "\n".join(lines)
