@@ -151,8 +151,8 @@ class IndexedDataset:
 
         data_file = bin_path(self.path_prefix)
         data_bytes = os.path.getsize(data_file)
-        needed = 0 if sequence_count == 0 else int(
-            self.sequence_pointers[-1] + self.sequence_lengths[-1] * self.dtype.itemsize)
+        needed = 0 if sequence_count == 0 else (
+            int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize)
         if data_bytes < needed:
             raise ValueError(f"{data_file} is truncated: {data_bytes} bytes, its index needs "
                              f"{needed}; rebuild it with tools/preprocess_data.py")
