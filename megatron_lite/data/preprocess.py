@@ -92,7 +92,7 @@ class _Encoder:
             ids = self.tokenizer.tokenize(record[key])
             if ids and self.append_eod:
                 ids.append(self.tokenizer.eod)
-            documents[key] = np.asarray(ids, dtype=self.dtype)
+            documents[key] = np.fromiter(ids, dtype=self.dtype, count=len(ids))
         return documents, len(raw)
 
 
