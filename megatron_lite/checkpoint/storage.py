@@ -44,7 +44,7 @@ from megatron_lite.checkpoint.layout import (METADATA_FILENAME, Iteration, check
 from megatron_lite.parallel.state import ParallelState
 
 KINDS = ("full", "weights")
-RESERVED_METADATA_KEYS = ("format_version", "iteration", "kind", "checksum_algorithm", "parallel", "saved_at", "files")
+RESERVED_METADATA_KEYS = ("format_version", "iteration", "kind", "checksum_algorithm", "layout", "saved_at", "files")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -67,7 +67,7 @@ class CommitSpec:
     iteration: Iteration
     kind: str
     metadata: dict          # the caller's, already checked to be JSON
-    parallel: dict
+    layout: dict            # TP/PP/DP sizes the files belong to
     world_size: int
 
     @property
@@ -283,7 +283,7 @@ def commit(spec: CommitSpec, entries_by_rank: List[Dict[str, dict]]) -> None:
     for entries in entries_by_rank:
         files.update(entries)
     meta = {"format_version": FORMAT_VERSION, "iteration": spec.iteration, "kind": spec.kind,
-            "checksum_algorithm": CHECKSUM_ALGORITHM, "parallel": spec.parallel,
+            "checksum_algorithm": CHECKSUM_ALGORITHM, "layout": spec.layout,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "files": dict(sorted(files.items())), **spec.metadata}
     write_durably(os.path.join(spec.tmp_dir, METADATA_FILENAME), json.dumps(meta, indent=1).encode())
@@ -301,15 +301,21 @@ def commit(spec: CommitSpec, entries_by_rank: List[Dict[str, dict]]) -> None:
         write_tracker(spec.save_dir, spec.iteration)
 
 
-def raise_if_failed(errors: List[Optional[str]], tmp_dir: str, cause: Optional[BaseException] = None) -> None:
+def raise_if_failed(errors: List[Optional[str]], spec: CommitSpec, rank: int,
+                    cause: Optional[BaseException] = None) -> None:
     """Raise one CheckpointSaveError, the same on every rank, if any rank reported an error.
 
-    `cause` is this rank's own exception, chained for its traceback.
+    Called once no rank touches the temporary directory any more, so rank 0 removes it:
+    a failed save leaves nothing behind. `cause` is this rank's own exception, chained for
+    its traceback.
     """
     failed = [e for e in errors if e]
-    if failed:
-        raise CheckpointSaveError(f"saving {tmp_dir} failed, so nothing was committed and the previous checkpoint "
-                                  f"is untouched:\n  " + "\n  ".join(failed)) from cause
+    if not failed:
+        return
+    if rank == 0 and os.path.isdir(spec.tmp_dir):
+        shutil.rmtree(spec.tmp_dir, ignore_errors=True)
+    raise CheckpointSaveError(f"saving {spec.iter_dir} failed, so this save did not complete; checkpoints saved "
+                              f"before it are untouched:\n  " + "\n  ".join(failed)) from cause
 
 
 def _check_no_duplicates(relpaths_by_rank: List[List[str]]) -> Optional[str]:
@@ -350,14 +356,14 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
             nbytes = sum(p.nbytes for p in payload.values())
         if rank == 0:
             spec.metadata = _frozen_metadata(metadata)
-            spec.parallel = _parallel_layout(state, files)
+            spec.layout = _parallel_layout(state, files)
             prepare_tmp_dir(spec)
     except Exception as e:   # reported to every rank below, so that all stop together
         local_error = e
     gathered = all_gather_object((None if local_error is None else f"rank {rank}: {local_error}",
                                   sorted(payload), nbytes), state)
     errors = [g[0] for g in gathered] + [_check_no_duplicates([g[1] for g in gathered])]
-    raise_if_failed(errors, spec.tmp_dir, local_error)
+    raise_if_failed(errors, spec, rank, local_error)
 
     if async_saver is not None:
         async_saver.start(spec, payload, state, start)
@@ -377,7 +383,7 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
         except Exception as e:
             local_error, outcome = e, f"rank 0: commit failed: {e}"
     outcome = broadcast_object(outcome, state)
-    raise_if_failed([g[0] for g in gathered] + [outcome], spec.tmp_dir, local_error)
+    raise_if_failed([g[0] for g in gathered] + [outcome], spec, rank, local_error)
     return SaveResult(iteration, spec.iter_dir, time.perf_counter() - start,
                       sum(e["size"] for g in gathered for e in g[1].values()), committed=True)
 
