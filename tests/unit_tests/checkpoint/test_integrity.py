@@ -1,0 +1,159 @@
+"""Integrity checks: every kind of damage is found and named, and the inspect tool reports it."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import zlib
+
+import pytest
+import torch
+
+from megatron_lite.checkpoint.integrity import FORMAT_VERSION, checksum_file, read_metadata, verify_checkpoint
+from megatron_lite.checkpoint.layout import distrib_optim_shard_path, model_shard_path, tmp_dir_name
+from megatron_lite.checkpoint.storage import save_files
+from tests.unit_tests.checkpoint.test_storage import MODEL, REPO, save_tiny
+
+
+def flip_byte(path, offset: int = 100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def truncate(path, keep: int = 64) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    save_tiny(tmp_path, 1)
+    return tmp_path / "iter_0000001"
+
+
+def test_checksum_file_is_the_crc32_of_the_bytes(tmp_path):
+    data = os.urandom(9 << 20)   # more than one read chunk
+    (tmp_path / "f").write_bytes(data)
+    assert checksum_file(str(tmp_path / "f")) == (len(data), f"{zlib.crc32(data):08x}")
+
+
+def test_an_intact_checkpoint_has_no_problems(ckpt):
+    assert verify_checkpoint(str(ckpt), deep=True) == []
+    assert verify_checkpoint(str(ckpt), deep=False) == []
+
+
+def test_a_truncated_shard_is_found_by_its_size_without_reading_it(ckpt):
+    size = (ckpt / MODEL).stat().st_size
+    truncate(ckpt / MODEL)
+    expected = [f"{MODEL} is truncated: 64 bytes on disk, {size} in metadata.json"]
+    assert verify_checkpoint(str(ckpt), deep=False) == expected
+    assert verify_checkpoint(str(ckpt), deep=True) == expected
+
+
+def test_a_flipped_byte_is_found_by_the_checksum(ckpt):
+    recorded = read_metadata(str(ckpt))["files"][MODEL]["checksum"]
+    flip_byte(ckpt / MODEL)
+    assert verify_checkpoint(str(ckpt), deep=False) == []          # same size: only the checksum can tell
+    on_disk = checksum_file(str(ckpt / MODEL))[1]
+    assert verify_checkpoint(str(ckpt), deep=True) == [
+        f"{MODEL} failed its crc32 checksum: {on_disk} on disk, {recorded} in metadata.json (the file is corrupted)"]
+
+
+def test_a_missing_shard_is_found(ckpt):
+    os.remove(ckpt / MODEL)
+    assert verify_checkpoint(str(ckpt)) == [f"{MODEL} is missing"]
+
+
+def test_a_directory_without_metadata_json_is_not_committed(ckpt):
+    os.remove(ckpt / "metadata.json")
+    [problem] = verify_checkpoint(str(ckpt))
+    assert problem == (f"{ckpt} has no metadata.json: it was never committed (the save did not finish) "
+                       f"or the file was deleted")
+
+
+def test_a_directory_with_its_temporary_name_is_incomplete(ckpt):
+    tmp = ckpt.parent / tmp_dir_name(1)
+    os.rename(ckpt, tmp)
+    assert verify_checkpoint(str(tmp)) == [
+        "incomplete: iter_0000001.tmp still has its temporary name, so the save did not finish"]
+
+
+def test_a_renamed_copy_is_found_by_its_iteration(ckpt):
+    shutil.copytree(ckpt, ckpt.parent / "iter_0000002")
+    assert verify_checkpoint(str(ckpt.parent / "iter_0000002")) == [
+        "metadata.json says iter_0000001 but the directory is named iter_0000002: it was renamed or copied; "
+        "rename it back"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(format_version=FORMAT_VERSION + 1), "upgrade megatron_lite to load it"),
+    (lambda m: m.pop("files"), "is damaged: it has no 'files' table"),
+])
+def test_unreadable_metadata_is_named(ckpt, edit, message):
+    meta = read_metadata(str(ckpt))
+    edit(meta)
+    (ckpt / "metadata.json").write_text(json.dumps(meta))
+    [problem] = verify_checkpoint(str(ckpt))
+    assert message in problem
+
+
+def test_damaged_json_is_named(ckpt):
+    (ckpt / "metadata.json").write_text('{"format_version": 1, "fil')
+    [problem] = verify_checkpoint(str(ckpt))
+    assert problem.startswith(f"{ckpt / 'metadata.json'} is damaged: ")
+
+
+# ---- tools/checkpoint/inspect.py ------------------------------------------------------------
+
+def _load_inspect_tool():
+    spec = importlib.util.spec_from_file_location("checkpoint_inspect_tool",
+                                                  os.path.join(REPO, "tools", "checkpoint", "inspect.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_inspect(*argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = _load_inspect_tool().main(list(argv))
+    return status, out.getvalue()
+
+
+def test_inspect_reports_layout_config_holdings_and_size(tmp_path):
+    files = {model_shard_path(t, 0): {"model": {"w": torch.ones(2, 3)}, "opt_param_scheduler": {"num_steps": 1},
+                                      "rng_state": [{"torch": torch.zeros(4, dtype=torch.uint8)}], "iteration": 3}
+             for t in range(2)}
+    files.update({distrib_optim_shard_path(t, 0, d): {"exp_avg": torch.zeros(3)} for t in range(2) for d in range(2)})
+    save_files(str(tmp_path), 3, files, None, {"config": {"model": {"num_layers": 2, "hidden_size": 8}}, "mode": "pretrain"})
+    status, out = _run_inspect(str(tmp_path), "--json")
+    [info] = json.loads(out)["checkpoints"]
+    assert status == 0 and info["intact"]
+    assert info["holds"] == ["weights", "LR scheduler", "RNG", "optimizer"]
+    assert (info["model_tensors"], info["model_elements"], info["distributed_optimizer_shards"]) == (2, 12, 4)
+    assert info["layout"]["tensor_model_parallel_size"] == 2 and info["layout"]["data_parallel_size"] == 2
+    assert info["model_config"] == {"num_layers": 2, "hidden_size": 8}
+    assert (info["other_keys"], info["other_metadata"]) == (["iteration"], ["mode"])
+    meta = read_metadata(str(tmp_path / "iter_0000003"))
+    assert info["total_bytes"] == sum(e["size"] for e in meta["files"].values())
+    assert json.loads(out)["tracker"] == "iter_0000003"
+
+
+def test_inspect_exits_1_and_names_the_damage(tmp_path):
+    save_tiny(tmp_path, 1)
+    save_tiny(tmp_path, 2)
+    os.makedirs(tmp_path / tmp_dir_name(3))
+    flip_byte(tmp_path / "iter_0000001" / MODEL)
+    status, out = _run_inspect(str(tmp_path))
+    assert status == 1
+    assert f"{MODEL} failed its crc32 checksum" in out and "integrity      FAILED" in out
+    assert "iter_0000003.tmp: leftover of a save that did not finish" in out
+    assert _run_inspect(str(tmp_path / "iter_0000002"))[0] == 0
+    assert _run_inspect(str(tmp_path / tmp_dir_name(3)))[0] == 1
