@@ -90,6 +90,9 @@ def _blend_splits(paths: Sequence[str], flag: str, split: SplitMatrix, sizes: Se
     if len(prefixes) == 1 and weights is None:
         return _document_splits(prefixes[0], split, sizes, settings)
     if weights is not None:
+        if min(weights) <= 0:
+            raise ValueError(f"{flag} has a weight of {min(weights)}; weights must be positive "
+                             f"(leave out a dataset instead of weighting it 0)")
         weights = normalize(weights)
         targets = [[math.ceil(size * w) for size in sizes] for w in weights]
         requests = [[math.ceil(t * (1 + MID_LEVEL_SURPLUS)) for t in row] for row in targets]

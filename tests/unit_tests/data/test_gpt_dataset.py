@@ -117,6 +117,9 @@ def test_blend_flags_are_prefixes_or_weight_prefix_pairs():
     assert parse_blend(["0.3", "a", "0.7", "b"], "--data-path") == (["a", "b"], [0.3, 0.7])
     with pytest.raises(ValueError, match="mixes weights and prefixes"):
         parse_blend(["0.3", "a", "b"], "--data-path")
+    with pytest.raises(ValueError, match="--data-path has a weight of 0.0; weights must be positive"):
+        build_gpt_datasets(DataConfig(data_path=["0", "a", "1", "b"]), None, settings("/unused"),
+                           [10, 0, 0])
 
 
 def test_weighted_blend_draws_each_dataset_in_proportion(make_dataset, tmp_path):
