@@ -63,9 +63,9 @@ def wait_for_done_markers(tmp_dir: str, world_size: int, timeout_s: float) -> Li
             break
         if time.monotonic() > deadline:
             missing = sorted(set(range(world_size)) - set(found))
-            raise CheckpointSaveError(f"ranks {missing} did not finish writing into {tmp_dir} within {timeout_s:.0f} s, "
-                                      f"so it is not committed; check that those ranks are alive and their storage "
-                                      f"responds, or raise the commit timeout")
+            raise CheckpointSaveError(f"ranks {missing} did not finish writing into {tmp_dir} within {timeout_s:g} s, "
+                                      f"so it is not committed; check that those ranks are alive and their "
+                                      f"storage responds, or raise the commit timeout")
         time.sleep(delay)
         delay = min(2 * delay, _POLL_MAX_S)
     for rank in range(world_size):

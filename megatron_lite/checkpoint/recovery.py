@@ -214,7 +214,8 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
         raise _weights_only_error(load_dir, [c.name for c in committed.values()])
     if plan.reason == "tracker":
         for c in checkpoints:
-            if c.status == NOT_CHECKED and c.state == "committed" and _order_key(c.iteration) > _order_key(plan.iteration):
+            newer = c.state == "committed" and _order_key(c.iteration) > _order_key(plan.iteration)
+            if newer and c.status == NOT_CHECKED:
                 c.status = (f"newer than the tracker's {format_iteration(plan.iteration)}, not loaded "
                             f"(load it with --ckpt-step {c.iteration})")
     return plan

@@ -51,6 +51,6 @@ def apply_retention(save_dir: str, keep_last_n: int, protect: Set[int]) -> List[
     for c in checkpoints:
         stale_tmp = c.state == "incomplete" and newest is not None and isinstance(c.iteration, int) \
             and c.iteration < newest
-        if (stale_tmp or c.state == "replaced") and os.path.isdir(c.path):
-            shutil.rmtree(c.path)
+        if stale_tmp or c.state == "replaced":
+            shutil.rmtree(c.path, ignore_errors=True)   # an asynchronous commit may remove a stale copy too
     return sorted(deleted)

@@ -290,13 +290,11 @@ def commit(spec: CommitSpec, entries_by_rank: List[Dict[str, dict]]) -> None:
     fsync_dir(spec.tmp_dir)
     old = os.path.join(spec.save_dir, replaced_dir_name(spec.iteration))
     if os.path.isdir(spec.iter_dir):
-        if os.path.isdir(old):
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)     # stale: its re-save completed but the cleanup did not
         os.rename(spec.iter_dir, old)
     os.rename(spec.tmp_dir, spec.iter_dir)
     fsync_dir(spec.save_dir)
-    if os.path.isdir(old):
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)         # retention may be removing it at the same moment
     if spec.kind == "full":
         write_tracker(spec.save_dir, spec.iteration)
 

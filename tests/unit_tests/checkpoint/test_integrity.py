@@ -132,7 +132,8 @@ def test_inspect_reports_layout_config_holdings_and_size(tmp_path):
                                       "rng_state": [{"torch": torch.zeros(4, dtype=torch.uint8)}], "iteration": 3}
              for t in range(2)}
     files.update({distrib_optim_shard_path(t, 0, d): {"exp_avg": torch.zeros(3)} for t in range(2) for d in range(2)})
-    save_files(str(tmp_path), 3, files, None, {"config": {"model": {"num_layers": 2, "hidden_size": 8}}, "mode": "pretrain"})
+    metadata = {"config": {"model": {"num_layers": 2, "hidden_size": 8}}, "mode": "pretrain"}
+    save_files(str(tmp_path), 3, files, None, metadata)
     status, out = _run_inspect(str(tmp_path), "--json")
     [info] = json.loads(out)["checkpoints"]
     assert status == 0 and info["intact"]

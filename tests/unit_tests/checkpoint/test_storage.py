@@ -227,7 +227,8 @@ def test_async_save_in_one_process_writes_the_same_bytes_as_a_sync_save(tmp_path
 
 def _rank_files(state) -> dict:
     g = torch.Generator().manual_seed(state.rank)
-    files = {distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank): {"exp_avg": torch.randn(7, generator=g)}}
+    optim_path = distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)
+    files = {optim_path: {"exp_avg": torch.randn(7, generator=g)}}
     if state.dp_rank == 0:
         files[model_shard_path(state.tp_rank, state.pp_rank)] = {"model": {"w": torch.randn(5, 3, generator=g)}}
     return files
@@ -250,8 +251,8 @@ def _four_rank_body(rank, world_size, save_dir):
     pending = save_files(save_dir, 20, files, state, metadata, async_saver=saver)
     done = saver.finalize()
     out["async"] = (pending.committed, done.committed, done.bytes_written)
-    out["async_same_bytes"] = all(read_bytes(os.path.join(iter_dir(10), rel)) == read_bytes(os.path.join(iter_dir(20), rel))
-                                  for rel in files)
+    out["async_same_bytes"] = all(read_bytes(os.path.join(iter_dir(10), rel)) ==
+                                  read_bytes(os.path.join(iter_dir(20), rel)) for rel in files)
 
     # Rank 3's writer is held back: rank 0 must not commit before rank 3's files are durable.
     release, written, real_write = threading.Event(), threading.Event(), async_save.write_files
@@ -269,8 +270,8 @@ def _four_rank_body(rank, world_size, save_dir):
     saver.finalize()
     async_save.write_files = real_write
     meta = read_metadata(iter_dir(30))
-    out["my_checksums_committed"] = all(checksum_file(os.path.join(iter_dir(30), rel))[1] == meta["files"][rel]["checksum"]
-                                        for rel in files)
+    out["my_checksums_committed"] = all(checksum_file(os.path.join(iter_dir(30), rel))[1] ==
+                                        meta["files"][rel]["checksum"] for rel in files)
 
     bad = {**files, "extra.pt": {"x": object()}} if rank == 2 else files
     try:
