@@ -48,6 +48,9 @@ class MainParam:
     def copy_to_model(self) -> None:
         self.model_param.detach().view(-1)[self.start:self.end].copy_(self.main_param.view(-1))
 
+    def copy_from_model(self) -> None:
+        self.main_param.view(-1).copy_(self.model_param.detach().view(-1)[self.start:self.end])
+
 
 def _main_params(chunk: DistributedDataParallel, prefix: str, state: ParallelState) -> List[MainParam]:
     """The main params of one model chunk, in the module's parameter order."""
@@ -104,6 +107,14 @@ class MegatronOptimizer:
             chunk.zero_grad_buffer()
         for m in self.main_params:
             m.main_param.grad = None
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Refresh the fp32 main params from the model's weights, after loading weights without
+        optimizer state (finetune, --no-load-optim, --pretrained-checkpoint)."""
+        for m in self.main_params:
+            if m.is_copy:
+                m.copy_from_model()
 
     def _unscale_and_check_overflow(self, grads: List[torch.Tensor]) -> bool:
         """Divide the main grads by the loss scale; True when any rank has an inf or NaN."""

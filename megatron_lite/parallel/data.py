@@ -111,7 +111,7 @@ class DistributedDataParallel(torch.nn.Module):
     as soon as the last microbatch's backward has produced all of its gradients.
     """
 
-    def __init__(self, module: torch.nn.Module, state: ParallelState, parallel_cfg: ParallelConfig):
+    def __init__(self, module: torch.nn.Module, parallel_cfg: ParallelConfig, state: ParallelState):
         super().__init__()
         self.module = module
         self.state = state
@@ -153,6 +153,15 @@ class DistributedDataParallel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks (set_input_tensor, config, ...) come from the wrapped module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         """Move the fresh gradient into main_grad (fp32) and, when enabled, start the bucket's reduction."""

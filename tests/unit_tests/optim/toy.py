@@ -57,7 +57,7 @@ def build(state: ParallelState, cfg: OptimizerConfig, parallel_cfg: Optional[Par
           dtype: torch.dtype = torch.float32):
     """A fresh (model, optimizer, scheduler) triple with identical initial weights on every rank."""
     parallel_cfg = parallel_cfg or ParallelConfig(ddp_bucket_size=64)
-    model = DistributedDataParallel(ToyModel(dtype), state, parallel_cfg)
+    model = DistributedDataParallel(ToyModel(dtype), parallel_cfg, state)
     optimizer = build_optimizer([model], cfg, parallel_cfg, state)
     scheduler = build_scheduler(optimizer, cfg, TrainConfig(train_iters=TRAIN_ITERS, global_batch_size=GLOBAL_BATCH))
     return model, optimizer, scheduler
