@@ -159,24 +159,29 @@ def _check_shape(name: str, got, want, dims_that_may_differ=()) -> None:
                          f"differs from the checkpoint's (fix the flags, or pass --use-checkpoint-args)")
 
 
-def rank_state(model_cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int,
-               get_global: Callable[[str], torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rank (tp_rank, pp_rank)'s state_dict from `get_global(global name) -> full global tensor`.
+def rank_tensors(model_cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int,
+                 get_global: Callable[[str], torch.Tensor]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(state_dict key, tensor) of rank (tp_rank, pp_rank), one at a time, from
+    `get_global(global name) -> full global tensor`.
 
-    Each returned tensor owns its memory (nothing views a global tensor), so the caller may
-    drop the global tensors as it goes. Vocabulary tensors may come with any number of rows.
+    Each tensor owns its memory (nothing views a global tensor), so the caller may drop the
+    global tensors as it goes. Vocabulary tensors may come with any number of rows.
     """
-    out: Dict[str, torch.Tensor] = OrderedDict()
     for p in rank_params(model_cfg, tp, pp, tp_rank, pp_rank):
         full = get_global(p.global_name)
         vocab_dim = (p.partition_dim,) if p.global_name in VOCAB_TENSORS else ()
         _check_shape(p.global_name, full.shape, p.global_shape, vocab_dim)
         if p.partition_dim < 0:
-            out[p.key] = full.clone()
+            yield p.key, full.clone()
         else:
             wanted = _wanted_rows(p, full.shape[p.partition_dim], tp, tp_rank)
-            out[p.key] = full.index_select(p.partition_dim, wanted)
-    return out
+            yield p.key, full.index_select(p.partition_dim, wanted)
+
+
+def rank_state(model_cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int,
+               get_global: Callable[[str], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rank (tp_rank, pp_rank)'s state_dict from full global tensors (see `rank_tensors`)."""
+    return OrderedDict(rank_tensors(model_cfg, tp, pp, tp_rank, pp_rank, get_global))
 
 
 def shard_global_state(global_items: Iterable[Tuple[str, torch.Tensor]], model_cfg: ModelConfig, tp: int,
@@ -261,16 +266,10 @@ def _rows_from_pieces(name: str, entry: dict, read_piece: ReadPiece, wanted: tor
     return out
 
 
-def reshard_rank_state(index: dict, read_piece: ReadPiece, model_cfg: ModelConfig, tp: int, pp: int,
-                       tp_rank: int, pp_rank: int) -> Dict[str, torch.Tensor]:
-    """State_dict of rank (tp_rank, pp_rank) of a TP x PP layout, from a checkpoint saved at any layout.
-
-    Reads only the source pieces that overlap this rank's pieces. `read_piece(file, key)`
-    may return any tensor stored under the index's names (parameters, or an optimizer
-    moment kept under the same keys). A vocabulary padded differently is cut or extended as
-    the module docstring says.
-    """
-    out: Dict[str, torch.Tensor] = OrderedDict()
+def reshard_rank_tensors(index: dict, read_piece: ReadPiece, model_cfg: ModelConfig, tp: int, pp: int,
+                         tp_rank: int, pp_rank: int) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(state_dict key, tensor) of rank (tp_rank, pp_rank) of a TP x PP layout, one at a time,
+    from a checkpoint saved at any layout; see `reshard_rank_state`."""
     for p in rank_params(model_cfg, tp, pp, tp_rank, pp_rank):
         entry = index.get(p.global_name)
         if entry is None:
@@ -284,11 +283,22 @@ def reshard_rank_state(index: dict, read_piece: ReadPiece, model_cfg: ModelConfi
                                  f"but along {p.partition_dim} in the model; the checkpoint is from another model")
             pieces = _holder_pieces(p.global_name, entry)
             same = pieces[tp_rank % len(pieces)]     # every copy is equal: read the nearest
-            out[p.key] = read_piece(same["file"], same["key"]).clone()
+            yield p.key, read_piece(same["file"], same["key"]).clone()
             continue
         wanted = _wanted_rows(p, entry["shape"][p.partition_dim], tp, tp_rank)
-        out[p.key] = _rows_from_pieces(p.global_name, entry, read_piece, wanted)
-    return out
+        yield p.key, _rows_from_pieces(p.global_name, entry, read_piece, wanted)
+
+
+def reshard_rank_state(index: dict, read_piece: ReadPiece, model_cfg: ModelConfig, tp: int, pp: int,
+                       tp_rank: int, pp_rank: int) -> Dict[str, torch.Tensor]:
+    """State_dict of rank (tp_rank, pp_rank) of a TP x PP layout, from a checkpoint saved at any layout.
+
+    Reads only the source pieces that overlap this rank's pieces. `read_piece(file, key)`
+    may return any tensor stored under the index's names (parameters, or an optimizer
+    moment kept under the same keys). A vocabulary padded differently is cut or extended as
+    the module docstring says.
+    """
+    return OrderedDict(reshard_rank_tensors(index, read_piece, model_cfg, tp, pp, tp_rank, pp_rank))
 
 
 # --------------------------------------------------------------------------- reading rank files

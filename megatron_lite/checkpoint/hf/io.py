@@ -1,0 +1,186 @@
+"""Reading and writing Hugging Face checkpoint directories, one tensor at a time.
+
+Read: `model.safetensors`, sharded safetensors with `model.safetensors.index.json`,
+`pytorch_model.bin`, or sharded `.bin` with its index. Safetensors files are opened lazily
+and memory-mapped; `.bin` files are loaded with torch.load(mmap=True, weights_only=True), so
+neither costs memory beyond the tensor being converted.
+
+Write: safetensors shards of at most `max_shard_bytes`, named as `save_pretrained` names them
+(`model.safetensors`, or `model-00001-of-00003.safetensors` ... with
+`model.safetensors.index.json`); memory holds one shard while it fills.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin)$|.*\.(safetensors|bin)\.index\.json$")
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+class HFCheckpointReader:
+    """The config and the tensors of a Hugging Face model directory, read by name on demand."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        config_path = os.path.join(directory, CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}: pass a Hugging Face model directory "
+                                    f"(as written by save_pretrained) to --load-dir")
+        self.config = read_json(config_path)
+        self._open: Dict[str, object] = {}
+        self.weight_map = self._find_weights()
+
+    def _find_weights(self) -> Dict[str, str]:
+        """{tensor name: file} from the index json, or from the single weights file."""
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            path = os.path.join(self.directory, index_name)
+            if os.path.isfile(path):
+                weight_map = read_json(path).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"{path} has no weight_map; the index is damaged")
+                return dict(weight_map)
+        for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
+            if os.path.isfile(os.path.join(self.directory, single)):
+                return {name: single for name in self._handle(single).keys()}
+        raise FileNotFoundError(f"{self.directory} holds no weights: expected {SAFETENSORS_SINGLE}, "
+                                f"{SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+
+    def _handle(self, file: str):
+        """A safetensors handle, or the memory-mapped state dict of a .bin file."""
+        if file not in self._open:
+            path = os.path.join(self.directory, file)
+            if file.endswith(".safetensors"):
+                self._open[file] = safe_open(path, framework="pt")
+            else:
+                try:
+                    self._open[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:   # the legacy (non-zip) format cannot be memory-mapped
+                    self._open[file] = torch.load(path, map_location="cpu", weights_only=True)
+        return self._open[file]
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(f"{self.directory} has no tensor {name}")
+        handle = self._handle(self.weight_map[name])
+        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of a tensor, without reading its data."""
+        handle = self._handle(self.weight_map[name])
+        if hasattr(handle, "get_slice"):
+            return _SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
+        return handle[name].dtype
+
+    def nbytes(self) -> int:
+        """Bytes of all weight files (for progress)."""
+        return sum(os.path.getsize(os.path.join(self.directory, f)) for f in set(self.weight_map.values()))
+
+
+class SafetensorsShardWriter:
+    """Collects tensors into safetensors shards of at most `max_shard_bytes` (a larger tensor gets
+    a shard of its own); `close()` names the shards and writes the index."""
+
+    def __init__(self, directory: str, max_shard_bytes: int):
+        self.directory, self.max_shard_bytes = directory, max_shard_bytes
+        self._buffer: Dict[str, torch.Tensor] = {}
+        self._buffered = 0
+        self._shards: List[List[str]] = []       # tensor names of each written shard
+        self.total_bytes = 0
+
+    def _shard_path(self, i: int) -> str:
+        return os.path.join(self.directory, f"shard-{i:05d}.safetensors.part")
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffered + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = tensor.contiguous()
+        self._buffered += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        save_file(self._buffer, self._shard_path(len(self._shards)), metadata={"format": "pt"})
+        self._shards.append(list(self._buffer))
+        self._buffer, self._buffered = {}, 0
+
+    def close(self) -> List[str]:
+        """Write the last shard, give every shard its final name, write the index; the file names."""
+        if self._buffer or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        names = [SAFETENSORS_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):
+            os.replace(self._shard_path(i), os.path.join(self.directory, name))
+        if n > 1:
+            weight_map = {t: names[i] for i, tensors in enumerate(self._shards) for t in tensors}
+            write_json(os.path.join(self.directory, SAFETENSORS_INDEX),
+                       {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        return names
+
+
+def copy_files(src: str, dst: str, *, weights: bool, skip: Iterable[str] = ()) -> List[str]:
+    """Copy the plain files of `src` (not subdirectories) into `dst`: all of them, or with
+    weights=False everything but the weight files and their indexes (config, tokenizer,
+    generation config, ...). Returns the names copied."""
+    os.makedirs(dst, exist_ok=True)
+    copied = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if not os.path.isfile(path) or name in skip or (not weights and WEIGHT_FILE.fullmatch(name)):
+            continue
+        shutil.copy2(path, os.path.join(dst, name))
+        copied.append(name)
+    return copied
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes -> bytes (decimal units, as save_pretrained)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"cannot read the size {text!r}; write e.g. 5GB, 500MB or 1000000")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def tokenizer_files(directory: Optional[str]) -> List[str]:
+    """The tokenizer files a Hugging Face directory holds (empty when none or no directory)."""
+    if not directory or not os.path.isdir(directory):
+        return []
+    known = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+             "special_tokens_map.json", "added_tokens.json")
+    return [n for n in known if os.path.isfile(os.path.join(directory, n))]

@@ -1,0 +1,328 @@
+"""Convert checkpoints: Hugging Face <-> megatron_lite, and megatron_lite to another TP/PP layout.
+
+    python tools/checkpoint/convert.py --loader hf --saver megatron_lite --load-dir HF_DIR --save-dir OUT \\
+        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 [--params-dtype bf16]
+    python tools/checkpoint/convert.py --loader megatron_lite --saver hf --load-dir OUT --save-dir HF_OUT
+    python tools/checkpoint/convert.py --loader megatron_lite --saver megatron_lite --load-dir OUT \\
+        --save-dir OUT_TP1 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
+
+Hugging Face -> megatron_lite writes a weights-only checkpoint `OUT/release` (load it with
+`--finetune --load OUT` or `--pretrained-checkpoint OUT`) and copies the Hugging Face directory
+to `OUT/hf`, so OUT serves both worlds; megatron_lite -> Hugging Face reuses that `hf/` folder's
+config and tokenizer when it is there. megatron_lite -> megatron_lite converts the weights of
+the loaded iteration (resharding optimizer state is the loader's job: see checkpoint/sharding.py).
+
+Tensors stream one at a time: memory holds one output rank file (megatron_lite) or one
+safetensors shard (Hugging Face). Everything is written into a temporary directory beside
+--save-dir and renamed at the end, so a conversion that stops writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# tools/checkpoint/inspect.py would shadow the standard library's `inspect` (which torch imports):
+# take this directory off the module search path, and put the repository on it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+from typing import Callable, Iterator, Optional, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+
+from megatron_lite.arguments import pad_vocab_size  # noqa: E402
+from megatron_lite.checkpoint.checkpointing import FORMAT_VERSION  # noqa: E402
+from megatron_lite.checkpoint.hf import (UnsupportedModelError, architecture_for, architecture_of,  # noqa: E402
+                                         megatron_to_hf, plan_hf_to_megatron)
+from megatron_lite.checkpoint.hf.io import (CONFIG_FILE, GENERATION_CONFIG_FILE, HFCheckpointReader,  # noqa: E402
+                                            SafetensorsShardWriter, copy_files, parse_size, read_json,
+                                            tokenizer_files, write_json)
+from megatron_lite.checkpoint.integrity import CheckpointMetadataError, read_metadata, verify_checkpoint  # noqa: E402
+from megatron_lite.checkpoint.layout import METADATA_FILENAME, RELEASE, model_shard_path  # noqa: E402
+from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint  # noqa: E402
+from megatron_lite.checkpoint.sharding import (build_tensor_index, merge_to_global, open_piece_reader,  # noqa: E402
+                                               rank_tensors, reshard_rank_tensors)
+from megatron_lite.checkpoint.storage import (CommitSpec, _parallel_layout, commit, prepare_tmp_dir,  # noqa: E402
+                                              write_files)
+from megatron_lite.config import ModelConfig, RunConfig  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HF_SUBDIR = "hf"
+MODE = "converted"
+
+RankTensors = Callable[[int, int], Iterator[Tuple[str, torch.Tensor]]]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--loader", required=True, choices=["hf", "megatron_lite"], help="format of --load-dir")
+    p.add_argument("--saver", required=True, choices=["hf", "megatron_lite"], help="format to write")
+    p.add_argument("--load-dir", required=True, help="Hugging Face model directory or megatron_lite save directory")
+    p.add_argument("--save-dir", required=True, help="output directory; must not exist yet (or be empty)")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=None,
+                   help="TP of the megatron_lite output (default: 1 from Hugging Face, else the source's)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=None,
+                   help="PP of the megatron_lite output (default: 1 from Hugging Face, else the source's)")
+    p.add_argument("--true-vocab-size", type=int, default=None,
+                   help="rows of the vocabulary that are real tokens (default: Hugging Face's vocab_size, or the "
+                        "checkpoint's vocab_size); the rest is padding")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                   help="pad the vocabulary to a multiple of this times TP (default: 128, or the checkpoint's)")
+    p.add_argument("--params-dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the written weights (default: the source's)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="Hugging Face loader: the training sequence length to record (default: "
+                        "max_position_embeddings)")
+    p.add_argument("--ckpt-step", type=int, default=None,
+                   help="megatron_lite loader: convert this iteration (default: the latest)")
+    p.add_argument("--max-shard-size", default="5GB", help="Hugging Face saver: largest safetensors shard")
+    return p.parse_args(argv)
+
+
+class Progress:
+    """A status line on stderr (percent, GB, MB/s, ETA) while tensors go out, and a summary line."""
+
+    def __init__(self, label: str, total_bytes: int):
+        self.label, self.total, self.done = label, max(total_bytes, 1), 0
+        self.start = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if now - self.last >= (0.5 if self.tty else 10.0):
+            self.last = now
+            elapsed = now - self.start
+            rate = self.done / elapsed
+            line = (f"{self.label}: {100 * self.done / self.total:5.1f}% | {self.done / 1e9:.2f}/"
+                    f"{self.total / 1e9:.2f} GB | {rate / 1e6:.1f} MB/s | ETA {(self.total - self.done) / rate:.0f} s")
+            print("\r" + line if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def summary(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        if self.tty:
+            print(file=sys.stderr)
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
+        return (f"{self.label}: {self.done / 1e9:.2f} GB in {elapsed:.1f} s ({self.done / 1e6 / elapsed:.1f} MB/s), "
+                f"peak RSS {peak_rss / 1e9:.2f} GB")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _index_bytes(index: dict, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(size * torch.Size(pc["shape"]).numel() for e in index.values() for pc in e["pieces"])
+
+
+# --------------------------------------------------------------------------- megatron_lite side
+
+def write_megatron(staging: str, iteration, run_cfg: RunConfig, index: dict, dtype: torch.dtype,
+                   tensors_of: RankTensors, extra_metadata: dict) -> str:
+    """A weights-only checkpoint `staging/<iteration dir>` through storage's commit protocol,
+    one rank file at a time; returns the progress summary."""
+    tp, pp = run_cfg.parallel.tensor_model_parallel_size, run_cfg.parallel.pipeline_model_parallel_size
+    metadata = {"config": run_cfg.to_dict(), "parallel": {"tp": tp, "pp": pp, "dp": 1}, "mode": MODE,
+                "has_optimizer": False, "has_rng": False, "tensors": index, **extra_metadata}
+    relpaths = [model_shard_path(t, p) for p in range(pp) for t in range(tp)]
+    spec = CommitSpec(save_dir=staging, iteration=iteration, kind="weights",
+                      metadata=json.loads(json.dumps(metadata)), layout=_parallel_layout(None, relpaths),
+                      world_size=tp * pp)
+    prepare_tmp_dir(spec)
+    progress = Progress("writing megatron_lite shards", _index_bytes(index, dtype))
+    entries = {}
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            model = OrderedDict()
+            for key, tensor in tensors_of(tp_rank, pp_rank):
+                model[key] = tensor.to(dtype)
+                progress.add(_nbytes(model[key]))
+            shard = {"format_version": FORMAT_VERSION, "iteration": 0 if iteration == RELEASE else iteration,
+                     "mode": MODE, "model": model}
+            entries.update(write_files(spec.tmp_dir, {model_shard_path(tp_rank, pp_rank): shard},
+                                       rank=pp_rank * tp + tp_rank))
+    commit(spec, [entries])
+    return progress.summary()
+
+
+def find_megatron(load_dir: str, ckpt_step: Optional[int]) -> Tuple[str, str, dict]:
+    """(save directory, iteration directory, metadata) of the checkpoint to convert; --load-dir may
+    name the save directory or one iteration directory in it."""
+    if os.path.isfile(os.path.join(load_dir, METADATA_FILENAME)):
+        problems = verify_checkpoint(load_dir)
+        if problems:
+            raise CheckpointLoadError(f"{load_dir} failed its checks: {'; '.join(problems)}")
+        iter_dir = load_dir
+    else:
+        plan = choose_checkpoint(load_dir, ckpt_step, None, allow_weights_only=True)
+        if plan.iteration is None:
+            raise CheckpointLoadError(f"--load-dir {load_dir} holds no megatron_lite checkpoint")
+        iter_dir = plan.iter_dir
+    meta = read_metadata(iter_dir)
+    if "tensors" not in meta or "config" not in meta:
+        raise CheckpointMetadataError(f"{iter_dir}/metadata.json has no global tensor index or config; it was not "
+                                      f"written by megatron_lite's checkpointing")
+    return os.path.dirname(os.path.normpath(iter_dir)), iter_dir, meta
+
+
+def _set_layout(run_cfg: RunConfig, tp: int, pp: int, dtype: torch.dtype) -> None:
+    m = run_cfg.model
+    m.padded_vocab_size = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
+    run_cfg.parallel.tensor_model_parallel_size, run_cfg.parallel.pipeline_model_parallel_size = tp, pp
+    run_cfg.optimizer.bf16, run_cfg.optimizer.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+
+
+def _set_true_vocab(cfg: ModelConfig, true_vocab_size: Optional[int], rows: int) -> None:
+    if true_vocab_size is None:
+        return
+    if not 0 < true_vocab_size <= rows:
+        raise ValueError(f"--true-vocab-size {true_vocab_size} must be between 1 and the {rows} rows of the "
+                         f"source's word embedding")
+    cfg.vocab_size = true_vocab_size
+
+
+# --------------------------------------------------------------------------- the three directions
+
+def hf_to_megatron(args, staging: str, save_dir: str) -> str:
+    reader = HFCheckpointReader(args.load_dir)
+    arch = architecture_of(reader.config)
+    cfg = arch.model_config(reader.config, args.seq_length)
+    _set_true_vocab(cfg, args.true_vocab_size, cfg.vocab_size)
+    cfg.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by or 128
+    tp, pp = args.target_tensor_parallel_size or 1, args.target_pipeline_parallel_size or 1
+    embedding = arch.rules(cfg, reader.names)["embedding.word_embeddings.weight"].hf_names[0]
+    dtype = DTYPES[args.params_dtype] if args.params_dtype else reader.dtype(embedding)
+    run_cfg = RunConfig(model=cfg)
+    _set_layout(run_cfg, tp, pp, dtype)
+    index = build_tensor_index(cfg, tp, pp, dtype)
+    plan = plan_hf_to_megatron(arch, cfg, index, reader.names)
+    if tokenizer_files(args.load_dir):
+        run_cfg.data.tokenizer_type, run_cfg.data.tokenizer_model = "HuggingFaceTokenizer", os.path.join(
+            save_dir, HF_SUBDIR)
+
+    def get_global(name: str) -> torch.Tensor:
+        rule = plan[name]
+        return rule.to_megatron([reader.get(n) for n in rule.hf_names]).to(dtype)
+
+    summary = write_megatron(
+        staging, RELEASE, run_cfg, index, dtype, lambda t, p: rank_tensors(cfg, tp, pp, t, p, get_global),
+        {"converted_from": {"format": "hf", "model_type": arch.model_type,
+                            "directory": os.path.abspath(args.load_dir)}})
+    copy_files(args.load_dir, os.path.join(staging, HF_SUBDIR), weights=True)
+    return summary
+
+
+def megatron_to_megatron(args, staging: str, save_dir: str) -> str:
+    root, iter_dir, meta = find_megatron(args.load_dir, args.ckpt_step)
+    run_cfg = RunConfig.from_dict(meta["config"])
+    cfg = run_cfg.model
+    index = meta["tensors"]
+    _set_true_vocab(cfg, args.true_vocab_size, index["embedding.word_embeddings.weight"]["shape"][0])
+    if args.make_vocab_size_divisible_by:
+        cfg.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by
+    tp = args.target_tensor_parallel_size or meta["parallel"]["tp"]
+    pp = args.target_pipeline_parallel_size or meta["parallel"]["pp"]
+    dtype = DTYPES[args.params_dtype] if args.params_dtype else getattr(
+        torch, index["embedding.word_embeddings.weight"]["dtype"])
+    _set_layout(run_cfg, tp, pp, dtype)
+    source_hf = os.path.join(root, HF_SUBDIR)
+    if run_cfg.data.tokenizer_model and os.path.abspath(run_cfg.data.tokenizer_model) == os.path.abspath(source_hf):
+        run_cfg.data.tokenizer_model = os.path.join(save_dir, HF_SUBDIR)
+    read_piece = open_piece_reader(iter_dir)
+    summary = write_megatron(
+        staging, meta["iteration"], run_cfg, build_tensor_index(cfg, tp, pp, dtype), dtype,
+        lambda t, p: reshard_rank_tensors(index, read_piece, cfg, tp, pp, t, p),
+        {"converted_from": {"format": "megatron_lite", "directory": os.path.abspath(iter_dir),
+                            "parallel": meta["parallel"]}})
+    if os.path.isdir(source_hf):
+        copy_files(source_hf, os.path.join(staging, HF_SUBDIR), weights=True)
+    return summary
+
+
+def megatron_to_hf_dir(args, staging: str, save_dir: str) -> str:
+    root, iter_dir, meta = find_megatron(args.load_dir, args.ckpt_step)
+    run_cfg = RunConfig.from_dict(meta["config"])
+    cfg = run_cfg.model
+    index = meta["tensors"]
+    _set_true_vocab(cfg, args.true_vocab_size, index["embedding.word_embeddings.weight"]["shape"][0])
+    source_hf = os.path.join(root, HF_SUBDIR)
+    base = read_json(os.path.join(source_hf, CONFIG_FILE)) if os.path.isfile(
+        os.path.join(source_hf, CONFIG_FILE)) else {}
+    arch = architecture_of(base) if base else architecture_for(cfg)
+    dtype = DTYPES[args.params_dtype] if args.params_dtype else getattr(
+        torch, index["embedding.word_embeddings.weight"]["dtype"])
+    dtype_name = str(dtype).replace("torch.", "")
+    hf_config = {**base, **arch.hf_config(cfg), "dtype": dtype_name, "torch_dtype": dtype_name}
+    unknown = [n for n in index if n not in arch.rules(cfg)]
+    if unknown:
+        raise UnsupportedModelError(f"{unknown[:5]} have no {arch.hf_class} counterpart")
+
+    writer = SafetensorsShardWriter(staging, parse_size(args.max_shard_size))
+    progress = Progress("writing safetensors", sum(
+        torch.Size(e["shape"]).numel() for e in index.values()) * torch.empty((), dtype=dtype).element_size())
+    for name, tensor in megatron_to_hf(arch, cfg, merge_to_global(index, open_piece_reader(iter_dir))):
+        tensor = tensor.to(dtype)
+        writer.add(name, tensor)
+        progress.add(_nbytes(tensor))
+    writer.close()
+    write_json(os.path.join(staging, CONFIG_FILE), hf_config)
+    if os.path.isdir(source_hf):
+        copy_files(source_hf, staging, weights=False, skip=(CONFIG_FILE,))
+    elif tokenizer_files(run_cfg.data.tokenizer_model):
+        for name in tokenizer_files(run_cfg.data.tokenizer_model):
+            shutil.copy2(os.path.join(run_cfg.data.tokenizer_model, name), staging)
+    if not os.path.isfile(os.path.join(staging, GENERATION_CONFIG_FILE)):
+        write_json(os.path.join(staging, GENERATION_CONFIG_FILE),
+                   {"_from_model_config": True, **{k: hf_config[k] for k in ("bos_token_id", "eos_token_id",
+                                                                              "pad_token_id") if k in hf_config}})
+    return progress.summary()
+
+
+DIRECTIONS = {("hf", "megatron_lite"): hf_to_megatron, ("megatron_lite", "megatron_lite"): megatron_to_megatron,
+              ("megatron_lite", "hf"): megatron_to_hf_dir}
+
+
+def convert(args: argparse.Namespace) -> str:
+    """Run one conversion into a temporary directory and rename it to --save-dir; the summary line."""
+    direction = DIRECTIONS.get((args.loader, args.saver))
+    if direction is None:
+        raise ValueError(f"--loader {args.loader} --saver {args.saver} is not a conversion; use "
+                         f"hf -> megatron_lite, megatron_lite -> hf, or megatron_lite -> megatron_lite")
+    save_dir = os.path.abspath(args.save_dir)
+    if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
+        raise ValueError(f"--save-dir {save_dir} already exists and is not empty; pick a new directory")
+    staging = f"{save_dir}.converting-{os.getpid()}"
+    os.makedirs(staging)
+    try:
+        summary = direction(args, staging, save_dir)
+        if os.path.isdir(save_dir):
+            os.rmdir(save_dir)
+        os.rename(staging, save_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        print(convert(args))
+    except (UnsupportedModelError, ValueError, FileNotFoundError, CheckpointLoadError, CheckpointMetadataError) as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {os.path.abspath(args.save_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
