@@ -23,6 +23,8 @@ from megatron_lite.parallel.state import ParallelState
 INTACT = "intact, every checksum verified"
 NOT_CHECKED = "not checked"
 WEIGHTS_ONLY = "weights only: not used to resume"
+WEIGHTS_ONLY_REASON = ("weights only: it has no optimizer state to resume from; load it with --finetune or "
+                       "--pretrained-checkpoint")
 
 
 class CheckpointLoadError(RuntimeError):
@@ -134,12 +136,6 @@ def _check(info: CheckpointInfo, state: Optional[ParallelState]) -> Tuple[Option
     return meta, merged
 
 
-def _weights_only_error(load_dir: str, names: List[str]) -> CheckpointLoadError:
-    return CheckpointLoadError(
-        f"{load_dir} holds only weights-only checkpoints ({', '.join(names)}), which have no optimizer state to "
-        f"resume from; load them with --pretrained-checkpoint {load_dir}, or with --finetune --no-load-optim")
-
-
 def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Optional[ParallelState] = None, *,
                       allow_weights_only: bool = False) -> LoadPlan:
     """The checkpoint to load from `load_dir`; collective over all ranks when `state` is distributed.
@@ -148,8 +144,9 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
     checks. Without, the tracker's iteration if intact, else the newest intact one
     ("fallback"); checkpoints newer than an intact tracker iteration are left alone (the
     tracker may have been moved back on purpose). Weights-only checkpoints count only with
-    `allow_weights_only`. A directory with no committed checkpoint gives iteration None; one
-    whose checkpoints all fail their checks is an error rather than a silent fresh start.
+    `allow_weights_only`; skipped ones are listed in `rejected` when nothing else is found.
+    Iteration None means nothing to load; a directory whose checkpoints all fail their
+    checks is an error rather than a silent fresh start.
     """
     survey = broadcast_object((find_checkpoints(load_dir), read_tracker(load_dir))
                               if state is None or state.rank == 0 else None, state)
@@ -175,8 +172,6 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
         if problems:
             raise CheckpointLoadError(f"checkpoint {info.name} in {load_dir} failed its checks: {'; '.join(problems)}; "
                                       f"pick another with --ckpt-step or drop it to load the newest intact one")
-        if info.kind != "full" and not allow_weights_only:
-            raise _weights_only_error(load_dir, [info.name])
         candidates, reason_of = [info], {id(info): "--ckpt-step"}
     else:
         if tracker_problem is not None and any(c.kind == "full" for c in committed.values()):
@@ -206,12 +201,12 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
         plan.reason = reason_of[id(info)]
         break
 
-    if plan.iteration is None and committed:
+    if plan.iteration is None:
         damaged = [f"{c.name}: {c.status}" for c in committed.values() if c.status.startswith("failed")]
         if damaged:
             raise CheckpointLoadError(f"no intact checkpoint in {load_dir}:\n  " + "\n  ".join(damaged) +
                                       "\nrestore or move away the damaged ones, or start without --load")
-        raise _weights_only_error(load_dir, [c.name for c in committed.values()])
+        plan.rejected += [(c.name, WEIGHTS_ONLY_REASON) for c in candidates if c.status == WEIGHTS_ONLY]
     if plan.reason == "tracker":
         for c in checkpoints:
             newer = c.state == "committed" and _order_key(c.iteration) > _order_key(plan.iteration)

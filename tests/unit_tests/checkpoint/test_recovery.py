@@ -113,11 +113,11 @@ def test_a_newer_checkpoint_than_the_tracker_is_left_alone_and_reported(three):
 
 def test_weights_only_checkpoints_are_not_used_to_resume_unless_asked(tmp_path):
     save_tiny(tmp_path, 1, kind="weights")
-    with pytest.raises(CheckpointLoadError, match=r"holds only weights-only checkpoints \(iter_0000001\), which "
-                                                  r"have no optimizer state"):
-        choose_checkpoint(str(tmp_path))
-    with pytest.raises(CheckpointLoadError, match="no optimizer state"):
-        choose_checkpoint(str(tmp_path), 1)
+    for ckpt_step in (None, 1):
+        plan = choose_checkpoint(str(tmp_path), ckpt_step)
+        assert (plan.iteration, plan.reason) == (None, "none")
+        assert plan.rejected == [("iter_0000001", "weights only: it has no optimizer state to resume from; load it "
+                                                  "with --finetune or --pretrained-checkpoint")]
     plan = choose_checkpoint(str(tmp_path), allow_weights_only=True)
     assert (plan.iteration, plan.kind, plan.reason) == (1, "weights", "fallback")
     save_tiny(tmp_path, 0)
