@@ -131,5 +131,6 @@ class AsyncSaver:
         self._thread = None
         spec = self._spec
         gathered = all_gather_object((self._error, self._seconds, self._nbytes), self._state)
-        raise_if_failed([g[0] for g in gathered], spec, 0 if self._state is None else self._state.rank, self._exception)
+        rank = 0 if self._state is None else self._state.rank
+        raise_if_failed([g[0] for g in gathered], spec, rank, self._exception)
         return SaveResult(spec.iteration, spec.iter_dir, gathered[0][1], sum(g[2] for g in gathered), committed=True)

@@ -223,6 +223,21 @@ def test_async_save_in_one_process_writes_the_same_bytes_as_a_sync_save(tmp_path
     assert saver.finalize() is None
 
 
+def test_a_failed_async_write_is_raised_by_finalize_and_leaves_nothing(tmp_path, monkeypatch):
+    save_tiny(tmp_path, 1)
+
+    def disk_full(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(async_save, "write_files", disk_full)
+    saver = AsyncSaver()
+    save_files(str(tmp_path), 2, {MODEL: tiny_state(2)}, None, None, async_saver=saver)
+    with pytest.raises(CheckpointSaveError, match="rank 0: No space left on device"):
+        saver.finalize()
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", TRACKER_FILENAME]
+    assert tracker_text(tmp_path) == "1"
+
+
 # ---- four ranks: TP 2 x DP 2, one spawn for every check ----------------------------------------
 
 def _rank_files(state) -> dict:
