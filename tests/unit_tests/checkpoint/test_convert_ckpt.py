@@ -302,3 +302,44 @@ def test_params_dtype_casts_every_tensor(converted, tmp_path):
     meta = read_metadata(os.path.join(out, "release"))
     assert RunConfig.from_dict(meta["config"]).optimizer.bf16
     assert {e["dtype"] for e in meta["tensors"].values()} == {"bfloat16"}
+
+
+# --------------------------------------------------------------------------- finetuning a conversion
+
+FINETUNE_FLAGS = {
+    "pretrained-checkpoint": ["--pretrained-checkpoint", "{out}"],
+    "finetune-load": ["--finetune", "--load", "{out}"],
+}
+
+
+@pytest.mark.parametrize("load_flags", list(FINETUNE_FLAGS.values()), ids=list(FINETUNE_FLAGS))
+def test_converted_checkpoint_finetunes_and_its_first_loss_is_the_hf_loss(tmp_path, load_flags):
+    """The checkpoint loader (checkpoint/checkpointing.py) loads the converted weights-only
+    checkpoint; 3 iterations run and the first loss is the Hugging Face model's on that batch.
+    The vocabulary (250) gets no padding here (divisible by 125): padded rows would add their
+    logits to the softmax, which Hugging Face's loss does not have."""
+    import itertools
+
+    from megatron_lite.arguments import parse_args
+    from megatron_lite.training import pretrain
+
+    model = hf_model("llama")
+    save_hf(model, "llama", str(tmp_path / "hf"))
+    out = tmp_path / "converted"
+    run_convert("--loader", "hf", "--saver", "megatron_lite", "--load-dir", tmp_path / "hf", "--save-dir", out,
+                "--make-vocab-size-divisible-by", 125)
+    seq = torch.randint(0, VOCAB, (2, 65), generator=torch.Generator().manual_seed(3))
+    tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    with torch.no_grad():
+        hf_loss = torch.nn.functional.cross_entropy(model(tokens).logits.reshape(-1, VOCAB), labels.reshape(-1))
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float),
+             "position_ids": torch.arange(64).expand(2, 64).contiguous()}
+    cfg = parse_args([f.format(out=out) for f in load_flags] + ["--use-checkpoint-args", "--tokenizer-type",
+                      "HuggingFaceTokenizer", "--tokenizer-model", str(out / "hf"), "--micro-batch-size", "2",
+                      "--global-batch-size", "2", "--train-iters", "3", "--lr", "1e-3", "--hidden-dropout", "0",
+                      "--attention-dropout", "0"])
+    run = pretrain(cfg, data_iterators=lambda run: (itertools.repeat(batch), None))
+    losses = [r["lm loss"] for r in run.history]
+    assert len(losses) == 3 and run.progress.iteration == 3
+    assert abs(losses[0] - hf_loss.item()) < 1e-5, (losses[0], hf_loss.item())
+    assert losses[2] < losses[0]
