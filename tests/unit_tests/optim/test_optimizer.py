@@ -7,6 +7,9 @@ import io
 import pytest
 import torch
 
+from megatron_lite.config import ParallelConfig
+from megatron_lite.optim import build_optimizer
+from megatron_lite.parallel.data import DistributedDataParallel
 from megatron_lite.parallel.state import initialize
 from tests.unit_tests.optim.toy import ToyModel, build, make_batches, opt_config, params_of, train_steps
 
@@ -121,6 +124,26 @@ def test_state_dict_is_keyed_by_parameter_name_and_plain():
     assert sd["params"]["fc1.weight"]["main_param"].dtype == torch.float32
     assert [(g["lr"], g["weight_decay"]) for g in sd["param_groups"]] == \
         [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+
+
+def test_several_model_chunks_are_named_with_a_chunk_prefix_and_resume():
+    state = initialize()
+    cfg, parallel_cfg = opt_config(bf16=True), ParallelConfig(ddp_bucket_size=64)
+    chunks = [DistributedDataParallel(ToyModel(torch.bfloat16), parallel_cfg, state) for _ in range(2)]
+    optimizer = build_optimizer(chunks, cfg, parallel_cfg, state)
+    assert sorted(optimizer.state_dict()["params"]) == sorted(
+        f"chunk{i}.{n}" for i in range(2) for n, _ in ToyModel().named_parameters())
+    (x, y), = make_batches(1)
+    optimizer.zero_grad()
+    (chunks[0](x, y) + 2 * chunks[1](x, y)).backward()
+    optimizer.step()
+    saved = save_load(optimizer.state_dict())
+    fresh = build_optimizer([DistributedDataParallel(ToyModel(torch.bfloat16), parallel_cfg, state) for _ in range(2)],
+                            cfg, parallel_cfg, state)
+    fresh.load_state_dict(saved)
+    assert_optimizer_states_equal(fresh.state_dict(), optimizer.state_dict())
+    assert not torch.equal(saved["params"]["chunk0.fc1.weight"]["exp_avg"],
+                           saved["params"]["chunk1.fc1.weight"]["exp_avg"])
 
 
 def test_load_state_dict_rejects_another_optimizer_or_model():

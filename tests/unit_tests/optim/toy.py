@@ -54,10 +54,10 @@ def opt_config(**overrides) -> OptimizerConfig:
 
 
 def build(state: ParallelState, cfg: OptimizerConfig, parallel_cfg: Optional[ParallelConfig] = None,
-          dtype: torch.dtype = torch.float32):
+          dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A fresh (model, optimizer, scheduler) triple with identical initial weights on every rank."""
     parallel_cfg = parallel_cfg or ParallelConfig(ddp_bucket_size=64)
-    model = DistributedDataParallel(ToyModel(dtype), parallel_cfg, state)
+    model = DistributedDataParallel(ToyModel(dtype).to(device), parallel_cfg, state)
     optimizer = build_optimizer([model], cfg, parallel_cfg, state)
     scheduler = build_scheduler(optimizer, cfg, TrainConfig(train_iters=TRAIN_ITERS, global_batch_size=GLOBAL_BATCH))
     return model, optimizer, scheduler
@@ -70,12 +70,14 @@ def train_steps(model, optimizer, scheduler, state: ParallelState, batches, micr
     Returns per iteration the DP-averaged loss, grad norm, success flag, lr and loss scale.
     """
     records = []
+    device = next(model.parameters()).device
     for it, (x, y) in enumerate(batches):
+        x, y = x.to(device), y.to(device)
         share = GLOBAL_BATCH // state.dp_size
         x, y = x[state.dp_rank * share:(state.dp_rank + 1) * share], y[state.dp_rank * share:(state.dp_rank + 1) * share]
         num_micro = share // micro_batch_size
         optimizer.zero_grad()
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for i in range(num_micro):
             sl = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
             with model.no_sync() if i < num_micro - 1 else contextlib.nullcontext():
@@ -90,7 +92,7 @@ def train_steps(model, optimizer, scheduler, state: ParallelState, batches, micr
         lr = scheduler.get_lr()
         scheduler.step(increment=GLOBAL_BATCH)
         all_reduce(total, state.dp_group)
-        records.append({"loss": total / state.dp_size, "grad_norm": grad_norm, "ok": ok, "lr": lr,
+        records.append({"loss": (total / state.dp_size).cpu(), "grad_norm": grad_norm, "ok": ok, "lr": lr,
                         "loss_scale": loss_scale})
     return records
 

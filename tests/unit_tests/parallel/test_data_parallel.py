@@ -162,6 +162,7 @@ def test_main_grad_accumulates_microbatches_in_reverse_order_buckets():
         assert p.grad is None and p.main_grad.dtype == torch.float32
         torch.testing.assert_close(p.main_grad, ref.grad, rtol=1e-6, atol=1e-7)
     assert list(model.state_dict()) == list(module.state_dict())
+    assert model.fc1 is module.fc1   # attributes of the wrapped module pass through
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in module.named_parameters()]
 
 
