@@ -18,6 +18,8 @@ from megatron_lite.arguments import pad_vocab_size, validate
 from megatron_lite.config import RunConfig
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.ops import build_ops
+from megatron_lite.optim import build_optimizer, build_scheduler
+from megatron_lite.parallel.data import DistributedDataParallel
 from megatron_lite.parallel.random import seed_everything
 from megatron_lite.parallel.state import ParallelState, init_distributed, initialize
 
@@ -54,7 +56,12 @@ class Run:
     ops: Any
     progress: Progress = field(default_factory=Progress)
     history: List[dict] = field(default_factory=list)
+    mode: str = "pretrain"          # the mode this run requested; recorded in its checkpoints
     load_report: Optional[str] = None
+    loaded_dir: Optional[str] = None
+    loaded_iteration: Optional[int] = None
+    last_saved_iteration: Optional[int] = None
+    async_saver: Any = None
 
     @property
     def module(self) -> GPTModel:
@@ -101,23 +108,20 @@ def setup_parallel(cfg: RunConfig) -> ParallelState:
     return state
 
 
-def build_run(cfg: RunConfig, tokenizer=None) -> Run:
-    from megatron_lite.optim import build_optimizer, build_scheduler
-    from megatron_lite.parallel.data import DistributedDataParallel
-
-    state = setup_parallel(cfg)
+def build_run(cfg: RunConfig, state: ParallelState, tokenizer=None) -> Run:
+    """Tokenizer, padded vocabulary, fused-op choice, the stage's model wrapped for DP, optimizer
+    and LR scheduler. `state` comes from `setup_parallel`."""
     if tokenizer is None:
         from megatron_lite.data import build_tokenizer
         tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
+    cfg.model.vocab_size = tokenizer.vocab_size   # --vocab-size only sizes a NullTokenizer
     cfg.model.padded_vocab_size = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                                  cfg.parallel.tensor_model_parallel_size)
     ops = build_ops(fused_kernels=cfg.model.fused_kernels, transformer_impl=cfg.model.transformer_impl,
                     device=state.device)
     print_rank0(ops.describe(), state)
     module = build_model(cfg, state, ops, state.device)
-    model = DistributedDataParallel(module, state, cfg.parallel)
+    model = DistributedDataParallel(module, cfg.parallel, state)
     optimizer = build_optimizer([model], cfg.optimizer, cfg.parallel, state)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train)
     return Run(cfg=cfg, state=state, model=model, optimizer=optimizer, scheduler=scheduler,

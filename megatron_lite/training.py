@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.initialize import Run, build_run, model_dtype, print_rank0
+from megatron_lite.initialize import Run, build_run, model_dtype, print_rank0, setup_parallel
 from megatron_lite.parallel.pipeline import get_forward_backward_func
 
 
@@ -233,14 +233,21 @@ def build_data(run: Run):
 
 
 def pretrain(cfg, data_iterators=None) -> Run:
-    """Everything `pretrain_gpt.py` does: build, load, train, save. Returns the Run."""
-    run = build_run(cfg)
-    try:
-        from megatron_lite.checkpoint.checkpointing import load_checkpoint, maybe_save_checkpoint
-    except ImportError:
-        load_checkpoint = maybe_save_checkpoint = None
-    if load_checkpoint is not None:
-        load_checkpoint(run)
+    """Everything `pretrain_gpt.py` does: groups, load decision, build, restore, train, save.
+
+    `data_iterators(run) -> (train_iter, valid_iter)` replaces the configured datasets."""
+    from megatron_lite.checkpoint.checkpointing import (check_model_config, decide_load, maybe_save_checkpoint,
+                                                        requested_mode, restore)
+
+    state = setup_parallel(cfg)
+    decision = decide_load(cfg, state)
+    check_model_config(cfg, decision)
+    run = build_run(cfg, state)
+    run.mode = requested_mode(cfg)
+    if cfg.checkpoint.async_save:
+        from megatron_lite.checkpoint.async_save import AsyncSaver
+        run.async_saver = AsyncSaver()
+    restore(run, decision)
     if data_iterators is None:
         train_iter, valid_iter, _ = build_data(run)
     else:

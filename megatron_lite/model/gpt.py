@@ -31,6 +31,8 @@ class Embedding(nn.Module):
         if cfg.position_embedding_type == "learned_absolute":
             self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
             set_partition(self.position_embeddings.weight, None)
+            # under sequence parallelism each TP rank adds only its slice of positions
+            self.position_embeddings.weight.sequence_parallel = state.sequence_parallel
 
     def forward(self, input_ids, position_ids):
         x = self.word_embeddings(input_ids.t())                    # [s, b, h] (partial sums over TP)

@@ -1,0 +1,334 @@
+"""What a checkpoint holds, and the load modes of DESIGN.md's table.
+
+Per (tp, pp) rank, `mp_rank_TT_PPP/model_optim_rng.pt` (written by DP rank 0):
+    {"format_version", "iteration", "mode", "model": stage state_dict, "progress": counters,
+     "opt_param_scheduler", "optimizer" (without the distributed optimizer),
+     "rng_state": [one per DP rank]}
+and with the distributed optimizer, `mp_rank_TT_PPP_DDD/distrib_optim.pt` from every DP rank.
+metadata.json carries the run's config, the layout, the mode and the global tensor index.
+
+Modes (the mode a run *requests* comes from its flags; the mode a checkpoint *records* is the
+mode of the run that wrote it):
+    resume         no mode flags: everything restored
+    finetune       --finetune: weights only; iteration, optimizer, scheduler, RNG fresh
+    further-train  --reset-sample-stat: weights, optimizer, scheduler (unless
+                   --no-load-lr-scheduler), RNG; iteration and consumed samples reset
+    weights        --pretrained-checkpoint DIR: weights only, used when --load has nothing
+A run whose own --save (or --load) directory already holds a checkpoint recorded in the mode it
+requests has already done that mode's reset: it resumes plainly, so one launch script serves the
+first start and every restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.arguments import ConfigError
+from megatron_lite.checkpoint import layout
+from megatron_lite.checkpoint.recovery import choose_checkpoint, format_recovery_report
+from megatron_lite.checkpoint.retention import apply_retention
+from megatron_lite.checkpoint.storage import load_file, read_metadata, save_files
+from megatron_lite.config import ModelConfig, RunConfig
+from megatron_lite.initialize import Run, print_rank0
+from megatron_lite.parallel.random import get_rng_state, set_rng_state
+from megatron_lite.parallel.state import ParallelState
+
+FORMAT_VERSION = 1
+WEIGHTS_SUBDIR = "weights"   # <save>/weights/iter_XXXXXXX: --save-weights-only-interval checkpoints
+
+# Fields that change the shape or meaning of the weights: a checkpoint and the flags must agree.
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "kv_channels", "max_position_embeddings", "vocab_size", "normalization", "swiglu",
+    "position_embedding_type", "rotary_base", "rotary_percent", "use_rope_scaling", "rope_scaling_factor",
+    "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights",
+)
+
+
+def requested_mode(cfg: RunConfig) -> str:
+    c = cfg.checkpoint
+    if c.finetune:
+        return "finetune"
+    if c.reset_sample_stat:
+        return "further-train"
+    return "pretrain"
+
+
+@dataclass
+class LoadDecision:
+    """Where to load from and what to restore; made before the model exists (for
+    --use-checkpoint-args) and identical on every rank."""
+    load_dir: Optional[str] = None
+    plan: object = None
+    metadata: Optional[dict] = None
+    action: str = "none"            # none | resume | finetune | further-train | weights
+    notes: Optional[list] = None
+
+
+def _plan(directory: Optional[str], ckpt_step, state, allow_weights_only=False):
+    if not directory:
+        return None
+    plan = choose_checkpoint(directory, ckpt_step, state, allow_weights_only=allow_weights_only)
+    return plan if plan.iteration is not None else None
+
+
+def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
+    c, mode = cfg.checkpoint, requested_mode(cfg)
+    # 1. this run's own checkpoints (a restart of the same command line): plain resume
+    own_dirs = [d for d in dict.fromkeys([c.save, c.load]) if d]
+    for directory in own_dirs:
+        plan = _plan(directory, c.ckpt_step if directory == c.load else None, state)
+        if plan is None:
+            continue
+        meta = read_metadata(plan.iter_dir)
+        recorded = meta.get("mode", "pretrain")
+        if mode == "pretrain" or recorded == mode:
+            return LoadDecision(directory, plan, meta, "resume")
+        if directory == c.load:
+            return LoadDecision(directory, plan, meta, mode)
+    # 2. weights from elsewhere
+    if c.pretrained_checkpoint:
+        plan = _plan(c.pretrained_checkpoint, None, state, allow_weights_only=True)
+        if plan is None:
+            raise ConfigError(f"--pretrained-checkpoint {c.pretrained_checkpoint} holds no intact checkpoint")
+        return LoadDecision(c.pretrained_checkpoint, plan, read_metadata(plan.iter_dir), "weights")
+    if c.load and mode == "finetune":
+        plan = _plan(c.load, c.ckpt_step, state, allow_weights_only=True)
+        if plan is not None:
+            return LoadDecision(c.load, plan, read_metadata(plan.iter_dir), "finetune")
+    if c.load:
+        weights_only = _plan(c.load, c.ckpt_step, state, allow_weights_only=True)
+        if weights_only is not None:
+            raise ConfigError(f"{c.load} holds only a weights-only checkpoint ({weights_only.iter_dir}): it has no "
+                              f"optimizer state to resume; load it with --finetune or --pretrained-checkpoint")
+        if c.exit_on_missing_checkpoint or mode != "pretrain" or c.ckpt_step is not None:
+            raise ConfigError(f"--load {c.load}: no checkpoint found; check the path "
+                              f"(or drop --load to start from scratch)")
+    return LoadDecision()
+
+
+def check_model_config(cfg: RunConfig, decision: LoadDecision) -> None:
+    """Stop on any architecture field that differs, or take them all with --use-checkpoint-args."""
+    if decision.metadata is None:
+        return
+    saved = decision.metadata.get("config", {}).get("model", {})
+    if cfg.checkpoint.use_checkpoint_args:
+        for name in ARCHITECTURE_FIELDS + ("seq_length", "norm_epsilon", "make_vocab_size_divisible_by"):
+            if name in saved and name != "vocab_size":   # the tokenizer decides; checked in restore()
+                setattr(cfg.model, name, saved[name])
+        return
+    diffs = []
+    for name in ARCHITECTURE_FIELDS:
+        if name == "vocab_size" or name not in saved:
+            continue
+        mine, theirs = getattr(cfg.model, name), saved[name]
+        if name == "ffn_hidden_size" and mine is None:
+            mine = 4 * cfg.model.hidden_size
+        if name == "num_query_groups" and not cfg.model.group_query_attention and not saved.get(
+                "group_query_attention"):
+            continue
+        if mine != theirs:
+            diffs.append(f"{name}={theirs} (flags say {mine})")
+    if diffs:
+        raise ConfigError(f"checkpoint {decision.plan.iter_dir} was saved with " + ", ".join(diffs) +
+                          "; pass --use-checkpoint-args to take the checkpoint's model config, or fix the flags")
+
+
+# ----------------------------------------------------------------------------------- loading
+
+def _same_layout(meta: dict, state: ParallelState) -> bool:
+    p = meta.get("parallel", {})
+    return p.get("tp") == state.tp_size and p.get("pp") == state.pp_size
+
+
+def _load_model_weights(run: Run, decision: LoadDecision) -> str:
+    state, module = run.state, run.module
+    plan, meta = decision.plan, decision.metadata
+    if _same_layout(meta, state):
+        shard = load_file(decision.load_dir, plan.iteration, layout.model_shard_path(state.tp_rank, state.pp_rank))
+        module.load_state_dict(_cast_like(shard["model"], module), strict=True)
+        return "loaded"
+    from megatron_lite.checkpoint.sharding import reshard_rank_state
+
+    def read_piece(relpath, key):
+        return load_file(decision.load_dir, plan.iteration, relpath)["model"][key]
+
+    local = reshard_rank_state(meta["tensors"], read_piece, run.cfg.model, state.tp_size, state.pp_size,
+                               state.tp_rank, state.pp_rank)
+    module.load_state_dict(_cast_like(local, module), strict=True)
+    saved = meta["parallel"]
+    return f"loaded, resharded from TP={saved['tp']} PP={saved['pp']}"
+
+
+def _cast_like(sd: Dict[str, torch.Tensor], module) -> Dict[str, torch.Tensor]:
+    own = module.state_dict()
+    return {k: v.to(own[k].dtype) if k in own and torch.is_tensor(v) else v for k, v in sd.items()}
+
+
+def _load_optimizer(run: Run, decision: LoadDecision) -> str:
+    state, meta = run.state, decision.metadata
+    if not _same_layout(meta, state) or meta["parallel"].get("dp") != state.dp_size and \
+            run.cfg.parallel.use_distributed_optimizer:
+        saved = meta["parallel"]
+        raise ConfigError(f"the optimizer state in {decision.plan.iter_dir} was saved at TP={saved['tp']} "
+                          f"PP={saved['pp']} DP={saved.get('dp')}; resume at that layout, or pass --no-load-optim "
+                          f"(or --finetune) to start a fresh optimizer from its weights")
+    if not meta.get("has_optimizer", True):
+        raise ConfigError(f"{decision.plan.iter_dir} was saved with --no-save-optim; pass --no-load-optim")
+    if run.cfg.parallel.use_distributed_optimizer != meta.get("distributed_optimizer", False):
+        raise ConfigError(f"{decision.plan.iter_dir} was saved with use_distributed_optimizer="
+                          f"{meta.get('distributed_optimizer')}; use the same setting or pass --no-load-optim")
+    if run.cfg.parallel.use_distributed_optimizer:
+        path = layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)
+        opt_sd = load_file(decision.load_dir, decision.plan.iteration, path)
+    else:
+        opt_sd = _model_file(run, decision)["optimizer"]
+    run.optimizer.load_state_dict(opt_sd)
+    return "loaded"
+
+
+def _model_file(run: Run, decision: LoadDecision) -> dict:
+    if not hasattr(decision, "_model_file"):
+        decision._model_file = load_file(decision.load_dir, decision.plan.iteration,
+                                         layout.model_shard_path(run.state.tp_rank, run.state.pp_rank))
+    return decision._model_file
+
+
+def restore(run: Run, decision: LoadDecision) -> None:
+    """Restore what the decision's action says; print the recovery report on rank 0."""
+    c, action = run.cfg.checkpoint, decision.action
+    restored: Dict[str, str] = {}
+    if action == "none":
+        if c.load or c.save:
+            print_rank0(f"checkpoint: nothing to load in {c.load or c.save}; starting from scratch", run.state)
+        return
+    saved_vocab = decision.metadata.get("config", {}).get("model", {}).get("vocab_size")
+    if saved_vocab is not None and saved_vocab != run.cfg.model.vocab_size:
+        raise ConfigError(f"checkpoint {decision.plan.iter_dir} was trained with a vocabulary of {saved_vocab} "
+                          f"tokens but the tokenizer has {run.cfg.model.vocab_size}; use the checkpoint's tokenizer "
+                          f"(--tokenizer-type/--tokenizer-model/--vocab-size)")
+    restored["weights"] = _load_model_weights(run, decision)
+    full = action in ("resume", "further-train")
+    if full and c.load_optim:
+        restored["optimizer"] = _load_optimizer(run, decision)
+    else:
+        restored["optimizer"] = "fresh (" + ("--no-load-optim" if full else f"{action} mode") + ")"
+    shard = _model_file(run, decision) if full else None
+    if full and (action == "resume" or c.load_lr_scheduler):
+        run.scheduler.load_state_dict(shard["opt_param_scheduler"])
+        restored["lr scheduler"] = "loaded"
+    else:
+        restored["lr scheduler"] = "fresh (" + ("--no-load-lr-scheduler" if full else f"{action} mode") + ")"
+    if action == "resume":
+        run.progress.load_state_dict(shard["progress"])
+        restored["iteration and consumed samples"] = (
+            f"restored (iteration {run.progress.iteration}, {run.progress.consumed_train_samples} samples)")
+    else:
+        restored["iteration and consumed samples"] = f"reset to 0 ({action} mode)"
+    if full and c.load_rng and "rng_state" in shard:
+        set_rng_state(shard["rng_state"][run.state.dp_rank], run.state.rng)
+        restored["rng"] = "restored"
+    else:
+        restored["rng"] = "fresh seed" if not full else "fresh seed (--no-load-rng)"
+    restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
+                                 else "from the first sample")
+    run.loaded_iteration = decision.plan.iteration
+    run.loaded_dir = decision.load_dir
+    run.load_report = format_recovery_report(decision.plan, {"mode": action, **restored})
+    print_rank0(run.load_report, run.state)
+
+
+# ------------------------------------------------------------------------------------ saving
+
+def _gather_rng_over_dp(run: Run) -> list:
+    mine = get_rng_state(run.state.rng)
+    if run.state.dp_size == 1:
+        return [mine]
+    everyone = [None] * run.state.dp_size
+    dist.all_gather_object(everyone, mine, group=run.state.dp_group)
+    return everyone
+
+
+def _cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+def save_checkpoint(run: Run, kind: str = "full") -> None:
+    """Collective: every rank writes its shard; the iteration directory is committed atomically."""
+    from megatron_lite.checkpoint.sharding import build_tensor_index
+
+    cfg, state, p = run.cfg, run.state, run.progress
+    c = cfg.checkpoint
+    full = kind == "full"
+    files = {}
+    rng = _gather_rng_over_dp(run) if full and c.save_rng else None
+    if state.dp_rank == 0:
+        shard = {"format_version": FORMAT_VERSION, "iteration": p.iteration, "mode": run.mode,
+                 "model": _cpu(run.module.state_dict())}
+        if full:
+            shard["progress"] = p.state_dict()
+            shard["opt_param_scheduler"] = run.scheduler.state_dict()
+            if rng is not None:
+                shard["rng_state"] = _cpu(rng)
+            if c.save_optim and not cfg.parallel.use_distributed_optimizer:
+                shard["optimizer"] = _cpu(run.optimizer.state_dict())
+        files[layout.model_shard_path(state.tp_rank, state.pp_rank)] = shard
+    if full and c.save_optim and cfg.parallel.use_distributed_optimizer:
+        files[layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)] = \
+            _cpu(run.optimizer.state_dict())
+    metadata = {"config": cfg.to_dict(), "mode": run.mode,
+                "parallel": {"tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size},
+                "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
+                "has_optimizer": full and c.save_optim, "has_rng": full and c.save_rng,
+                "progress": p.state_dict(), "tensors": build_tensor_index(cfg.model, state.tp_size, state.pp_size)}
+    # weights-only checkpoints live apart, so they never shadow a full one of the same iteration
+    directory = c.save if full else os.path.join(c.save, WEIGHTS_SUBDIR)
+    t0 = time.time()
+    result = save_files(directory, p.iteration, files, state, metadata, kind=kind, async_saver=run.async_saver)
+    what = "checkpoint" if full else "weights-only checkpoint"
+    print_rank0(f"saved {what} at iteration {p.iteration} to {directory} in {time.time() - t0:.2f} s "
+                f"({result.bytes_written / 1e6:.1f} MB)" + (" (writing in the background)" if run.async_saver
+                                                           else ""), run.state)
+    if full and c.keep_last_n_checkpoints and state.rank == 0:
+        protect = {run.loaded_iteration} if getattr(run, "loaded_dir", None) == c.save else set()
+        deleted = apply_retention(c.save, c.keep_last_n_checkpoints, protect)
+        if deleted:
+            print_rank0(f"deleted checkpoints {deleted} (--keep-last-n-checkpoints {c.keep_last_n_checkpoints})",
+                        run.state)
+
+
+def maybe_save_checkpoint(run: Run, reason: str) -> None:
+    """Called by the loop after each iteration ('interval') and when it stops ('end')."""
+    c, it = run.cfg.checkpoint, run.progress.iteration
+    if not c.save:
+        return
+    if reason == "end":
+        if run.last_saved_iteration != it:
+            save_checkpoint(run, "full")
+            run.last_saved_iteration = it
+        if run.async_saver is not None:
+            run.async_saver.finalize()
+        return
+    if c.save_interval and it % c.save_interval == 0:
+        save_checkpoint(run, "full")
+        run.last_saved_iteration = it
+    if c.save_weights_only_interval and it % c.save_weights_only_interval == 0:
+        save_checkpoint(run, "weights")
+
+
+def model_config_from(metadata: dict) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in metadata["config"]["model"].items() if k in known})
