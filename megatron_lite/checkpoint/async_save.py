@@ -1,9 +1,11 @@
 """Asynchronous checkpoint saves: training goes on while the files are written and committed.
 
-`save_files(..., async_saver=saver)` snapshots each rank's files synchronously (tensors copied
-to the CPU and serialised to bytes in memory, about 2.4 GB/s on the CI machine) and returns.
-A background thread per rank then writes and fsyncs them exactly as a synchronous save
-does, and drops a done marker holding its checksums into the temporary directory. Rank 0's
+`save_files(..., async_saver=saver)` snapshots each rank's files synchronously (every tensor
+copied to the CPU, so training may change the originals at once) and returns. A background
+thread per rank then serialises, writes and fsyncs them exactly as a synchronous save does
+(the bytes are identical), and drops a done marker holding its checksums into the
+temporary directory. Serialising in the background instead of into an in-memory buffer
+first halves the time training is blocked and the memory the snapshot takes. Rank 0's
 thread waits until every rank's marker is there and then commits (metadata.json, rename,
 tracker). The hand-off goes through marker files, not collectives: a collective issued from
 a background thread would interleave with the training loop's own.
@@ -73,8 +75,11 @@ def wait_for_done_markers(tmp_dir: str, world_size: int, timeout_s: float) -> Li
     return [found[rank]["files"] for rank in range(world_size)]
 
 
-def write_and_commit(spec: CommitSpec, payload: dict, rank: int, timeout_s: float) -> None:
-    """The background part of an asynchronous save, on one rank: write, mark done, and on rank 0 commit."""
+def write_and_commit(spec: CommitSpec, payload: dict, rank: int, timeout_s: float) -> int:
+    """The background part of an asynchronous save, on one rank: write, mark done, and on rank 0 commit.
+
+    Returns the bytes this rank wrote.
+    """
     try:
         entries = write_files(spec.tmp_dir, payload, rank)
     except BaseException as e:
@@ -83,6 +88,7 @@ def write_and_commit(spec: CommitSpec, payload: dict, rank: int, timeout_s: floa
     write_done_marker(spec.tmp_dir, rank, entries, None)
     if rank == 0:
         commit(spec, wait_for_done_markers(spec.tmp_dir, spec.world_size, timeout_s))
+    return sum(e["size"] for e in entries.values())
 
 
 class AsyncSaver:
@@ -104,7 +110,7 @@ class AsyncSaver:
         if self._thread is not None:
             raise RuntimeError("an asynchronous checkpoint save is still pending; call finalize() before the next one")
         self._spec, self._state = spec, state
-        self._nbytes = sum(p.nbytes for p in payload.values())
+        self._nbytes = 0
         self._error: Optional[str] = None
         self._exception: Optional[BaseException] = None
         self._seconds = 0.0
@@ -112,7 +118,7 @@ class AsyncSaver:
 
         def run() -> None:
             try:
-                write_and_commit(spec, payload, rank, self.commit_timeout_s)
+                self._nbytes = write_and_commit(spec, payload, rank, self.commit_timeout_s)
                 self._seconds = time.perf_counter() - start_time
             except BaseException as e:
                 self._error, self._exception = f"rank {rank}: {e}", e

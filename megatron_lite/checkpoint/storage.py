@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -56,7 +57,7 @@ class SaveResult:
     iteration: Iteration
     iter_dir: str
     seconds: float          # until the commit was durable; for an asynchronous save, the time training was blocked
-    bytes_written: int      # over all ranks
+    bytes_written: int      # over all ranks; 0 while an asynchronous save is pending (finalize() has the total)
     committed: bool         # False while an asynchronous save's commit is still pending
 
 
@@ -79,35 +80,27 @@ class CommitSpec:
         return os.path.join(self.save_dir, iteration_dir_name(self.iteration))
 
 
-class SerializedFile:
-    """A file's bytes produced by torch.save, as the list of chunks it wrote (no copy into one buffer)."""
-
-    def __init__(self, obj) -> None:
-        self.chunks: List[bytes] = []
-        torch.save(obj, self)
-
-    def write(self, data) -> int:
-        self.chunks.append(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(c) for c in self.chunks)
-
-
 class _HashingWriter:
-    """File-like object for torch.save: every byte goes to the file and through the checksum."""
+    """File-like object for torch.save: every byte goes to the file and through the checksum.
 
-    def __init__(self, f) -> None:
-        self._f, self.checksum, self.size = f, Checksum(), 0
+    A large chunk is hashed on a helper thread while this thread writes it: zlib.crc32 and
+    the write both release the GIL, so the checksum costs almost no extra time.
+    """
+
+    _OVERLAP_MIN_BYTES = 1 << 20
+
+    def __init__(self, f, hasher: ThreadPoolExecutor) -> None:
+        self._f, self._hasher, self.checksum, self.size = f, hasher, Checksum(), 0
 
     def write(self, data) -> int:
-        self.checksum.update(data)
         self.size += len(data)
-        return self._f.write(data)
+        if len(data) < self._OVERLAP_MIN_BYTES:
+            self.checksum.update(data)
+            return self._f.write(data)
+        hashed = self._hasher.submit(self.checksum.update, data)
+        n = self._f.write(data)
+        hashed.result()
+        return n
 
     def flush(self) -> None:
         self._f.flush()
@@ -143,13 +136,15 @@ _LEAF_TYPES = {int, float, bool, str, bytes, complex, type(None), torch.dtype, t
 _CONTAINERS = {dict, collections.OrderedDict, list, tuple, set}
 
 
-def snapshot_to_cpu(obj, where: str, memo: Optional[dict] = None):
+def snapshot_to_cpu(obj, where: str, *, copy: bool, memo: Optional[dict] = None):
     """A copy of `obj` whose tensors are on the CPU and own compact storage, checked to be loadable
     by torch.load(weights_only=True).
 
     A tensor that views part of a larger storage (a distributed-optimizer shard of a flat
-    buffer) is cloned, because torch.save writes a tensor's whole storage. The same tensor
-    object reached twice stays one tensor. `where` names `obj` in error messages.
+    buffer) is cloned, because torch.save writes a tensor's whole storage. With `copy`, every
+    CPU tensor is cloned too, so that training may change the originals while the copy is
+    written. The same tensor object reached twice stays one tensor. `where` names `obj` in
+    error messages.
     """
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, torch.nn.Parameter):
@@ -157,7 +152,7 @@ def snapshot_to_cpu(obj, where: str, memo: Optional[dict] = None):
             t = obj.detach()
             if t.device.type != "cpu":
                 t = t.to("cpu")
-            elif t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            elif copy or t.untyped_storage().nbytes() > t.numel() * t.element_size():
                 t = t.clone()
             memo[id(obj)] = t
         return memo[id(obj)]
@@ -168,8 +163,8 @@ def snapshot_to_cpu(obj, where: str, memo: Optional[dict] = None):
             for k in obj:
                 if type(k) not in _LEAF_TYPES:
                     raise TypeError(f"{where} has a key of type {type(k).__qualname__}; use str or int keys")
-            return type(obj)((k, snapshot_to_cpu(v, f"{where}[{k!r}]", memo)) for k, v in obj.items())
-        items = [snapshot_to_cpu(v, f"{where}[{i}]", memo) for i, v in enumerate(obj)]
+            return type(obj)((k, snapshot_to_cpu(v, f"{where}[{k!r}]", copy=copy, memo=memo)) for k, v in obj.items())
+        items = [snapshot_to_cpu(v, f"{where}[{i}]", copy=copy, memo=memo) for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else type(obj)(items)
     raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
                     f"torch.load(weights_only=True) cannot read back; store a tensor, a number, a string, "
@@ -231,22 +226,19 @@ def write_durably(path: str, data: bytes) -> None:
 
 
 def write_files(tmp_dir: str, payload: Dict[str, object], rank: int) -> Dict[str, dict]:
-    """Write each file (an object to torch.save, or a SerializedFile) durably; {relpath: {size, checksum, rank}}."""
+    """torch.save each object to its file durably, hashing as it goes; {relpath: {size, checksum, rank}}."""
     entries, dirs = {}, {tmp_dir}
-    for relpath, obj in payload.items():
-        path = os.path.join(tmp_dir, relpath)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        dirs.add(os.path.dirname(path))
-        with open(path, "wb") as f:
-            writer = _HashingWriter(f)
-            if isinstance(obj, SerializedFile):
-                for chunk in obj.chunks:
-                    writer.write(chunk)
-            else:
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-checksum") as hasher:
+        for relpath, obj in payload.items():
+            path = os.path.join(tmp_dir, relpath)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            dirs.add(os.path.dirname(path))
+            with open(path, "wb") as f:
+                writer = _HashingWriter(f, hasher)
                 torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        entries[relpath] = {"size": writer.size, "checksum": writer.checksum.hexdigest(), "rank": rank}
+                f.flush()
+                os.fsync(f.fileno())
+            entries[relpath] = {"size": writer.size, "checksum": writer.checksum.hexdigest(), "rank": rank}
     for d in sorted(dirs, key=len, reverse=True):
         fsync_dir(d)
     return entries
@@ -337,7 +329,7 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
     to what this rank writes there. `metadata` (JSON) is merged into metadata.json.
     `state=None` means one process; the layout is then read from the shard names.
     kind "full" moves the tracker; "weights" does not. With `async_saver`, this returns
-    once the files are serialised in memory and the rest runs in the background; the
+    once every tensor is copied to the CPU and the rest runs in the background; the
     AsyncSaver's `finalize()` (called here first) waits for the previous commit.
     """
     if async_saver is not None:
@@ -345,13 +337,10 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
     start = time.perf_counter()
     rank = _rank(state)
     spec = CommitSpec(save_dir, iteration, kind, {}, {}, 1 if state is None else state.world_size)
-    payload, local_error, nbytes = {}, None, 0
+    payload, local_error = {}, None
     try:
         _check_save_args(iteration, kind, files)
-        payload = {r: snapshot_to_cpu(obj, f"files[{r!r}]") for r, obj in files.items()}
-        if async_saver is not None:
-            payload = {r: SerializedFile(obj) for r, obj in payload.items()}
-            nbytes = sum(p.nbytes for p in payload.values())
+        payload = {r: snapshot_to_cpu(obj, f"files[{r!r}]", copy=async_saver is not None) for r, obj in files.items()}
         if rank == 0:
             spec.metadata = _frozen_metadata(metadata)
             spec.layout = _parallel_layout(state, files)
@@ -359,14 +348,13 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
     except Exception as e:   # reported to every rank below, so that all stop together
         local_error = e
     gathered = all_gather_object((None if local_error is None else f"rank {rank}: {local_error}",
-                                  sorted(payload), nbytes), state)
+                                  sorted(payload)), state)
     errors = [g[0] for g in gathered] + [_check_no_duplicates([g[1] for g in gathered])]
     raise_if_failed(errors, spec, rank, local_error)
 
     if async_saver is not None:
         async_saver.start(spec, payload, state, start)
-        return SaveResult(iteration, spec.iter_dir, time.perf_counter() - start,
-                          sum(g[2] for g in gathered), committed=False)
+        return SaveResult(iteration, spec.iter_dir, time.perf_counter() - start, 0, committed=False)
 
     entries, local_error = {}, None
     try:
