@@ -115,6 +115,25 @@ def _runs(indices: torch.Tensor) -> List[List[int]]:
     return runs
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """`t` if it is exactly its own storage, else a compact copy (torch.save writes a tensor's
+    whole storage, so a piece must never view a larger tensor)."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
+
+
+def _take(source: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """The entries `positions` of `source` along `dim`. Runs of consecutive positions are copied
+    as slices (memcpy speed, unlike index_select); a tensor taken whole is not copied at all."""
+    runs = _runs(positions)
+    if runs == [[0, source.shape[dim]]]:
+        return _owned(source)
+    if len(runs) > 64:      # e.g. a vocabulary extended by repeating its last row
+        return source.index_select(dim, positions)
+    return torch.cat([source.narrow(dim, a, b - a) for a, b in runs], dim=dim)
+
+
 def _rank_indices(length: int, param: LocalParam, tp: int, tp_rank: int) -> torch.Tensor:
     """Global positions along partition_dim of this rank's local slots, in local order."""
     return shard(torch.arange(length), 0, tp_rank, tp, param.partition_chunks)
@@ -164,18 +183,18 @@ def rank_tensors(model_cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank
     """(state_dict key, tensor) of rank (tp_rank, pp_rank), one at a time, from
     `get_global(global name) -> full global tensor`.
 
-    Each tensor owns its memory (nothing views a global tensor), so the caller may drop the
-    global tensors as it goes. Vocabulary tensors may come with any number of rows.
+    No tensor views a larger one (a piece that is a whole global tensor is that tensor), so
+    the caller may drop the global tensors as it goes. Vocabulary tensors may come with any
+    number of rows.
     """
     for p in rank_params(model_cfg, tp, pp, tp_rank, pp_rank):
         full = get_global(p.global_name)
         vocab_dim = (p.partition_dim,) if p.global_name in VOCAB_TENSORS else ()
         _check_shape(p.global_name, full.shape, p.global_shape, vocab_dim)
         if p.partition_dim < 0:
-            yield p.key, full.clone()
+            yield p.key, _owned(full)
         else:
-            wanted = _wanted_rows(p, full.shape[p.partition_dim], tp, tp_rank)
-            yield p.key, full.index_select(p.partition_dim, wanted)
+            yield p.key, _take(full, p.partition_dim, _wanted_rows(p, full.shape[p.partition_dim], tp, tp_rank))
 
 
 def rank_state(model_cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int,
@@ -254,15 +273,20 @@ def _rows_from_pieces(name: str, entry: dict, read_piece: ReadPiece, wanted: tor
     if (owner < 0).any():
         raise ValueError(f"the pieces of {name} in the tensor index do not cover it; metadata.json is damaged")
     who = owner[wanted]
-    out = None
+    parts = []
     for i in who.unique().tolist():
         slots = (who == i).nonzero().squeeze(1)
-        part = read_piece(pieces[i]["file"], pieces[i]["key"]).index_select(dim, offset[wanted[slots]])
-        if out is None:
-            shape = list(part.shape)
-            shape[dim] = len(wanted)
-            out = part.new_empty(shape)
-        out.index_copy_(dim, slots, part)
+        parts.append((slots, _take(read_piece(pieces[i]["file"], pieces[i]["key"]), dim, offset[wanted[slots]])))
+    if len(parts) == 1:
+        return parts[0][1]
+    shape = list(parts[0][1].shape)
+    shape[dim] = len(wanted)
+    out = parts[0][1].new_empty(shape)
+    for slots, part in parts:
+        done = 0
+        for a, b in _runs(slots):
+            out.narrow(dim, a, b - a).copy_(part.narrow(dim, done, b - a))
+            done += b - a
     return out
 
 
@@ -283,7 +307,7 @@ def reshard_rank_tensors(index: dict, read_piece: ReadPiece, model_cfg: ModelCon
                                  f"but along {p.partition_dim} in the model; the checkpoint is from another model")
             pieces = _holder_pieces(p.global_name, entry)
             same = pieces[tp_rank % len(pieces)]     # every copy is equal: read the nearest
-            yield p.key, read_piece(same["file"], same["key"]).clone()
+            yield p.key, _owned(read_piece(same["file"], same["key"]))
             continue
         wanted = _wanted_rows(p, entry["shape"][p.partition_dim], tp, tp_rank)
         yield p.key, _rows_from_pieces(p.global_name, entry, read_piece, wanted)
@@ -303,24 +327,21 @@ def reshard_rank_state(index: dict, read_piece: ReadPiece, model_cfg: ModelConfi
 
 # --------------------------------------------------------------------------- reading rank files
 
-def open_piece_reader(iter_dir: str, max_open_files: int = 8) -> ReadPiece:
-    """read_piece(file, key) over the rank files of `iter_dir`: each file is memory-mapped
-    (torch.load(mmap=True, weights_only=True)), so a piece costs only the pages it touches;
-    at most `max_open_files` stay mapped, the least recently used closed first."""
-    open_files: "OrderedDict[str, dict]" = OrderedDict()
+def open_piece_reader(iter_dir: str) -> ReadPiece:
+    """read_piece(file, key) over the rank files of `iter_dir`.
 
+    Each call memory-maps the file (torch.load(mmap=True, weights_only=True): ~20 ms for a
+    file of a few hundred tensors), copies out the one piece and lets the map go, so the
+    process holds only the pieces it keeps: a map kept open would hold every page read
+    through it in the process's resident memory.
+    """
     def read_piece(file: str, key: str) -> torch.Tensor:
-        if file not in open_files:
-            path = os.path.join(iter_dir, file)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
-            open_files[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
-            while len(open_files) > max_open_files:
-                open_files.popitem(last=False)
-        open_files.move_to_end(file)
-        model = open_files[file]
+        path = os.path.join(iter_dir, file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
+        model = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
         if key not in model:
             raise KeyError(f"{file} has no tensor {key}; the checkpoint does not match its metadata.json")
-        return model[key]
+        return model[key].clone()
 
     return read_piece

@@ -1,9 +1,10 @@
 """Reading and writing Hugging Face checkpoint directories, one tensor at a time.
 
 Read: `model.safetensors`, sharded safetensors with `model.safetensors.index.json`,
-`pytorch_model.bin`, or sharded `.bin` with its index. Safetensors files are opened lazily
-and memory-mapped; `.bin` files are loaded with torch.load(mmap=True, weights_only=True), so
-neither costs memory beyond the tensor being converted.
+`pytorch_model.bin`, or sharded `.bin` with its index. A safetensors tensor is read with
+plain file reads straight into its own buffer (a memory map would keep every page read so far
+in the process's resident memory); `.bin` files are loaded with torch.load(mmap=True,
+weights_only=True).
 
 Write: safetensors shards of at most `max_shard_bytes`, named as `save_pretrained` names them
 (`model.safetensors`, or `model-00001-of-00003.safetensors` ... with
@@ -16,10 +17,10 @@ import json
 import os
 import re
 import shutil
+import struct
 from typing import Dict, Iterable, List, Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 CONFIG_FILE = "config.json"
@@ -44,6 +45,43 @@ def write_json(path: str, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+class SafetensorsFile:
+    """One safetensors file: an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the tensor bytes."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(length))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + length
+
+    def keys(self) -> List[str]:
+        return list(self.header)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self.header[name]["dtype"]]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        start, stop = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=self.dtype(name))
+        buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if len(buf) != stop - start:
+            raise ValueError(f"{self.path}: {name} has {stop - start} bytes for shape {info['shape']}; "
+                             f"the file is damaged")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + start)
+            done = 0
+            while done < len(buf):          # one read returns at most ~2 GB on Linux
+                n = f.readinto(buf[done:])
+                if not n:
+                    raise ValueError(f"{self.path} ends inside {name}; the file is truncated")
+                done += n
+        return tensor
 
 
 class HFCheckpointReader:
@@ -75,11 +113,11 @@ class HFCheckpointReader:
                                 f"{SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
 
     def _handle(self, file: str):
-        """A safetensors handle, or the memory-mapped state dict of a .bin file."""
+        """A SafetensorsFile, or the memory-mapped state dict of a .bin file."""
         if file not in self._open:
             path = os.path.join(self.directory, file)
             if file.endswith(".safetensors"):
-                self._open[file] = safe_open(path, framework="pt")
+                self._open[file] = SafetensorsFile(path)
             else:
                 try:
                     self._open[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -95,18 +133,12 @@ class HFCheckpointReader:
         if name not in self.weight_map:
             raise KeyError(f"{self.directory} has no tensor {name}")
         handle = self._handle(self.weight_map[name])
-        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        return handle.get_tensor(name) if isinstance(handle, SafetensorsFile) else handle[name]
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of a tensor, without reading its data."""
         handle = self._handle(self.weight_map[name])
-        if hasattr(handle, "get_slice"):
-            return _SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
-        return handle[name].dtype
-
-    def nbytes(self) -> int:
-        """Bytes of all weight files (for progress)."""
-        return sum(os.path.getsize(os.path.join(self.directory, f)) for f in set(self.weight_map.values()))
+        return handle.dtype(name) if isinstance(handle, SafetensorsFile) else handle[name].dtype
 
 
 class SafetensorsShardWriter:
