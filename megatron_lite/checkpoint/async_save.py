@@ -1,11 +1,13 @@
 """Asynchronous checkpoint saves: training goes on while the files are written and committed.
 
-`save_files(..., async_saver=saver)` snapshots each rank's files synchronously (every tensor
-copied to the CPU, so training may change the originals at once) and returns. A background
-thread per rank then serialises, writes and fsyncs them exactly as a synchronous save does
-(the bytes are identical), and drops a done marker holding its checksums into the
-temporary directory. Serialising in the background instead of into an in-memory buffer
-first halves the time training is blocked and the memory the snapshot takes. Rank 0's
+`save_files(..., async_saver=saver)` snapshots each rank's files synchronously and returns:
+every tensor is copied into a CPU buffer that the saver keeps from one save to the next
+(pinned for GPU tensors, so the copy runs at full PCIe speed and no page is faulted in
+again), and training may change the originals at once. The price is host memory for one
+copy of the rank's checkpoint tensors, held between saves. A background thread per rank
+then serialises, writes and fsyncs the copy exactly as a synchronous save does (the bytes
+are identical), and drops a done marker holding its checksums into the temporary
+directory. Rank 0's
 thread waits until every rank's marker is there and then commits (metadata.json, rename,
 tracker). The hand-off goes through marker files, not collectives: a collective issued from
 a background thread would interleave with the training loop's own.
@@ -18,15 +20,18 @@ a daemon, so an interpreter that exits without `finalize()` still finishes the s
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
 import time
 from typing import Dict, List, Optional
 
+import torch
+
 from megatron_lite.checkpoint.layout import done_marker_name, parse_done_marker
 from megatron_lite.checkpoint.storage import (CheckpointSaveError, CommitSpec, SaveResult, all_gather_object, commit,
-                                              raise_if_failed, write_files)
+                                              raise_if_failed, snapshot_to_cpu, write_files)
 from megatron_lite.parallel.state import ParallelState
 
 _POLL_FIRST_S, _POLL_MAX_S = 0.005, 0.5
@@ -100,10 +105,34 @@ class AsyncSaver:
     def __init__(self, commit_timeout_s: float = 1800.0) -> None:
         self.commit_timeout_s = commit_timeout_s
         self._thread: Optional[threading.Thread] = None
+        self._buffers: Dict[tuple, List[torch.Tensor]] = {}   # (shape, stride, dtype) -> CPU tensors
 
     @property
     def pending(self) -> bool:
         return self._thread is not None
+
+    def snapshot(self, files: Dict[str, object]) -> Dict[str, object]:
+        """Copy `files` into this saver's CPU buffers (checked as snapshot_to_cpu checks); called by save_files.
+
+        Every buffer is free here, because save_files finalizes the previous save first.
+        """
+        if self._thread is not None:
+            raise RuntimeError("an asynchronous checkpoint save is still pending; call finalize() before the next one")
+        taken = collections.Counter()
+
+        def buffer_for(t: torch.Tensor) -> torch.Tensor:
+            key = (tuple(t.shape), t.stride(), t.dtype, t.device.type == "cuda")
+            buffers = self._buffers.setdefault(key, [])
+            if taken[key] == len(buffers):
+                buffer = torch.empty_like(t, device="cpu")
+                buffers.append(buffer.pin_memory() if t.device.type == "cuda" else buffer)
+            taken[key] += 1
+            return buffers[taken[key] - 1]
+
+        payload = {r: snapshot_to_cpu(obj, f"files[{r!r}]", buffer_for=buffer_for) for r, obj in files.items()}
+        if any(key[3] for key in taken):
+            torch.cuda.synchronize()   # the non-blocking copies from the GPU have landed
+        return payload
 
     def start(self, spec: CommitSpec, payload: dict, state: Optional[ParallelState], start_time: float) -> None:
         """Called by save_files with this rank's serialised files; returns at once."""

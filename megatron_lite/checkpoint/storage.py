@@ -32,7 +32,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -136,23 +136,26 @@ _LEAF_TYPES = {int, float, bool, str, bytes, complex, type(None), torch.dtype, t
 _CONTAINERS = {dict, collections.OrderedDict, list, tuple, set}
 
 
-def snapshot_to_cpu(obj, where: str, *, copy: bool, memo: Optional[dict] = None):
+def snapshot_to_cpu(obj, where: str, *, buffer_for: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    memo: Optional[dict] = None):
     """A copy of `obj` whose tensors are on the CPU and own compact storage, checked to be loadable
     by torch.load(weights_only=True).
 
     A tensor that views part of a larger storage (a distributed-optimizer shard of a flat
-    buffer) is cloned, because torch.save writes a tensor's whole storage. With `copy`, every
-    CPU tensor is cloned too, so that training may change the originals while the copy is
-    written. The same tensor object reached twice stays one tensor. `where` names `obj` in
-    error messages.
+    buffer) is cloned, because torch.save writes a tensor's whole storage. With `buffer_for`
+    every tensor is copied (non-blocking from a GPU) into the CPU tensor it returns, laid out
+    like `torch.empty_like`, so that training may change the originals at once. The same
+    tensor object reached twice stays one tensor. `where` names `obj` in error messages.
     """
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, torch.nn.Parameter):
         if id(obj) not in memo:
             t = obj.detach()
-            if t.device.type != "cpu":
+            if buffer_for is not None:
+                t = buffer_for(t).copy_(t, non_blocking=True)
+            elif t.device.type != "cpu":
                 t = t.to("cpu")
-            elif copy or t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            elif t.untyped_storage().nbytes() > t.numel() * t.element_size():
                 t = t.clone()
             memo[id(obj)] = t
         return memo[id(obj)]
@@ -163,8 +166,9 @@ def snapshot_to_cpu(obj, where: str, *, copy: bool, memo: Optional[dict] = None)
             for k in obj:
                 if type(k) not in _LEAF_TYPES:
                     raise TypeError(f"{where} has a key of type {type(k).__qualname__}; use str or int keys")
-            return type(obj)((k, snapshot_to_cpu(v, f"{where}[{k!r}]", copy=copy, memo=memo)) for k, v in obj.items())
-        items = [snapshot_to_cpu(v, f"{where}[{i}]", copy=copy, memo=memo) for i, v in enumerate(obj)]
+            return type(obj)((k, snapshot_to_cpu(v, f"{where}[{k!r}]", buffer_for=buffer_for, memo=memo))
+                             for k, v in obj.items())
+        items = [snapshot_to_cpu(v, f"{where}[{i}]", buffer_for=buffer_for, memo=memo) for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else type(obj)(items)
     raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
                     f"torch.load(weights_only=True) cannot read back; store a tensor, a number, a string, "
@@ -340,7 +344,8 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
     payload, local_error = {}, None
     try:
         _check_save_args(iteration, kind, files)
-        payload = {r: snapshot_to_cpu(obj, f"files[{r!r}]", copy=async_saver is not None) for r, obj in files.items()}
+        payload = (async_saver.snapshot(files) if async_saver is not None else
+                   {r: snapshot_to_cpu(obj, f"files[{r!r}]") for r, obj in files.items()})
         if rank == 0:
             spec.metadata = _frozen_metadata(metadata)
             spec.layout = _parallel_layout(state, files)

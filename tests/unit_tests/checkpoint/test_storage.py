@@ -211,17 +211,26 @@ def test_async_commit_waits_for_every_done_marker(tmp_path):
         wait_for_done_markers(str(tmp_path), 2, timeout_s=60)
 
 
-def test_async_save_in_one_process_writes_the_same_bytes_as_a_sync_save(tmp_path):
-    files = {MODEL: tiny_state(4)}
-    save_files(str(tmp_path), 1, files, None, None)
+def test_async_save_snapshots_at_once_and_writes_the_same_bytes_as_a_sync_save(tmp_path, monkeypatch):
+    obj = {**tiny_state(4), "transposed": torch.arange(12.0).reshape(3, 4).t(), "view": torch.arange(100.0)[10:20]}
+    save_files(str(tmp_path), 1, {MODEL: obj}, None, None)
+    trained, real_write = threading.Event(), async_save.write_files
+    monkeypatch.setattr(async_save, "write_files", lambda *a: (trained.wait(60), real_write(*a))[1])
     saver = AsyncSaver()
-    pending = save_files(str(tmp_path), 2, files, None, None, async_saver=saver)
+    pending = save_files(str(tmp_path), 2, {MODEL: obj}, None, None, async_saver=saver)
+    for t in obj["model"].values():
+        t.add_(1)                       # training changes the tensors before the background thread writes
+    trained.set()
     done = saver.finalize()
     size = (tmp_path / "iter_0000002" / MODEL).stat().st_size
     assert (pending.committed, done.committed, done.bytes_written) == (False, True, size)
     assert read_bytes(tmp_path / "iter_0000001" / MODEL) == read_bytes(tmp_path / "iter_0000002" / MODEL)
     assert tracker_text(tmp_path) == "2"
     assert saver.finalize() is None
+
+    save_files(str(tmp_path), 3, {MODEL: obj}, None, None, async_saver=saver)   # reuses the buffers
+    saver.finalize()
+    assert_bitwise_equal(obj, load_file(str(tmp_path), 3, MODEL))
 
 
 def test_a_failed_async_write_is_raised_by_finalize_and_leaves_nothing(tmp_path, monkeypatch):
