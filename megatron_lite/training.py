@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_lite.initialize import Run, build_run, model_dtype, print_rank0, setup_parallel
 from megatron_lite.parallel.pipeline import get_forward_backward_func
+from megatron_lite.parallel.random import preserved_rng
 
 
 def num_microbatches(run: Run) -> int:
@@ -248,9 +249,10 @@ def pretrain(cfg, data_iterators=None) -> Run:
         from megatron_lite.checkpoint.async_save import AsyncSaver
         run.async_saver = AsyncSaver()
     restore(run, decision)
-    if data_iterators is None:
-        train_iter, valid_iter, _ = build_data(run)
-    else:
-        train_iter, valid_iter = data_iterators(run)
+    with preserved_rng(run.state.rng):   # a fresh run and a restart must draw the same numbers
+        if data_iterators is None:
+            train_iter, valid_iter, _ = build_data(run)
+        else:
+            train_iter, valid_iter = data_iterators(run)
     train(run, train_iter, valid_iter, save_fn=maybe_save_checkpoint)
     return run

@@ -215,6 +215,7 @@ def restore(run: Run, decision: LoadDecision) -> None:
                           f"tokens but the tokenizer has {run.cfg.model.vocab_size}; use the checkpoint's tokenizer "
                           f"(--tokenizer-type/--tokenizer-model/--vocab-size)")
     restored["weights"] = _load_model_weights(run, decision)
+    run.optimizer.reload_model_params()   # fp32 main params follow the loaded weights
     full = action in ("resume", "further-train")
     if full and c.load_optim:
         restored["optimizer"] = _load_optimizer(run, decision)
@@ -240,6 +241,8 @@ def restore(run: Run, decision: LoadDecision) -> None:
     restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
                                  else "from the first sample")
     run.loaded_iteration = decision.plan.iteration
+    if action == "resume":
+        run.last_saved_iteration = run.progress.iteration   # nothing new to save until it trains
     run.loaded_dir = decision.load_dir
     run.load_report = format_recovery_report(decision.plan, {"mode": action, **restored})
     print_rank0(run.load_report, run.state)

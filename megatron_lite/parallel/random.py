@@ -104,6 +104,17 @@ def set_rng_state(state: dict, tracker: RNGStatesTracker) -> None:
     tracker.set_states(state["tracker"])
 
 
+@contextlib.contextmanager
+def preserved_rng(tracker: RNGStatesTracker):
+    """Run a block without moving any generator (e.g. a DataLoader drawing its base seed), so
+    that building things at a restart does not shift the random stream of training."""
+    saved = get_rng_state(tracker)
+    try:
+        yield
+    finally:
+        set_rng_state(saved, tracker)
+
+
 class _Recompute(torch.autograd.Function):
     """Activation checkpointing that replays the default generator *and* the tracker states,
     so dropout masks in the recomputed forward equal the original ones."""
