@@ -118,7 +118,8 @@ def _runs(indices: torch.Tensor) -> List[List[int]]:
 def _owned(t: torch.Tensor) -> torch.Tensor:
     """`t` if it is exactly its own storage, else a compact copy (torch.save writes a tensor's
     whole storage, so a piece must never view a larger tensor)."""
-    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+    exact = t.is_contiguous() and t.storage_offset() == 0
+    if exact and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
     return t.clone()
 

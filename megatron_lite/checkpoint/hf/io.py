@@ -9,6 +9,9 @@ weights_only=True).
 Write: safetensors shards of at most `max_shard_bytes`, named as `save_pretrained` names them
 (`model.safetensors`, or `model-00001-of-00003.safetensors` ... with
 `model.safetensors.index.json`); memory holds one shard while it fills.
+
+The safetensors format is small enough to read and write here (an 8-byte header length, a
+JSON header, the raw little-endian bytes), so conversion needs nothing beyond torch.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import struct
 from typing import Dict, Iterable, List, Optional
 
 import torch
-from safetensors.torch import save_file
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -34,6 +36,7 @@ WEIGHT_FILE = re.compile(r".*\.(safetensors|bin)$|.*\.(safetensors|bin)\.index\.
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
 def read_json(path: str) -> dict:
@@ -69,7 +72,7 @@ class SafetensorsFile:
         info = self.header[name]
         start, stop = info["data_offsets"]
         tensor = torch.empty(info["shape"], dtype=self.dtype(name))
-        buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        buf = _bytes_of(tensor)
         if len(buf) != stop - start:
             raise ValueError(f"{self.path}: {name} has {stop - start} bytes for shape {info['shape']}; "
                              f"the file is damaged")
@@ -82,6 +85,28 @@ class SafetensorsFile:
                     raise ValueError(f"{self.path} ends inside {name}; the file is truncated")
                 done += n
         return tensor
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (little-endian, as safetensors stores them)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+    """One safetensors file holding `tensors` in order (the format SafetensorsFile reads)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)           # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for t in tensors.values():
+            f.write(_bytes_of(t.contiguous()))
 
 
 class HFCheckpointReader:
@@ -164,7 +189,7 @@ class SafetensorsShardWriter:
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        save_file(self._buffer, self._shard_path(len(self._shards)), metadata={"format": "pt"})
+        write_safetensors(self._shard_path(len(self._shards)), self._buffer)
         self._shards.append(list(self._buffer))
         self._buffer, self._buffered = {}, 0
 
