@@ -7,10 +7,13 @@ again), and training may change the originals at once. The price is host memory 
 copy of the rank's checkpoint tensors, held between saves. A background thread per rank
 then serialises, writes and fsyncs the copy exactly as a synchronous save does (the bytes
 are identical), and drops a done marker holding its checksums into the temporary
-directory. Rank 0's
-thread waits until every rank's marker is there and then commits (metadata.json, rename,
-tracker). The hand-off goes through marker files, not collectives: a collective issued from
-a background thread would interleave with the training loop's own.
+directory. Rank 0's thread waits until every rank's marker is there and then commits
+(metadata.json, rename, tracker). The hand-off goes through marker files, not collectives:
+a collective issued from a background thread would interleave with the training loop's own.
+
+On an H200 host a 2.1 GB GPU shard blocked training for 0.04 s (0.9 s on the first save,
+which allocates the pinned buffers) and was committed 2.6 s later; a synchronous save of it
+took 3.6 s.
 
 `finalize()` is collective: each rank waits for its thread, and every rank learns whether the
 commit happened, raising the same CheckpointSaveError if it did not. `save_files` calls it
