@@ -192,6 +192,22 @@ def test_hf_to_megatron_to_hf_is_bitwise_identical(converted, tmp_path, name):
     assert torch.equal(logits, e["logits"])
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_megatron_checkpoint_without_hf_folder_converts_by_its_config_alone(converted, tmp_path, name):
+    """A checkpoint trained in megatron_lite has no original config.json: the family is chosen
+    from its config (Qwen2 for a q/k/v bias alone, GPT-2 for learned positions, else Llama)."""
+    from transformers import AutoModelForCausalLM
+    e = converted[name]
+    source = tmp_path / "trained"
+    shutil.copytree(e[1, 1], source, ignore=shutil.ignore_patterns("hf"))
+    run_convert("--loader", "megatron_lite", "--saver", "hf", "--load-dir", source, "--save-dir", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == {"qwen2": "qwen2", "gpt2": "gpt2"}.get(name, "llama")
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(e["ids"]).logits
+    torch.testing.assert_close(logits, e["logits"], rtol=0, atol=1e-5)
+
+
 def rank_models(ckpt_dir, tp, pp, iteration_dir="release"):
     return {(t, p): torch.load(os.path.join(ckpt_dir, iteration_dir, model_shard_path(t, p)),
                                weights_only=True)["model"] for t in range(tp) for p in range(pp)}
@@ -343,3 +359,17 @@ def test_converted_checkpoint_finetunes_and_its_first_loss_is_the_hf_loss(tmp_pa
     assert len(losses) == 3 and run.progress.iteration == 3
     assert abs(losses[0] - hf_loss.item()) < 1e-5, (losses[0], hf_loss.item())
     assert losses[2] < losses[0]
+
+
+def test_true_vocab_size_keeps_the_real_rows_and_pads_as_megatron(converted, tmp_path):
+    """250 rows, 230 real tokens: padded to 240 (divisible by 40) by cutting the source at 240,
+    as Megatron's converter does; back in Hugging Face form only the 230 real rows remain."""
+    e = converted["gpt2"]
+    out, back = tmp_path / "ml", tmp_path / "hf"
+    run_convert("--loader", "hf", "--saver", "megatron_lite", "--load-dir", e["hf"], "--save-dir", out,
+                "--true-vocab-size", 230, "--make-vocab-size-divisible-by", DIVISIBLE_BY)
+    wte = hf_state(str(e["hf"]))["transformer.wte.weight"]
+    assert torch.equal(rank_models(out, 1, 1)[0, 0]["embedding.word_embeddings.weight"], wte[:240])
+    run_convert("--loader", "megatron_lite", "--saver", "hf", "--load-dir", out, "--save-dir", back)
+    assert torch.equal(hf_state(str(back))["transformer.wte.weight"], wte[:230])
+    assert json.loads((back / "config.json").read_text())["vocab_size"] == 230
