@@ -35,7 +35,7 @@ def c_attn_rule(hf_name: str, cfg: ModelConfig, conv1d_weight: bool) -> Rule:
 
 class GPT2(Architecture):
     model_type, hf_class = "gpt2", "GPT2LMHeadModel"
-    prefixes = ("transformer.", "")
+    prefixes, word_embedding, layers = ("transformer.", ""), "wte.weight", "h"
     ignored = (r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",)   # causal-mask buffers of older checkpoints
 
     def model_config(self, hf: dict, seq_length: Optional[int] = None) -> ModelConfig:
@@ -75,12 +75,6 @@ class GPT2(Architecture):
                 "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
                 "resid_pdrop": cfg.hidden_dropout, "embd_pdrop": cfg.hidden_dropout,
                 "attn_pdrop": cfg.attention_dropout, "initializer_range": cfg.init_method_std}
-
-    def _is_body_tensor(self, name: str) -> bool:
-        return name == "wte.weight"
-
-    def layer_prefix(self, body: str, i: int) -> str:
-        return f"{body}h.{i}."
 
     def outer_rules(self, cfg: ModelConfig, body: str) -> Dict[str, Rule]:
         return {"embedding.word_embeddings.weight": vocab_rule(body + "wte.weight", cfg.vocab_size),

@@ -53,7 +53,7 @@ def check_sliding_window(hf: dict, window_in_use: bool, seq_length: int) -> None
 
 
 class LlamaFamily(Architecture):
-    prefixes = ("model.", "")
+    prefixes, word_embedding, layers = ("model.", ""), "embed_tokens.weight", "layers"
     ignored = (r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
     def __init__(self, model_type: str, hf_class: str):
@@ -140,12 +140,6 @@ class LlamaFamily(Architecture):
         return out
 
     # ------------------------------------------------------------------ tensors
-    def _is_body_tensor(self, name: str) -> bool:
-        return name == "embed_tokens.weight"
-
-    def layer_prefix(self, body: str, i: int) -> str:
-        return f"{body}layers.{i}."
-
     def outer_rules(self, cfg: ModelConfig, body: str) -> Dict[str, Rule]:
         return {"embedding.word_embeddings.weight": vocab_rule(body + "embed_tokens.weight", cfg.vocab_size),
                 "decoder.final_layernorm.weight": copy_rule(body + "norm.weight"),

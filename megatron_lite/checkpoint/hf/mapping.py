@@ -94,6 +94,8 @@ class Architecture:
     model_type: str = ""
     hf_class: str = ""                       # the `architectures` entry of config.json
     prefixes: Tuple[str, ...] = ("",)        # body prefixes seen in checkpoints; the first is written
+    word_embedding: str = ""                 # its name under the body prefix, which tells the prefix
+    layers: str = ""                         # decoder layer i is `{prefix}{layers}.{i}.`
     ignored: Tuple[str, ...] = ()            # regexes of non-weight tensors some checkpoints carry
 
     def model_config(self, hf: dict, seq_length: Optional[int] = None) -> ModelConfig:
@@ -115,22 +117,16 @@ class Architecture:
         """Rules of the tensors outside the decoder layers; `body` is the model's prefix."""
         raise NotImplementedError
 
-    def layer_prefix(self, body: str, i: int) -> str:
-        raise NotImplementedError
-
     def body_prefix(self, hf_names: Optional[Iterable[str]]) -> str:
         """The prefix under which a checkpoint stores the model body (the first for writing)."""
         if hf_names is None:
             return self.prefixes[0]
         names = set(hf_names)
         for prefix in self.prefixes:
-            if any(n.startswith(prefix) and self._is_body_tensor(n[len(prefix):]) for n in names):
+            if prefix + self.word_embedding in names:
                 return prefix
         raise UnsupportedModelError(f"no {self.model_type} weights found: the checkpoint's tensor names "
                                     f"(e.g. {sorted(names)[:3]}) do not match Hugging Face's {self.hf_class}")
-
-    def _is_body_tensor(self, name: str) -> bool:
-        raise NotImplementedError
 
     def rules(self, cfg: ModelConfig, hf_names: Optional[Iterable[str]] = None) -> Dict[str, Rule]:
         """Every possible megatron_lite global tensor of `cfg` -> its Rule, for a checkpoint whose
@@ -138,7 +134,7 @@ class Architecture:
         body = self.body_prefix(hf_names)
         rules = dict(self.outer_rules(cfg, body))
         for i in range(cfg.num_layers):
-            for suffix, rule in self.layer_rules(cfg, self.layer_prefix(body, i)).items():
+            for suffix, rule in self.layer_rules(cfg, f"{body}{self.layers}.{i}.").items():
                 rules[f"decoder.layers.{i}.{suffix}"] = rule
         return rules
 
@@ -162,15 +158,17 @@ def plan_hf_to_megatron(arch: Architecture, cfg: ModelConfig, global_names: Iter
         used.update(rules[name].hf_names)
     missing = sorted(used - hf_names)
     if missing:
-        raise UnsupportedModelError(f"the checkpoint lacks {missing[:5]}" + (f" and {len(missing) - 5} more"
-                                    if len(missing) > 5 else "") + " that config.json implies; the weights "
+        raise UnsupportedModelError(f"the checkpoint lacks {_some(missing)} that config.json implies; the weights "
                                     f"and config.json do not belong together")
     unused = sorted(n for n in hf_names - used if not arch.is_ignored(n) and not _tied_copy(n, cfg))
     if unused:
         raise UnsupportedModelError(f"the checkpoint holds tensors that megatron_lite's {arch.model_type} model has "
-                                    f"no place for: {unused[:5]}" + (f" and {len(unused) - 5} more"
-                                                                      if len(unused) > 5 else ""))
+                                    f"no place for: {_some(unused)}")
     return plan
+
+
+def _some(names: List[str]) -> str:
+    return f"{names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _tied_copy(hf_name: str, cfg: ModelConfig) -> bool:

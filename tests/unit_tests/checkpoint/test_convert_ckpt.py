@@ -67,8 +67,10 @@ def hf_model(name: str):
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=4, tie_word_embeddings=True, **common)),
         "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
         "llama_mqa": lambda: LlamaForCausalLM(LlamaConfig(num_key_value_heads=1, **common)),
+        "llama_bias": lambda: LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, attention_bias=True,
+                                                           mlp_bias=True, tie_word_embeddings=True, **common)),
     }[name]()
-    g = torch.Generator().manual_seed(MODELS.index(name))
+    g = torch.Generator().manual_seed(len(name))
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "ln" in pname or "norm" in pname else 0.0))
@@ -165,6 +167,18 @@ def test_logits_of_converted_checkpoint_match_hugging_face(converted, tp, pp):
         assert logits.shape == want.shape, name
         diff = (logits - want).abs().max().item()
         assert diff < 1e-5, f"{name}: max abs logit difference {diff:.2e} at TP={tp} PP={pp}"
+
+
+def test_llama_with_a_bias_on_every_projection_matches_hugging_face(tmp_path):
+    model = hf_model("llama_bias")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
+    save_hf(model, "llama_bias", str(tmp_path / "hf"))
+    run_convert("--loader", "hf", "--saver", "megatron_lite", "--load-dir", tmp_path / "hf", "--save-dir",
+                tmp_path / "ml")
+    logits = _logits_body(0, 1, 1, 1, {"llama_bias": (str(tmp_path / "ml"), ids)})["llama_bias"]
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (logits - want).abs().max().item() < 1e-5
 
 
 # --------------------------------------------------------------------------- round trips
