@@ -11,7 +11,7 @@ model and checkpoint work whichever runs.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -101,9 +101,11 @@ def _probe_inputs(op: str, device: torch.device) -> tuple:
 
 
 def self_check(op: str, fn: Callable, device: torch.device) -> Optional[str]:
-    """None if fn matches the torch form of op in value and gradients; otherwise why not."""
+    """None if fn matches the torch form of op in value and gradients and leaves its inputs
+    untouched; otherwise why not."""
     try:
         args = _probe_inputs(op, device)
+        originals = [a.detach().clone() if torch.is_tensor(a) else a for a in args]
         outs = []
         for impl in (fn, TORCH_OPS[op]):
             leaves = [a.detach().requires_grad_() if torch.is_tensor(a) and a.requires_grad else a for a in args]
@@ -112,7 +114,12 @@ def self_check(op: str, fn: Callable, device: torch.device) -> Optional[str]:
             grads = torch.autograd.grad((y.float() * weights).sum(),
                                         [a for a in leaves if torch.is_tensor(a) and a.requires_grad])
             outs.append((y, *grads))
+            if any(torch.is_tensor(a) and not torch.equal(a, o) for a, o in zip(args, originals)):
+                return "self-check failed (it modified its input)"
         for got, want in zip(*outs):
+            if got.shape != want.shape or got.dtype != want.dtype:
+                return (f"self-check mismatch (returned {got.dtype}{list(got.shape)}, "
+                        f"expected {want.dtype}{list(want.shape)})")
             if not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-4):
                 return f"self-check mismatch (max error {(got.float() - want.float()).abs().max().item():.2e})"
     except Exception as e:  # an optional library of another version: report and fall through
@@ -133,32 +140,19 @@ def _agree_across_ranks(backends: Dict[str, str], device: torch.device) -> Dict[
     return {op: backends[op] if hi == lo else "torch" for op, hi, lo in zip(OP_NAMES, highest, lowest)}
 
 
-def build_ops(fused_kernels: bool = True, transformer_impl: str = "local",
-              device: torch.device = torch.device("cpu")) -> FusedOps:
-    """Pick a backend per op (see the module docstring) and return the ops.
-
-    Collective when torch.distributed is initialized and device is a GPU: every rank must call it
-    (the kernels may be compiled on first use, rank 0 first, and the ranks agree on the choice).
-    """
-    if transformer_impl not in ("local", "transformer_engine"):
-        raise ValueError(f"transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
-    device = torch.device(device)
-    if not fused_kernels:
-        return FusedOps(dict(TORCH_OPS), {op: "torch" for op in OP_NAMES}, ["--no-fused-kernels"])
-    if device.type == "cpu":
-        return FusedOps(dict(TORCH_OPS), {op: "torch" for op in OP_NAMES}, ["device is cpu"])
-
+def choose_backends(candidates: Sequence[Tuple[str, Callable[[torch.device], Dict[str, Callable]]]],
+                    device: torch.device) -> FusedOps:
+    """Give each op to the first candidate (name, loader) whose loader succeeds, that provides
+    the op, and whose op passes self_check on `device`; torch takes the rest. Then make the ranks agree."""
     impls: Dict[str, Callable] = {}
     backends: Dict[str, str] = {}
     notes: List[str] = []
-    for name, module in _BACKENDS:
+    for name, loader in candidates:
         if len(impls) == len(OP_NAMES):
             break
-        if name == "transformer_engine" and transformer_impl != "transformer_engine":
-            continue
         try:
-            provided = importlib.import_module(module).load(device)
-        except (ImportError, OSError, RuntimeError) as e:
+            provided = loader(device)
+        except Exception as e:  # a missing or broken optional backend: note it and use the next
             notes.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue
         for op, fn in provided.items():
@@ -178,3 +172,25 @@ def build_ops(fused_kernels: bool = True, transformer_impl: str = "local",
             notes.append(f"{op}: torch because the ranks found different backends")
     return FusedOps(impls, backends, notes)
 
+
+def _module_loader(module: str) -> Callable[[torch.device], Dict[str, Callable]]:
+    return lambda device: importlib.import_module(module).load(device)
+
+
+def build_ops(fused_kernels: bool = True, transformer_impl: str = "local",
+              device: torch.device = torch.device("cpu")) -> FusedOps:
+    """Pick a backend per op (see the module docstring) and return the ops.
+
+    Collective when torch.distributed is initialized and device is a GPU: every rank must call it
+    (the kernels may be compiled on first use, local rank 0 first, and the ranks agree on the choice).
+    """
+    if transformer_impl not in ("local", "transformer_engine"):
+        raise ValueError(f"transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
+    device = torch.device(device)
+    if not fused_kernels:
+        return FusedOps(dict(TORCH_OPS), {op: "torch" for op in OP_NAMES}, ["--no-fused-kernels"])
+    if device.type == "cpu":
+        return FusedOps(dict(TORCH_OPS), {op: "torch" for op in OP_NAMES}, ["device is cpu"])
+    candidates = [(name, _module_loader(module)) for name, module in _BACKENDS
+                  if name != "transformer_engine" or transformer_impl == "transformer_engine"]
+    return choose_backends(candidates, device)

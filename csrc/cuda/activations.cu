@@ -1,0 +1,238 @@
+// SwiGLU and bias-GeLU (tanh form), forward and backward, on [rows, cols] tensors.
+//
+// Both are elementwise, read in 16-byte vectors when the feature count allows. The bias-GeLU
+// backward tiles the matrix: each thread owns one column vector and walks a slice of rows,
+// keeping its dbias share in registers, written as a partial row that reduce_column_partials sums.
+#include "common.cuh"
+
+namespace mlite {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr float kGeluK0 = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluK1 = 0.044715f;
+
+__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
+
+__device__ __forceinline__ float gelu(float z) {
+  return 0.5f * z * (1.f + tanhf(kGeluK0 * (z + kGeluK1 * z * z * z)));
+}
+
+__device__ __forceinline__ float gelu_grad(float z) {
+  const float t = tanhf(kGeluK0 * (z + kGeluK1 * z * z * z));
+  return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * kGeluK0 * (1.f + 3.f * kGeluK1 * z * z);
+}
+
+int64_t elementwise_blocks(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, static_cast<int64_t>(sm_count()) * 16));
+}
+
+// x [rows, 2f] = [gate | up] -> y [rows, f] = silu(gate) * up
+template <typename T, int VEC>
+__global__ void swiglu_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t f) {
+  const int64_t fv = f / VEC, n = rows * fv;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / fv, j = (i - r * fv) * VEC;
+    float g[VEC], u[VEC], out[VEC];
+    load_floats<VEC>(x + r * 2 * f + j, g);
+    load_floats<VEC>(x + r * 2 * f + f + j, u);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) out[v] = g[v] * sigmoid(g[v]) * u[v];
+    store_floats<VEC>(y + r * f + j, out);
+  }
+}
+
+template <typename T, int VEC>
+__global__ void swiglu_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                  int64_t rows, int64_t f) {
+  const int64_t fv = f / VEC, n = rows * fv;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / fv, j = (i - r * fv) * VEC;
+    float g[VEC], u[VEC], d[VEC], dg[VEC], du[VEC];
+    load_floats<VEC>(x + r * 2 * f + j, g);
+    load_floats<VEC>(x + r * 2 * f + f + j, u);
+    load_floats<VEC>(dy + r * f + j, d);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const float s = sigmoid(g[v]);
+      du[v] = d[v] * g[v] * s;
+      dg[v] = d[v] * u[v] * s * (1.f + g[v] * (1.f - s));
+    }
+    store_floats<VEC>(dx + r * 2 * f + j, dg);
+    store_floats<VEC>(dx + r * 2 * f + f + j, du);
+  }
+}
+
+template <typename T, int VEC>
+__global__ void bias_gelu_fwd_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
+                                     int64_t rows, int64_t cols) {
+  const int64_t cv = cols / VEC, n = rows * cv;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = (i % cv) * VEC;
+    float z[VEC], out[VEC];
+    load_floats<VEC>(x + i * VEC, z);
+    if (bias != nullptr) {
+      float b[VEC];
+      load_floats<VEC>(bias + j, b);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) z[v] += b[v];
+    }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) out[v] = gelu(z[v]);
+    store_floats<VEC>(y + i * VEC, out);
+  }
+}
+
+// block (32 column vectors, 8 rows); grid (column tiles, row groups). dbias_part [gridDim.y * 8, cols].
+template <typename T, int VEC>
+__global__ void bias_gelu_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ bias,
+                                     T* __restrict__ dx, float* __restrict__ dbias_part, int64_t rows, int64_t cols) {
+  const int64_t col = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * VEC;
+  if (col >= cols) return;
+  const int64_t group = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  float b[VEC], acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) b[v] = acc[v] = 0.f;
+  if (bias != nullptr) load_floats<VEC>(bias + col, b);
+  for (int64_t r = group; r < rows; r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    float z[VEC], d[VEC], out[VEC];
+    load_floats<VEC>(x + r * cols + col, z);
+    load_floats<VEC>(dy + r * cols + col, d);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      out[v] = d[v] * gelu_grad(z[v] + b[v]);
+      acc[v] += out[v];
+    }
+    store_floats<VEC>(dx + r * cols + col, out);
+  }
+  if (dbias_part != nullptr) store_floats<VEC>(dbias_part + group * cols + col, acc);
+}
+
+void check_2d(const at::Tensor& t, const char* what) {
+  check_cuda(t, what);
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), what, " must be a contiguous [rows, features] tensor");
+}
+
+bool vectorizable(std::initializer_list<const at::Tensor*> ts, int64_t cols) {
+  for (const at::Tensor* t : ts) {
+    if (!aligned_rows(t->data_ptr(), cols, cols, kVecBytes / static_cast<int>(t->element_size()),
+                      static_cast<int>(t->element_size())))
+      return false;
+  }
+  return true;
+}
+
+void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->is_contiguous() && bias->numel() == x.size(1) && bias->scalar_type() == x.scalar_type() &&
+                  bias->device() == x.device(),
+              "bias-GeLU bias must be a contiguous [", x.size(1), "] tensor with the input's dtype and device");
+}
+
+}  // namespace
+
+at::Tensor swiglu_fwd(const at::Tensor& x) {
+  check_2d(x, "swiglu input");
+  TORCH_CHECK(x.size(1) % 2 == 0, "swiglu input needs an even last dim [gate | up], got ", x.size(1));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), f = x.size(1) / 2;
+  auto y = at::empty({rows, f}, x.options());
+  if (y.numel() == 0) return y;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  MLITE_DISPATCH_TYPES(x.scalar_type(), "swiglu_fwd", [&] {
+    dispatch_vec<scalar_t>(vectorizable({&x, &y}, f), [&](auto vc) {
+      constexpr int VEC = decltype(vc)::value;
+      swiglu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(rows * f / VEC), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, f);
+    });
+  });
+  check_launch();
+  return y;
+}
+
+at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x) {
+  check_2d(x, "swiglu input");
+  check_2d(dy, "swiglu grad");
+  const int64_t rows = x.size(0), f = x.size(1) / 2;
+  TORCH_CHECK(dy.size(0) == rows && dy.size(1) == f && dy.scalar_type() == x.scalar_type(),
+              "swiglu grad must be [rows, f] with the input's dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto dx = at::empty_like(x);
+  if (dy.numel() == 0) return dx;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  MLITE_DISPATCH_TYPES(x.scalar_type(), "swiglu_bwd", [&] {
+    dispatch_vec<scalar_t>(vectorizable({&x, &dy}, f), [&](auto vc) {
+      constexpr int VEC = decltype(vc)::value;
+      swiglu_bwd_kernel<scalar_t, VEC><<<elementwise_blocks(rows * f / VEC), kThreads, 0, stream>>>(
+          dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), rows, f);
+    });
+  });
+  check_launch();
+  return dx;
+}
+
+at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  check_2d(x, "bias-GeLU input");
+  check_bias(bias, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto y = at::empty_like(x);
+  if (y.numel() == 0) return y;
+  const bool vec = vectorizable({&x}, cols) && (!bias.has_value() || vectorizable({&*bias}, cols));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  MLITE_DISPATCH_TYPES(x.scalar_type(), "bias_gelu_fwd", [&] {
+    dispatch_vec<scalar_t>(vec, [&](auto vc) {
+      constexpr int VEC = decltype(vc)::value;
+      bias_gelu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(rows * cols / VEC), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+          rows, cols);
+    });
+  });
+  check_launch();
+  return y;
+}
+
+std::vector<at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                      const c10::optional<at::Tensor>& bias) {
+  check_2d(x, "bias-GeLU input");
+  check_2d(dy, "bias-GeLU grad");
+  check_bias(bias, x);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "bias-GeLU grad must match the input's shape and dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto dx = at::empty_like(x);
+  auto dbias = bias.has_value() ? at::empty_like(*bias) : at::Tensor();
+  if (cols == 0) return {dx, dbias};
+  if (rows == 0) {
+    if (bias.has_value()) dbias.zero_();
+    return {dx, dbias};
+  }
+  const bool vec = vectorizable({&x, &dy}, cols) && (!bias.has_value() || vectorizable({&*bias}, cols));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  MLITE_DISPATCH_TYPES(x.scalar_type(), "bias_gelu_bwd", [&] {
+    dispatch_vec<scalar_t>(vec, [&](auto vc) {
+      constexpr int VEC = decltype(vc)::value;
+      const dim3 block(32, 8);
+      const int64_t col_tiles = (cols / VEC + block.x - 1) / block.x;
+      const int64_t row_tiles = (rows + block.y - 1) / block.y;
+      const int64_t wanted = std::max<int64_t>(1, static_cast<int64_t>(sm_count()) * 8 / col_tiles);
+      const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(std::min(row_tiles, wanted)));
+      at::Tensor part;
+      if (bias.has_value()) {
+        part = at::empty({static_cast<int64_t>(grid.y) * block.y, cols}, x.options().dtype(at::kFloat));
+      }
+      bias_gelu_bwd_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
+          dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+          dx.data_ptr<scalar_t>(), bias.has_value() ? part.data_ptr<float>() : nullptr, rows, cols);
+      check_launch();
+      if (bias.has_value()) reduce_column_partials(part, dbias);
+    });
+  });
+  return {dx, dbias};
+}
+
+}  // namespace mlite

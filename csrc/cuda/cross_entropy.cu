@@ -1,0 +1,142 @@
+// Vocab-parallel cross entropy over this rank's vocabulary shard, forward statistics and backward.
+//
+// Forward reads each logit once: every thread keeps an online (max, sum of exp relative to that
+// max) over its vectors, rescaling the sum once per vector, and picks up the target logit when
+// the target id falls in its slice of this shard. The row's (max, sum-exp, target logit) go to
+// stats [3, N], which the caller merges across tensor-parallel ranks in one collective.
+// Backward writes (exp(x - lse) - onehot(target)) * grad_loss in the logits' dtype.
+#include "common.cuh"
+
+namespace mlite {
+namespace {
+
+template <typename T, int VEC>
+__global__ void xent_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target,
+                                float* __restrict__ stats, int64_t rows, int64_t vocab, int64_t vocab_start) {
+  __shared__ float smem[kReduceSmemFloats];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < rows;
+  const int64_t t = valid ? target[row] - vocab_start : -1;  // index in this shard, or outside [0, vocab)
+  const T* xr = logits + row * vocab;
+  float m = -INFINITY, s = 0.f, picked = 0.f;
+  if (valid) {
+    for (int64_t c = threadIdx.x * VEC; c < vocab; c += static_cast<int64_t>(blockDim.x) * VEC) {
+      float v[VEC];
+      load_floats<VEC>(xr + c, v);
+      float vm = v[0];
+#pragma unroll
+      for (int i = 1; i < VEC; ++i) vm = fmaxf(vm, v[i]);
+      const float nm = fmaxf(m, vm);
+      float add = 0.f;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) add += __expf(v[i] - nm);
+      s = s * __expf(m - nm) + add;
+      m = nm;
+      if (t >= c && t < c + VEC) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          if (t == c + i) picked = v[i];
+        }
+      }
+    }
+  }
+  const float row_max = row_reduce(m, MaxOp{}, smem);
+  s = (m == -INFINITY) ? 0.f : s * __expf(m - row_max);
+  const float row_sum = row_reduce(s, SumOp{}, smem);
+  picked = row_reduce(picked, SumOp{}, smem);
+  if (valid && threadIdx.x == 0) {
+    stats[row] = row_max;
+    stats[rows + row] = row_sum;
+    stats[2 * rows + row] = picked;
+  }
+}
+
+template <typename T, int VEC>
+__global__ void xent_bwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target,
+                                const float* __restrict__ lse, const float* __restrict__ grad_loss,
+                                T* __restrict__ grad, int64_t rows, int64_t vocab, int64_t vocab_start) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  const int64_t t = target[row] - vocab_start;
+  const float l = lse[row], g = grad_loss[row];
+  const T* xr = logits + row * vocab;
+  T* gr = grad + row * vocab;
+  for (int64_t c = threadIdx.x * VEC; c < vocab; c += static_cast<int64_t>(blockDim.x) * VEC) {
+    float v[VEC];
+    load_floats<VEC>(xr + c, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = (__expf(v[i] - l) - (c + i == t ? 1.f : 0.f)) * g;
+    store_floats<VEC>(gr + c, v);
+  }
+}
+
+dim3 xent_block(int64_t vocab, int vec) {
+  const int threads = std::min<int64_t>(512, next_pow2((vocab + vec - 1) / vec));
+  return dim3(threads, std::max(1, 128 / threads));
+}
+
+void check_xent_inputs(const at::Tensor& logits, const at::Tensor& target) {
+  check_cuda(logits, "cross-entropy logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "cross-entropy logits must be contiguous [tokens, vocab]");
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == logits.size(0) &&
+                  target.device() == logits.device(),
+              "cross-entropy target must be a contiguous int64 [tokens] tensor on the logits' device");
+}
+
+}  // namespace
+
+// stats [3, tokens] float32: per-token max, sum of exp(x - max), and the target's logit (0 when
+// the target id is outside [vocab_start, vocab_start + vocab)).
+at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start) {
+  check_xent_inputs(logits, target);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(vocab > 0, "cross-entropy logits have an empty vocabulary dim");
+  auto stats = at::empty({3, rows}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return stats;
+  const int vec = kVecBytes / static_cast<int>(logits.element_size());
+  const bool vectorize = aligned_rows(logits.data_ptr(), vocab, vocab, vec, logits.element_size());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  MLITE_DISPATCH_TYPES(logits.scalar_type(), "xent_fwd", [&] {
+    dispatch_vec<scalar_t>(vectorize, [&](auto vc) {
+      constexpr int VEC = decltype(vc)::value;
+      const dim3 block = xent_block(vocab, VEC);
+      const dim3 grid(static_cast<unsigned>((rows + block.y - 1) / block.y));
+      xent_fwd_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), stats.data_ptr<float>(), rows, vocab, vocab_start);
+    });
+  });
+  check_launch();
+  return stats;
+}
+
+at::Tensor vocab_parallel_xent_bwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
+                                   const at::Tensor& lse, const at::Tensor& grad_loss) {
+  check_xent_inputs(logits, target);
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  for (const at::Tensor* t : {&lse, &grad_loss}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows &&
+                    t->device() == logits.device(),
+                "cross-entropy lse and grad_loss must be contiguous float32 [tokens] tensors");
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto grad = at::empty_like(logits);
+  if (grad.numel() == 0) return grad;
+  const int vec = kVecBytes / static_cast<int>(logits.element_size());
+  const bool vectorize = aligned_rows(logits.data_ptr(), vocab, vocab, vec, logits.element_size());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  MLITE_DISPATCH_TYPES(logits.scalar_type(), "xent_bwd", [&] {
+    dispatch_vec<scalar_t>(vectorize, [&](auto vc) {
+      constexpr int VEC = decltype(vc)::value;
+      const dim3 block = xent_block(vocab, VEC);
+      const dim3 grid(static_cast<unsigned>((rows + block.y - 1) / block.y));
+      xent_bwd_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<float>(),
+          grad_loss.data_ptr<float>(), grad.data_ptr<scalar_t>(), rows, vocab, vocab_start);
+    });
+  });
+  check_launch();
+  return grad;
+}
+
+}  // namespace mlite

@@ -1,0 +1,101 @@
+// RMSNorm and LayerNorm forward over the last dim.
+//
+// One thread group per row holds the row in registers (k vectors per thread), reduces mean and
+// variance in float32 (two passes over the registers, not sum-of-squares), and writes y plus the
+// per-row mean and 1/std that the backward needs.
+#include "norm.cuh"
+
+namespace mlite {
+namespace {
+
+template <typename T, typename W, int VEC, int K>
+__global__ void __launch_bounds__(kRowThreads)
+    norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ gamma, const W* __restrict__ beta,
+                    T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                    int64_t rows, int cols, float eps, bool rms) {
+  __shared__ float smem[kReduceSmemFloats];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < rows;
+  const T* xr = x + row * cols;
+  float v[K][VEC];
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = (threadIdx.x + k * blockDim.x) * VEC;
+    if (valid && c < cols) {
+      load_floats<VEC>(xr + c, v[k]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[k][i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) sum += v[k][i];
+  }
+  const float mean = rms ? 0.f : row_reduce(sum, SumOp{}, smem) / cols;
+  float sq = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = (threadIdx.x + k * blockDim.x) * VEC;
+    if (c < cols) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) sq += (v[k][i] - mean) * (v[k][i] - mean);
+    }
+  }
+  const float rstd = rsqrtf(row_reduce(sq, SumOp{}, smem) / cols + eps);
+  if (!valid) return;  // no reductions follow
+  if (threadIdx.x == 0) {
+    rstd_out[row] = rstd;
+    if (mean_out != nullptr) mean_out[row] = mean;
+  }
+  T* yr = y + row * cols;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = (threadIdx.x + k * blockDim.x) * VEC;
+    if (c < cols) {
+      float g[VEC], out[VEC];
+      load_floats<VEC>(gamma + c, g);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out[i] = (v[k][i] - mean) * rstd * g[i];
+      if (beta != nullptr) {
+        float b[VEC];
+        load_floats<VEC>(beta + c, b);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) out[i] += b[i];
+      }
+      store_floats<VEC>(yr + c, out);
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& beta,
+                                 double eps, bool rms) {
+  check_norm_input(x, gamma);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto y = at::empty_like(x);
+  auto stats = x.options().dtype(at::kFloat);
+  auto rstd = at::empty({rows}, stats);
+  auto mean = rms ? at::Tensor() : at::empty({rows}, stats);
+  if (rows == 0 || cols == 0) return {y, mean, rstd};
+  const RowShape s = norm_shape(x, gamma, beta);
+  const dim3 grid(static_cast<unsigned>((rows + s.block.y - 1) / s.block.y));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  MLITE_DISPATCH_TYPES(x.scalar_type(), "norm_fwd", [&] {
+    using T = scalar_t;
+    dispatch_weight<T>(gamma.scalar_type(), [&](auto* wtag) {
+      using W = std::remove_pointer_t<decltype(wtag)>;
+      dispatch_row<T>(s, [&](auto vc, auto kc) {
+        norm_fwd_kernel<T, W, decltype(vc)::value, decltype(kc)::value><<<grid, s.block, 0, stream>>>(
+            x.data_ptr<T>(), gamma.data_ptr<W>(), beta.has_value() ? beta->data_ptr<W>() : nullptr,
+            y.data_ptr<T>(), rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows,
+            static_cast<int>(cols), static_cast<float>(eps), rms);
+      });
+    });
+  });
+  check_launch();
+  return {y, mean, rstd};
+}
+
+}  // namespace mlite

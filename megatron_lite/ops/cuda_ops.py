@@ -1,0 +1,227 @@
+"""megatron_lite's CUDA kernels (csrc/cuda) as differentiable ops with the torch_ops semantics.
+
+Each op reshapes to the 2-D / 4-D layout its kernel takes and wraps forward and backward in an
+autograd.Function. Inputs a kernel does not take (a dtype mix it was not built for, a row
+longer than its register budget) go to the torch form of the same op.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.ops import torch_ops
+from megatron_lite.ops.cuda_build import load_extension
+
+# Longest row the row kernels (norms, softmax) take: 512 threads x 4 vectors of 16 bytes when
+# the row is 16-byte aligned, 512 x 16 elements otherwise (csrc/cuda/common.cuh, row_shape).
+ROW_THREADS = 512
+
+
+def row_fits(cols: int, *tensors: torch.Tensor) -> bool:
+    elem = tensors[0].element_size()
+    vec = 16 // elem
+    aligned = cols % vec == 0 and all(t.data_ptr() % (vec * t.element_size()) == 0 for t in tensors)
+    return cols <= ROW_THREADS * 16 or (aligned and cols <= ROW_THREADS * 4 * vec)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+class _Norm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, x, weight, bias, eps, rms):
+        x2 = as_rows(x)
+        y, mean, rstd = ext.norm_fwd(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps, rms)
+        ctx.ext, ctx.rms, ctx.has_bias = ext, rms, bias is not None
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = ctx.ext.norm_bwd(as_rows(dy), x2, weight.contiguous(), mean, rstd, ctx.rms, ctx.has_bias)
+        return None, dx.view(dy.shape), dweight, dbias, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, x):
+        x2 = as_rows(x)
+        ctx.ext = ext
+        ctx.save_for_backward(x2)
+        return ext.swiglu_fwd(x2).view(*x.shape[:-1], x.shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x2,) = ctx.saved_tensors
+        dx = ctx.ext.swiglu_bwd(as_rows(dy), x2)
+        return None, dx.view(*dy.shape[:-1], dy.shape[-1] * 2)
+
+
+class _BiasGeLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, x, bias):
+        x2 = as_rows(x)
+        bias = None if bias is None else bias.contiguous()
+        ctx.ext = ext
+        ctx.save_for_backward(x2, bias)
+        return ext.bias_gelu_fwd(x2, bias).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, bias = ctx.saved_tensors
+        dx, dbias = ctx.ext.bias_gelu_bwd(as_rows(dy), x2, bias)
+        return None, dx.view(dy.shape), dbias
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, t, cos2, sin2):
+        ctx.ext = ext
+        ctx.save_for_backward(cos2, sin2)
+        return ext.rotary(t if t.stride(-1) == 1 else t.contiguous(), cos2, sin2, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos2, sin2 = ctx.saved_tensors
+        return None, ctx.ext.rotary(dy if dy.stride(-1) == 1 else dy.contiguous(), cos2, sin2, True), None, None
+
+
+class _MaskedSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, scores, mask, scale):
+        probs = ext.scaled_masked_softmax_fwd(scores.contiguous(), mask, scale)
+        ctx.ext, ctx.scale = ext, scale
+        ctx.save_for_backward(probs, mask)
+        return probs
+
+    @staticmethod
+    def backward(ctx, dy):
+        probs, mask = ctx.saved_tensors
+        return None, ctx.ext.scaled_masked_softmax_bwd(dy.contiguous(), probs, mask, ctx.scale), None, None
+
+
+class _CausalSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, scores, scale):
+        probs = ext.scaled_upper_triang_softmax_fwd(scores.contiguous(), scale)
+        ctx.ext, ctx.scale = ext, scale
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, dy):
+        (probs,) = ctx.saved_tensors
+        return None, ctx.ext.scaled_upper_triang_softmax_bwd(dy.contiguous(), probs, ctx.scale), None
+
+
+def combine_shard_stats(gathered: torch.Tensor):
+    """Per-token (log-sum-exp, target logit) over the whole vocabulary from every shard's
+    (max m_r, sum exp(x - m_r) s_r, target logit t_r), stacked [shards, 3, tokens]:
+    lse = M + log(sum_r s_r exp(m_r - M)) with M = max_r m_r; t_r is non-zero on one shard only.
+    """
+    shard_max, shard_sum, shard_target = gathered.unbind(1)
+    global_max = shard_max.max(dim=0).values
+    lse = global_max + (shard_sum * torch.exp(shard_max - global_max)).sum(dim=0).log()
+    return lse, shard_target.sum(dim=0)
+
+
+def merge_shard_stats(stats: torch.Tensor, group: Optional[dist.ProcessGroup]):
+    """combine_shard_stats over the tensor-parallel ranks: one all-gather of [3, tokens] each."""
+    world = torch_ops.tp_world(group)
+    if world == 1:
+        return combine_shard_stats(stats.unsqueeze(0))
+    gathered = torch.empty((world, *stats.shape), dtype=stats.dtype, device=stats.device)
+    dist.all_gather_into_tensor(gathered, stats.contiguous(), group=group)
+    return combine_shard_stats(gathered)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, logits, target, vocab_start, group):
+        logits2, target1 = as_rows(logits), target.reshape(-1).long().contiguous()
+        stats = ext.vocab_parallel_xent_fwd(logits2, target1, vocab_start)
+        lse, target_logit = merge_shard_stats(stats, group)
+        ctx.ext, ctx.vocab_start = ext, vocab_start
+        ctx.save_for_backward(logits2, target1, lse)
+        return (lse - target_logit).view(target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits2, target1, lse = ctx.saved_tensors
+        grad = ctx.ext.vocab_parallel_xent_bwd(logits2, target1, ctx.vocab_start, lse,
+                                               grad_loss.reshape(-1).float().contiguous())
+        return None, grad.view(*grad_loss.shape, logits2.shape[-1]), None, None, None
+
+
+class CudaOps:
+    """The ops on the compiled kernels; each falls back to torch_ops for inputs its kernel does not take."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def _norm(self, x, weight, bias, eps, rms):
+        fallback = torch_ops.rms_norm if rms else torch_ops.layer_norm
+        weight_ok = weight.dtype in (x.dtype, torch.float32) and (bias is None or bias.dtype == weight.dtype)
+        if not weight_ok or x.dtype == torch.float64 or not row_fits(x.shape[-1], x, weight):
+            return fallback(x, weight, eps) if rms else fallback(x, weight, bias, eps)
+        return _Norm.apply(self.ext, x, weight, bias, eps, rms)
+
+    def rms_norm(self, x, weight, eps):
+        return self._norm(x, weight, None, eps, True)
+
+    def layer_norm(self, x, weight, bias, eps):
+        return self._norm(x, weight, bias, eps, False)
+
+    def swiglu(self, x):
+        torch_ops.check_swiglu_input(x)
+        if x.dtype == torch.float64:
+            return torch_ops.swiglu(x)
+        return _SwiGLU.apply(self.ext, x)
+
+    def bias_gelu(self, x, bias):
+        if x.dtype == torch.float64 or (bias is not None and bias.dtype != x.dtype):
+            return torch_ops.bias_gelu(x, bias)
+        return _BiasGeLU.apply(self.ext, x, bias)
+
+    def rotary(self, t, cos, sin):
+        rot_dim = torch_ops.check_rotary_input(t, cos, sin)
+        if t.dtype == torch.float64:
+            return torch_ops.rotary(t, cos, sin)
+        s = t.shape[0]
+        cos2 = cos.reshape(s, rot_dim).float().contiguous()
+        sin2 = sin.reshape(s, rot_dim).float().contiguous()
+        return _Rotary.apply(self.ext, t, cos2, sin2)
+
+    def scaled_masked_softmax(self, scores, mask, scale):
+        if scores.dim() != 4 or scores.dtype == torch.float64 or not row_fits(scores.shape[-1], scores):
+            return torch_ops.scaled_masked_softmax(scores, mask, scale)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.bool()
+        return _MaskedSoftmax.apply(self.ext, scores, mask, float(scale))
+
+    def scaled_upper_triang_softmax(self, scores, scale):
+        torch_ops.check_causal_input(scores)
+        if scores.dtype == torch.float64 or not row_fits(scores.shape[-1], scores):
+            return torch_ops.scaled_upper_triang_softmax(scores, scale)
+        sq = scores.shape[-1]
+        probs = _CausalSoftmax.apply(self.ext, scores.reshape(1, -1, sq, sq), float(scale))
+        return probs.view(scores.shape)
+
+    def vocab_parallel_cross_entropy(self, logits, target, vocab_start, tp_group):
+        torch_ops.check_cross_entropy_input(logits, target)
+        if logits.dtype == torch.float64:
+            return torch_ops.vocab_parallel_cross_entropy(logits, target, vocab_start, tp_group)
+        return _VocabParallelCrossEntropy.apply(self.ext, logits, target, int(vocab_start), tp_group)
+
+    def as_dict(self) -> Dict[str, object]:
+        return {op: getattr(self, op) for op in torch_ops.TORCH_OPS}
+
+
+def load(device: torch.device) -> Dict[str, object]:
+    """Backend entry for dispatch.build_ops."""
+    return CudaOps(load_extension(device)).as_dict()

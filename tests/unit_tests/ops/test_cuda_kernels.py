@@ -1,0 +1,225 @@
+"""megatron_lite's CUDA kernels against float64 references: forward and every gradient, over odd and
+realistic shapes (rows 1 to 65536, hidden 1000 to 8192), fp32/bf16/fp16.
+
+Every allocation is NaN-filled while these tests run (torch's deterministic mode fills
+uninitialised memory, the kernels' outputs and workspaces included), so an element a kernel
+fails to write shows up as a NaN error.
+"""
+
+import math
+
+import pytest
+import torch
+
+from tests.unit_tests.ops import reference as ref
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HIDDEN = [1000, 2048, 4096, 5120, 8192]
+# rows x hidden: every hidden size at 1, 7 and 4096 rows; 65536 rows at two sizes; two odd sizes
+# that take the unvectorised path.
+ROW_SHAPES = ([(r, h) for r in (1, 7, 4096) for h in HIDDEN] + [(65536, 1000), (65536, 4096)]
+              + [(7, 1001), (4096, 999)])
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from megatron_lite.ops.cuda_build import load_extension
+    from megatron_lite.ops.cuda_ops import CudaOps
+    return CudaOps(load_extension(DEVICE))
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    """NaN-fill every new CUDA tensor (torch.empty in Python and at::empty in the kernels)."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g, device=DEVICE)).to(dtype)
+
+
+def test_allocations_are_poisoned():
+    assert torch.empty(1000, device=DEVICE).isnan().all()
+    assert torch.empty(1000, device=DEVICE, dtype=torch.bfloat16).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=shape_id)
+def test_rms_norm_kernel(ops, shape, dtype):
+    rows, hidden = shape
+    x, w = randn(rows, hidden, dtype=dtype), (1 + randn(hidden, seed=1, scale=0.1)).to(dtype)
+    ref.assert_within(ref.compare(ops.rms_norm, ref.rms_norm, [x, w, 1e-5], dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_layer_norm_kernel(ops, shape, dtype, with_bias):
+    rows, hidden = shape
+    x, w = randn(rows, hidden, dtype=dtype, scale=2.0) + 0.5, (1 + randn(hidden, seed=1, scale=0.1)).to(dtype)
+    b = randn(hidden, dtype=dtype, seed=2) if with_bias else None
+    ref.assert_within(ref.compare(ops.layer_norm, ref.layer_norm, [x, w, b, 1e-5], dtype), dtype)
+
+
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+def test_norm_kernels_take_float32_weights_with_bf16_input(ops, norm):
+    x, w, b = randn(4096, 4096, dtype=torch.bfloat16), 1 + randn(4096, seed=1, scale=0.1), randn(4096, seed=2)
+    impl, reference = getattr(ops, norm), getattr(ref, norm)
+    args = [x, w, 1e-5] if norm == "rms_norm" else [x, w, b, 1e-5]
+    ref.assert_within(ref.compare(impl, reference, args, torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=shape_id)
+def test_swiglu_kernel(ops, shape, dtype):
+    rows, ffn = shape
+    ref.assert_within(ref.compare(ops.swiglu, ref.swiglu, [randn(rows, 2 * ffn, dtype=dtype, scale=2.0)], dtype),
+                      dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=shape_id)
+def test_bias_gelu_kernel(ops, shape, dtype):
+    rows, cols = shape
+    x, b = randn(rows, cols, dtype=dtype, scale=2.0), randn(cols, dtype=dtype, seed=1)
+    ref.assert_within(ref.compare(ops.bias_gelu, ref.bias_gelu, [x, b], dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_gelu_kernel_without_bias(ops, dtype):
+    ref.assert_within(ref.compare(ops.bias_gelu, ref.bias_gelu, [randn(4096, 1000, dtype=dtype), None], dtype),
+                      dtype)
+
+
+def rope_tables(s, rot_dim):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, device=DEVICE).float() / rot_dim))
+    angles = torch.outer(torch.arange(s, device=DEVICE).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1).view(s, 1, 1, rot_dim)
+    return angles.cos(), angles.sin()
+
+
+# (seq, batch, heads, head_dim, rot_dim): Llama-like, partial rotation, odd head dim, one token.
+ROTARY_SHAPES = [(4096, 2, 32, 128, 128), (1024, 4, 8, 128, 64), (7, 3, 5, 80, 40), (1, 1, 1, 64, 64),
+                 (513, 2, 4, 72, 36)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROTARY_SHAPES, ids=shape_id)
+def test_rotary_kernel_on_a_strided_qkv_slice(ops, shape, dtype):
+    s, b, h, d, rot = shape
+    qkv = randn(s, b, h, 3 * d, dtype=dtype)
+    q = qkv[..., :d]  # a view into the fused projection's output, as the attention layer passes it
+    cos, sin = rope_tables(s, rot)
+    errors = ref.compare(ops.rotary, ref.rotary, [q, cos, sin], dtype, grad_mask={1, 2})
+    assert set(errors) == {"out", "grad0"}
+    ref.assert_within(errors, dtype)
+
+
+# (batch, heads, sq, sk)
+SOFTMAX_SHAPES = [(2, 2, 7, h) for h in HIDDEN] + [(1, 4, 1024, 1000), (1, 2, 512, 4096), (1, 1, 1, 8192),
+                                                    (2, 2, 3, 999)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=shape_id)
+def test_scaled_masked_softmax_kernel(ops, shape, dtype):
+    b, h, sq, sk = shape
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    mask = torch.rand(b, 1, sq, sk, generator=g, device=DEVICE) > 0.7
+    mask[0, 0, 0, :] = True  # a fully masked row: uniform, zero gradient
+    scores = randn(b, h, sq, sk, dtype=dtype, scale=3.0)
+    ref.assert_within(ref.compare(ops.scaled_masked_softmax, ref.scaled_masked_softmax,
+                                  [scores, mask, 1 / math.sqrt(128)], dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scaled_masked_softmax_kernel_without_mask_and_with_a_padding_mask(ops, dtype):
+    scores = randn(2, 4, 64, 2048, dtype=dtype, scale=3.0)
+    padding = torch.arange(2048, device=DEVICE).view(1, 1, 1, 2048) >= torch.tensor([2048, 1500], device=DEVICE).view(
+        2, 1, 1, 1)
+    for mask in (None, padding):
+        ref.assert_within(ref.compare(ops.scaled_masked_softmax, ref.scaled_masked_softmax,
+                                      [scores, mask, 0.125], dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 7), (1, 4, 1000, 1000), (1, 2, 2048, 2048),
+                                   (1, 1, 999, 999)], ids=shape_id)
+def test_scaled_upper_triang_softmax_kernel(ops, shape, dtype):
+    scores = randn(*shape, dtype=dtype, scale=3.0)
+    ref.assert_within(ref.compare(ops.scaled_upper_triang_softmax, ref.scaled_upper_triang_softmax,
+                                  [scores, 1 / math.sqrt(128)], dtype), dtype)
+
+
+def test_softmax_longer_than_the_kernel_row_falls_back_to_torch(ops):
+    scores = randn(1, 1, 2, 40000, scale=3.0)
+    ref.assert_within(ref.compare(ops.scaled_masked_softmax, ref.scaled_masked_softmax, [scores, None, 1.0],
+                                  torch.float32), torch.float32)
+
+
+# (tokens, vocab shard)
+XENT_SHAPES = [(1, 1000), (7, 32000), (4096, 1000), (4096, 32000), (65536, 1000), (7, 999), (4096, 16001)]
+
+
+def xent_problem(tokens, vocab, dtype, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    logits = randn(tokens, 1, vocab, dtype=dtype, scale=4.0, seed=seed)
+    target = torch.randint(0, vocab, (tokens, 1), generator=g, device=DEVICE)
+    target[0, 0] = vocab - 1
+    return logits, target
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", XENT_SHAPES, ids=shape_id)
+def test_cross_entropy_kernel_single_shard(ops, shape, dtype):
+    logits, target = xent_problem(*shape, dtype)
+    errors = ref.compare(lambda x: ops.vocab_parallel_cross_entropy(x, target, 0, None),
+                         lambda x: ref.cross_entropy(x, target), [logits], dtype, out_dtype=torch.float32)
+    ref.assert_within(errors, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_kernels_over_uneven_shards_merge_to_the_full_vocabulary(ops, dtype):
+    from megatron_lite.ops.cuda_ops import combine_shard_stats
+
+    logits, target = xent_problem(4096, 32000, dtype)
+    logits2, target1 = logits.view(-1, 32000), target.view(-1)
+    bounds = [(0, 12000), (12000, 12001), (12001, 32000)]
+    stats = [ops.ext.vocab_parallel_xent_fwd(logits2[:, a:b].contiguous(), target1, a) for a, b in bounds]
+    lse, target_logit = combine_shard_stats(torch.stack(stats))
+    grad_loss = randn(4096, seed=5)
+    grads = [ops.ext.vocab_parallel_xent_bwd(logits2[:, a:b].contiguous(), target1, a, lse, grad_loss)
+             for a, b in bounds]
+    full = logits2.double().requires_grad_()
+    want = ref.cross_entropy(full, target1)
+    (want * grad_loss.double()).sum().backward()
+    ref.assert_within({"out": ref.rel_error(lse - target_logit, want.detach()),
+                       "grad": ref.rel_error(torch.cat(grads, dim=-1), full.grad)}, dtype)
+
+
+def test_dispatch_picks_the_kernels_for_every_op_when_no_apex_or_transformer_engine():
+    import importlib.util
+
+    from megatron_lite.ops import OP_NAMES, build_ops
+
+    if importlib.util.find_spec("apex") is not None:
+        pytest.skip("apex is installed and takes precedence for some ops")
+    ops = build_ops(device=DEVICE)
+    assert ops.backends == {op: "cuda" for op in OP_NAMES}, ops.describe()
+    assert ops.describe() == "fused ops: " + " ".join(f"{op}=cuda" for op in OP_NAMES) + (
+        " (cpu tensors use torch; apex: not installed with its CUDA extensions (No module named 'apex'))")
