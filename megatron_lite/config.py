@@ -118,8 +118,12 @@ class OptimizerConfig:
     min_loss_scale: float = flag(1.0, "floor of the dynamic loss scale")
     loss_scale_window: int = flag(1000, "clean steps before the scale grows")
     hysteresis: int = flag(2, "overflows tolerated before the scale shrinks")
-    override_opt_param_scheduler: bool = flag(False, "take the scheduler from the flags, not the checkpoint")
-    use_checkpoint_opt_param_scheduler: bool = flag(False, "take the scheduler from the checkpoint")
+    override_opt_param_scheduler: bool = flag(False, "take the scheduler from the flags, not the checkpoint",
+                                              name="--override-opt_param-scheduler",
+                                              aliases=["--override-opt-param-scheduler"])
+    use_checkpoint_opt_param_scheduler: bool = flag(False, "take the scheduler from the checkpoint",
+                                                    name="--use-checkpoint-opt_param-scheduler",
+                                                    aliases=["--use-checkpoint-opt-param-scheduler"])
 
 
 @dataclass

@@ -36,7 +36,7 @@ from megatron_lite.checkpoint.recovery import choose_checkpoint, format_recovery
 from megatron_lite.checkpoint.retention import apply_retention
 from megatron_lite.checkpoint.storage import load_file, read_metadata, save_files
 from megatron_lite.config import ModelConfig, RunConfig
-from megatron_lite.initialize import Run, print_rank0
+from megatron_lite.initialize import Run, model_dtype, print_rank0
 from megatron_lite.parallel.random import get_rng_state, set_rng_state
 from megatron_lite.parallel.state import ParallelState
 
@@ -69,7 +69,7 @@ class LoadDecision:
     plan: object = None
     metadata: Optional[dict] = None
     action: str = "none"            # none | resume | finetune | further-train | weights
-    notes: Optional[list] = None
+    own_restart: bool = False       # resuming a finetune/further-train run's own checkpoint
 
 
 def _plan(directory: Optional[str], ckpt_step, state, allow_weights_only=False):
@@ -87,10 +87,12 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
         plan = _plan(directory, c.ckpt_step if directory == c.load else None, state)
         if plan is None:
             continue
-        meta = read_metadata(plan.iter_dir)
+        meta = plan.metadata or read_metadata(plan.iter_dir)
         recorded = meta.get("mode", "pretrain")
         if mode == "pretrain" or recorded == mode:
-            return LoadDecision(directory, plan, meta, "resume")
+            # a restart of a finetune/further-train run: its mode flags (--no-load-optim, ...) were
+            # for the first start; everything it saved is restored
+            return LoadDecision(directory, plan, meta, "resume", own_restart=mode != "pretrain")
         if directory == c.load:
             return LoadDecision(directory, plan, meta, mode)
     # 2. weights from elsewhere
@@ -155,12 +157,9 @@ def _load_model_weights(run: Run, decision: LoadDecision) -> str:
         shard = load_file(decision.load_dir, plan.iteration, layout.model_shard_path(state.tp_rank, state.pp_rank))
         module.load_state_dict(_cast_like(shard["model"], module), strict=True)
         return "loaded"
-    from megatron_lite.checkpoint.sharding import reshard_rank_state
+    from megatron_lite.checkpoint.sharding import open_piece_reader, reshard_rank_state
 
-    def read_piece(relpath, key):
-        return load_file(decision.load_dir, plan.iteration, relpath)["model"][key]
-
-    local = reshard_rank_state(meta["tensors"], read_piece, run.cfg.model, state.tp_size, state.pp_size,
+    local = reshard_rank_state(meta["tensors"], open_piece_reader(plan.iter_dir), run.cfg.model, state.tp_size, state.pp_size,
                                state.tp_rank, state.pp_rank)
     module.load_state_dict(_cast_like(local, module), strict=True)
     saved = meta["parallel"]
@@ -204,6 +203,8 @@ def _model_file(run: Run, decision: LoadDecision) -> dict:
 def restore(run: Run, decision: LoadDecision) -> None:
     """Restore what the decision's action says; print the recovery report on rank 0."""
     c, action = run.cfg.checkpoint, decision.action
+    if decision.own_restart:
+        c = dataclasses.replace(c, load_optim=True, load_rng=True, load_lr_scheduler=True)
     restored: Dict[str, str] = {}
     if action == "none":
         if c.load or c.save:
@@ -223,6 +224,9 @@ def restore(run: Run, decision: LoadDecision) -> None:
         restored["optimizer"] = "fresh (" + ("--no-load-optim" if full else f"{action} mode") + ")"
     shard = _model_file(run, decision) if full else None
     if full and (action == "resume" or c.load_lr_scheduler):
+        continuing = action == "further-train" or (decision.own_restart and run.mode == "further-train")
+        if continuing and not run.scheduler.override_opt_param_scheduler:
+            run.scheduler.use_checkpoint_opt_param_scheduler = True   # the schedule continues as saved
         run.scheduler.load_state_dict(shard["opt_param_scheduler"])
         restored["lr scheduler"] = "loaded"
     else:
@@ -259,16 +263,6 @@ def _gather_rng_over_dp(run: Run) -> list:
     return everyone
 
 
-def _cpu(obj):
-    if torch.is_tensor(obj):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_cpu(v) for v in obj]
-    return obj
-
-
 def save_checkpoint(run: Run, kind: str = "full") -> None:
     """Collective: every rank writes its shard; the iteration directory is committed atomically."""
     from megatron_lite.checkpoint.sharding import build_tensor_index
@@ -280,37 +274,52 @@ def save_checkpoint(run: Run, kind: str = "full") -> None:
     rng = _gather_rng_over_dp(run) if full and c.save_rng else None
     if state.dp_rank == 0:
         shard = {"format_version": FORMAT_VERSION, "iteration": p.iteration, "mode": run.mode,
-                 "model": _cpu(run.module.state_dict())}
+                 "model": run.module.state_dict()}
         if full:
             shard["progress"] = p.state_dict()
             shard["opt_param_scheduler"] = run.scheduler.state_dict()
             if rng is not None:
-                shard["rng_state"] = _cpu(rng)
+                shard["rng_state"] = rng
             if c.save_optim and not cfg.parallel.use_distributed_optimizer:
-                shard["optimizer"] = _cpu(run.optimizer.state_dict())
+                shard["optimizer"] = run.optimizer.state_dict()
         files[layout.model_shard_path(state.tp_rank, state.pp_rank)] = shard
     if full and c.save_optim and cfg.parallel.use_distributed_optimizer:
         files[layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)] = \
-            _cpu(run.optimizer.state_dict())
+            run.optimizer.state_dict()
     metadata = {"config": cfg.to_dict(), "mode": run.mode,
                 "parallel": {"tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size},
                 "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
                 "has_optimizer": full and c.save_optim, "has_rng": full and c.save_rng,
-                "progress": p.state_dict(), "tensors": build_tensor_index(cfg.model, state.tp_size, state.pp_size)}
+                "progress": p.state_dict(),
+                "tensors": build_tensor_index(cfg.model, state.tp_size, state.pp_size, model_dtype(cfg))}
     # weights-only checkpoints live apart, so they never shadow a full one of the same iteration
     directory = c.save if full else os.path.join(c.save, WEIGHTS_SUBDIR)
+    finish_async_save(run)
     t0 = time.time()
     result = save_files(directory, p.iteration, files, state, metadata, kind=kind, async_saver=run.async_saver)
     what = "checkpoint" if full else "weights-only checkpoint"
-    print_rank0(f"saved {what} at iteration {p.iteration} to {directory} in {time.time() - t0:.2f} s "
-                f"({result.bytes_written / 1e6:.1f} MB)" + (" (writing in the background)" if run.async_saver
-                                                           else ""), run.state)
+    if run.async_saver is None:
+        print_rank0(f"saved {what} at iteration {p.iteration} to {directory} in {result.seconds:.2f} s "
+                    f"({result.bytes_written / 1e6:.1f} MB)", run.state)
+    else:
+        print_rank0(f"saving {what} at iteration {p.iteration} to {directory} in the background "
+                    f"(training blocked {time.time() - t0:.2f} s)", run.state)
     if full and c.keep_last_n_checkpoints and state.rank == 0:
         protect = {run.loaded_iteration} if getattr(run, "loaded_dir", None) == c.save else set()
         deleted = apply_retention(c.save, c.keep_last_n_checkpoints, protect)
         if deleted:
             print_rank0(f"deleted checkpoints {deleted} (--keep-last-n-checkpoints {c.keep_last_n_checkpoints})",
                         run.state)
+
+
+def finish_async_save(run: Run) -> None:
+    """Collective: wait for the background save in flight (if any) to commit, and log it."""
+    if run.async_saver is None or not run.async_saver.pending:
+        return
+    result = run.async_saver.finalize()
+    if result is not None:
+        print_rank0(f"committed checkpoint at iteration {result.iteration} in {result.seconds:.2f} s "
+                    f"({result.bytes_written / 1e6:.1f} MB)", run.state)
 
 
 def maybe_save_checkpoint(run: Run, reason: str) -> None:
@@ -322,8 +331,7 @@ def maybe_save_checkpoint(run: Run, reason: str) -> None:
         if run.last_saved_iteration != it:
             save_checkpoint(run, "full")
             run.last_saved_iteration = it
-        if run.async_saver is not None:
-            run.async_saver.finalize()
+        finish_async_save(run)
         return
     if c.save_interval and it % c.save_interval == 0:
         save_checkpoint(run, "full")

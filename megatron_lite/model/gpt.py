@@ -153,11 +153,24 @@ class GPTModel(nn.Module):
             return x
         x = self.decoder.final_layernorm(x)
         logits = column_parallel_linear(x, self.output_weight(), None, self.state)   # [s, b, v/tp]
+        logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits
         loss = self.ops.vocab_parallel_cross_entropy(logits.float(), labels.t(), self._vocab_start(),
                                                      self.state.tp_group if self.state.tp_size > 1 else None)
         return loss.t().contiguous()                               # [b, s]
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Padding rows of the vocabulary (beyond the tokenizer's vocab_size) get the lowest finite
+        logit, so they take no probability mass: the loss is the same at every TP size (whose
+        padding differs) and equals an unpadded model's, e.g. the Hugging Face original's.
+        Finite rather than -inf so that a TP rank holding only padding has a finite local max."""
+        true_vocab = self.cfg.vocab_size
+        start, local = self._vocab_start(), logits.shape[-1]
+        if true_vocab is None or start + local <= true_vocab:
+            return logits
+        padded = torch.arange(start, start + local, device=logits.device) >= true_vocab
+        return logits.masked_fill(padded, torch.finfo(logits.dtype).min)
 
     def _vocab_start(self) -> int:
         return self.state.tp_rank * (self.cfg.padded_vocab_size // self.state.tp_size)

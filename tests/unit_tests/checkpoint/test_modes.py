@@ -1,0 +1,186 @@
+"""The load modes of DESIGN.md's table, and damaged checkpoints in a real run.
+
+One process, in-process runs of a tiny Llama-style model with dropout on. A module fixture
+trains the "checkpoint trained for 5 iterations" that every mode starts from.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from megatron_lite.arguments import ConfigError, parse_args
+from megatron_lite.checkpoint.checkpointing import check_model_config, decide_load, requested_mode, restore
+from megatron_lite.checkpoint.recovery import CheckpointLoadError
+from megatron_lite.checkpoint.storage import load_file
+from megatron_lite.initialize import build_run, setup_parallel
+from megatron_lite.training import pretrain
+from tests.unit_tests.checkpoint.test_resume import MODEL, _assert_bitwise, _state
+
+BASE = MODEL + ["--eval-interval", "0"]
+
+
+def _flags(*extra, iters=6):
+    return BASE + ["--train-iters", str(iters), *extra]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A checkpoint trained for 5 iterations (iteration 3 and 5 saved)."""
+    d = str(tmp_path_factory.mktemp("pretrained"))
+    run = pretrain(parse_args(_flags("--save", d, "--save-interval", "3", iters=5)))
+    return d, _state(run), run.progress.consumed_train_samples
+
+
+def _restored(*flags, iters=6):
+    """A run restored from its checkpoint flags, stopped before its first iteration."""
+    cfg = parse_args(_flags(*flags, iters=iters))
+    state = setup_parallel(cfg)
+    decision = decide_load(cfg, state)
+    check_model_config(cfg, decision)
+    run = build_run(cfg, state)
+    run.mode = requested_mode(cfg)
+    restore(run, decision)
+    return run
+
+
+def _moments(opt_state):
+    return {k: v.get("exp_avg") for k, v in opt_state["params"].items()}
+
+
+def test_finetune_loads_weights_and_starts_fresh(pretrained, tmp_path):
+    ckpt, trained, _ = pretrained
+    run = _restored("--load", ckpt, "--save", str(tmp_path / "ft"), "--finetune", "--no-load-optim")
+    _assert_bitwise(run.module.state_dict(), trained["model"], "weights")
+    assert run.progress.iteration == 0 and run.progress.consumed_train_samples == 0
+    assert all(m is None or torch.count_nonzero(m) == 0 for m in _moments(run.optimizer.state_dict()).values())
+    assert run.scheduler.num_steps == 0 and run.scheduler.get_lr() == 0.0   # a fresh warmup from lr 0
+    assert "reset to 0 (finetune mode)" in run.load_report
+
+
+def test_further_train_keeps_optimizer_and_schedule_resets_samples(pretrained, tmp_path):
+    ckpt, trained, consumed = pretrained
+    run = _restored("--load", ckpt, "--save", str(tmp_path / "ft"), "--reset-sample-stat")
+    _assert_bitwise(run.module.state_dict(), trained["model"], "weights")
+    _assert_bitwise(run.optimizer.state_dict()["params"], trained["optimizer"]["params"], "optimizer")
+    assert run.scheduler.num_steps == consumed              # the schedule continues where it was
+    assert run.progress.iteration == 0 and run.progress.consumed_train_samples == 0   # new data from sample 0
+
+
+def test_further_train_with_new_schedule(pretrained, tmp_path):
+    ckpt, trained, _ = pretrained
+    run = _restored("--load", ckpt, "--save", str(tmp_path / "ft"), "--reset-sample-stat", "--no-load-lr-scheduler")
+    _assert_bitwise(run.optimizer.state_dict()["params"], trained["optimizer"]["params"], "optimizer")
+    assert run.scheduler.num_steps == 0 and run.scheduler.get_lr() == 0.0
+    assert "fresh (--no-load-lr-scheduler)" in run.load_report
+
+
+def test_pretrained_checkpoint_loads_weights_only(pretrained, tmp_path):
+    ckpt, trained, _ = pretrained
+    run = _restored("--pretrained-checkpoint", ckpt, "--save", str(tmp_path / "new"))
+    _assert_bitwise(run.module.state_dict(), trained["model"], "weights")
+    assert run.progress.iteration == 0 and run.scheduler.num_steps == 0
+    assert all(m is None or torch.count_nonzero(m) == 0 for m in _moments(run.optimizer.state_dict()).values())
+
+
+MODES = {
+    "finetune": ["--finetune", "--no-load-optim"],
+    "further-train": ["--reset-sample-stat"],
+    "further-train-new-schedule": ["--reset-sample-stat", "--no-load-lr-scheduler"],
+    "pretrained-checkpoint": [],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_interrupted_mode_run_restarts_bitwise(mode, pretrained, tmp_path):
+    """The same command line twice (interrupted, then restarted) equals one uninterrupted run."""
+    ckpt = pretrained[0]
+    source = ["--pretrained-checkpoint", ckpt] if mode == "pretrained-checkpoint" else ["--load", ckpt]
+
+    def command(save):
+        return _flags(*source, *MODES[mode], "--save", save, "--save-interval", "2")
+
+    straight = _state(pretrain(parse_args(command(str(tmp_path / "straight")))))
+    own = str(tmp_path / "own")
+    first = pretrain(parse_args(command(own) + ["--exit-interval", "3"]))
+    second = pretrain(parse_args(command(own)))
+    assert second.loaded_dir == own and second.loaded_iteration == 3   # saved on exit, resumed plainly
+    assert "mode                            resume" in second.load_report
+    resumed = _state(second)
+    assert _state(first)["history"] + resumed["history"] == straight["history"]
+    _assert_bitwise(resumed["model"], straight["model"], "model")
+    _assert_bitwise(resumed["optimizer"], straight["optimizer"], "optimizer")
+
+
+def test_changed_architecture_names_each_field_and_the_fix(pretrained):
+    flags = _flags("--load", pretrained[0], iters=5)
+    flags[flags.index("--hidden-size") + 1] = "48"
+    cfg = parse_args(flags + ["--num-query-groups", "4"])
+    state = setup_parallel(cfg)
+    with pytest.raises(ConfigError, match=r"hidden_size=32 \(flags say 48\), ffn_hidden_size=128 \(flags say 192\), "
+                                          r"num_query_groups=2 \(flags say 4\);"
+                                          r" pass --use-checkpoint-args"):
+        check_model_config(cfg, decide_load(cfg, state))
+    check_cfg = parse_args(flags + ["--num-query-groups", "4", "--use-checkpoint-args"])
+    check_model_config(check_cfg, decide_load(check_cfg, state))
+    assert check_cfg.model.hidden_size == 32 and check_cfg.model.num_query_groups == 2
+
+
+# ----------------------------------------------------------------------------------- integrity
+
+def _damage(ckpt_dir, how):
+    newest = os.path.join(ckpt_dir, "iter_0000005")
+    shard = os.path.join(newest, "mp_rank_00_000", "model_optim_rng.pt")
+    if how == "truncate":
+        size = os.path.getsize(shard)
+        with open(shard, "r+b") as f:
+            f.truncate(size // 2)
+    elif how == "flip-byte":
+        with open(shard, "r+b") as f:
+            f.seek(os.path.getsize(shard) // 2)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0x01]))
+    elif how == "no-rename":   # a save that died before its rename: still under the temporary name
+        os.rename(newest, newest + ".tmp")
+        with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("3")
+    return newest
+
+
+@pytest.mark.parametrize("how,why", [("truncate", "truncated"), ("flip-byte", "checksum"), ("no-rename", "incomplete")])
+def test_damaged_newest_checkpoint_falls_back_and_deletes_nothing(how, why, pretrained, tmp_path):
+    ckpt = str(tmp_path / "ck")
+    shutil.copytree(pretrained[0], ckpt)
+    before = sorted(os.listdir(ckpt))
+    _damage(ckpt, how)
+    after_damage = sorted(os.listdir(ckpt))
+    run = _restored("--load", ckpt, iters=5)
+    assert run.loaded_iteration == 3
+    report = run.load_report
+    assert "iter_0000003" in report.split("loading:")[1]
+    assert why in report.lower(), report
+    assert sorted(os.listdir(ckpt)) == after_damage and len(after_damage) == len(before)
+
+
+def test_ckpt_step_on_a_damaged_checkpoint_is_an_error(pretrained, tmp_path):
+    ckpt = str(tmp_path / "ck")
+    shutil.copytree(pretrained[0], ckpt)
+    _damage(ckpt, "flip-byte")
+    with pytest.raises(CheckpointLoadError, match="iter_0000005.*failed its checks"):
+        _restored("--load", ckpt, "--ckpt-step", "5", iters=5)
+    assert _restored("--load", ckpt, "--ckpt-step", "3", iters=5).loaded_iteration == 3
+
+
+def test_plain_resume_from_weights_only_checkpoint_is_an_error(tmp_path):
+    d = str(tmp_path / "run")
+    pretrain(parse_args(_flags("--save", d, "--save-weights-only-interval", "2", iters=4)))
+    weights = os.path.join(d, "weights")
+    assert os.listdir(weights)
+    with pytest.raises(ConfigError, match="no optimizer state"):
+        _restored("--load", weights)
+    run = _restored("--pretrained-checkpoint", weights, "--save", str(tmp_path / "new"))
+    assert run.loaded_iteration == 4
+    assert torch.equal(load_file(weights, 4, "mp_rank_00_000/model_optim_rng.pt")["model"]["embedding.word_embeddings.weight"],
+                       run.module.state_dict()["embedding.word_embeddings.weight"])
