@@ -162,11 +162,10 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
     writer = _tensorboard(run)
     start = time.time()
     run.model.train()
+    interval_start = time.time()
     while p.iteration < total:
         lr = run.scheduler.get_lr()
-        t0 = time.time()
         step = train_step(run, train_iter)
-        elapsed_ms = (time.time() - t0) * 1000.0
         p.iteration += 1
         p.consumed_train_samples += t.global_batch_size
         if step["skipped"]:
@@ -176,8 +175,10 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
         record = {"iteration": p.iteration, "lm loss": step["lm loss"], "lr": lr, "grad_norm": step["grad_norm"],
                   "loss_scale": step["loss_scale"], "skipped": step["skipped"]}
         run.history.append(record)
-        if p.iteration % t.log_interval == 0:
+        if p.iteration % t.log_interval == 0:   # time per iteration averaged over the interval
+            elapsed_ms = (time.time() - interval_start) * 1000.0 / t.log_interval
             print_rank0(format_log_line(run, p.iteration, total, step, elapsed_ms, lr), run.state)
+            interval_start = time.time()
         if writer is not None:
             for k in ("lm loss", "lr", "loss_scale"):
                 writer.add_scalar(k.replace(" ", "_"), record[k], p.iteration)
@@ -233,15 +234,16 @@ def build_data(run: Run):
         consumed_valid_samples=run.progress.consumed_valid_samples)
 
 
-def pretrain(cfg, data_iterators=None) -> Run:
+def pretrain(cfg, data_iterators=None, load: bool = True) -> Run:
     """Everything `pretrain_gpt.py` does: groups, load decision, build, restore, train, save.
 
-    `data_iterators(run) -> (train_iter, valid_iter)` replaces the configured datasets."""
-    from megatron_lite.checkpoint.checkpointing import (check_model_config, decide_load, maybe_save_checkpoint,
-                                                        requested_mode, restore)
+    `data_iterators(run) -> (train_iter, valid_iter)` replaces the configured datasets;
+    `load=False` starts from scratch whatever --load and --save hold."""
+    from megatron_lite.checkpoint.checkpointing import (LoadDecision, check_model_config, decide_load,
+                                                        maybe_save_checkpoint, requested_mode, restore)
 
     state = setup_parallel(cfg)
-    decision = decide_load(cfg, state)
+    decision = decide_load(cfg, state) if load else LoadDecision()
     check_model_config(cfg, decision)
     run = build_run(cfg, state)
     run.mode = requested_mode(cfg)
