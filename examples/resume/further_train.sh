@@ -5,8 +5,8 @@
 # Further-train mode (--reset-sample-stat): weights, optimizer state and RNG states come from
 # the checkpoint; iteration and consumed samples restart at 0, so the data (pass new data as
 # flags, e.g. `further_train.sh --data-path new_text_document`) is read from its first sample.
-#   NEW_LR_SCHEDULE=0 (default): the LR schedule continues where pretraining left it
-#     (--use-checkpoint-opt-param-scheduler: the checkpoint's schedule, not this run's flags).
+#   NEW_LR_SCHEDULE=0 (default): the LR schedule continues where pretraining left it (the
+#     checkpoint's schedule; this run's LR flags are not used).
 #   NEW_LR_SCHEDULE=1: a fresh schedule from this script's flags (--no-load-lr-scheduler).
 #
 # Interrupted, it saves and exits 0; restart it with further_train_resume.sh (or this script
@@ -14,10 +14,9 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+schedule=()
 if [[ "${NEW_LR_SCHEDULE:-0}" == 1 ]]; then
   schedule=(--no-load-lr-scheduler --lr 5e-4 --min-lr 5e-5 --lr-decay-style cosine --lr-warmup-fraction 0.05)
-else
-  schedule=(--use-checkpoint-opt-param-scheduler)
 fi
 
 run_training "$LOG_DIR/further_train.log" \
