@@ -1,0 +1,355 @@
+"""Checkpoint save and load bandwidth of megatron_lite against the raw disk, torch.save and
+torch.distributed.checkpoint, all in one run on the same disk.
+
+The state is the reference model's (bench/common.py) full training state after one megatron_lite
+train_step on the GPU: bf16 weights, fp32 main params and both Adam moments, LR scheduler and
+counters. GB/s is the bytes of its tensors (the same numerator for every row; dd's own byte count
+for dd) over the seconds the operation took; 1 GB = 1e9 bytes. Every write is durable when its
+time stops (dd with O_DIRECT; fsync for the others), and every read starts from a cold page cache
+(`echo 3 > /proc/sys/vm/drop_caches`, or where that is not permitted posix_fadvise(DONTNEED) on
+the files read; the output says which, or "page cache not dropped").
+
+    write   dd oflag=direct                  dd if=/dev/zero bs=64M of the same size (conv=fsync where
+                                             the filesystem refuses O_DIRECT)
+            megatron_lite save_checkpoint    the synchronous save of pretrain_gpt.py (snapshot to CPU,
+                                             serialise with checksums, fsync, commit)
+            torch.save + fsync               of the same tensors, one file
+            dcp.save                         torch.distributed.checkpoint, one process, no process group
+    async   megatron_lite async save (1st)   --async-save (AsyncSaver): "blocked" is the time until
+            megatron_lite async save (2nd)   save_checkpoint returns and training may go on, "committed"
+                                             until finalize() has the checkpoint on disk; the first save
+                                             also allocates the pinned host buffers that later ones reuse
+    read    dd iflag=direct
+            megatron_lite decide_load + restore   the load of pretrain_gpt.py: choose and checksum the
+                                             checkpoint, then weights and optimizer state into the GPU run
+            megatron_lite load_file          the raw read: torch.load(weights_only) of the shard to CPU
+            torch.load                       to CPU, weights_only
+            dcp.load                         in place into the live (GPU) state
+
+    python bench/checkpoint_io.py [--dir PARENT] [--budget-s 150] [--page-cache drop|fadvise|keep]
+    python bench/checkpoint_io.py --tiny        # 2-layer model on a CPU
+
+Files go to a fresh directory under --dir (default: the current directory, which should be on the
+disk being measured, not a tmpfs) that is removed at the end. Prints a table with the ratios of
+megatron_lite's rows to dd, torch.save/torch.load and dcp; writes checkpoint_io.json to $OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from typing import Callable, Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+
+from bench.common import (REFERENCE, TINY, bench_device, build_megatron_lite_run, environment,  # noqa: E402
+                          format_number, format_table, megatron_lite_flags, mock_batches, synchronize, write_json)
+from megatron_lite.checkpoint import layout  # noqa: E402
+from megatron_lite.checkpoint.async_save import AsyncSaver  # noqa: E402
+from megatron_lite.checkpoint.checkpointing import (decide_load, finish_async_save, restore,  # noqa: E402
+                                                    save_checkpoint)
+from megatron_lite.checkpoint.storage import load_file  # noqa: E402
+from megatron_lite.training import train_step  # noqa: E402
+
+GB = 1e9
+
+
+# --------------------------------------------------------------------------------- the disk
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the distinct tensor storages in a nested dict/list (what any format must write)."""
+    seen: Dict[int, int] = {}
+
+    def visit(o):
+        if isinstance(o, torch.Tensor):
+            seen[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+        elif isinstance(o, dict):
+            for v in o.values():
+                visit(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                visit(v)
+
+    visit(obj)
+    return sum(seen.values())
+
+
+def filesystem_of(path: str) -> dict:
+    """Mount point, filesystem type and device that hold `path` (from /proc/mounts)."""
+    path = os.path.realpath(path)
+    best = {"mount": "/", "type": "unknown", "device": "unknown"}
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                device, mount, fstype = line.split()[:3]
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best["mount"]):
+                    best = {"mount": mount, "type": fstype, "device": device}
+    except OSError:
+        pass
+    return best
+
+
+def files_under(path: str) -> List[str]:
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
+
+
+def drop_page_cache(path: str, mode: str) -> str:
+    """Evict `path`'s pages before a read: drop_caches (root), else fadvise DONTNEED per file.
+    Returns what was done, for the report."""
+    if mode == "keep":
+        return "page cache not dropped (--page-cache keep)"
+    os.sync()
+    refused = ""
+    if mode == "drop":
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            return "page cache dropped (drop_caches)"
+        except OSError as e:
+            refused = f"drop_caches refused ({e.strerror}); "
+    try:
+        for name in files_under(path):
+            fd = os.open(name, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return refused + "page cache of the files evicted (fadvise DONTNEED)"
+    except (OSError, AttributeError) as e:
+        return refused + f"page cache not dropped (fadvise failed: {e})"
+
+
+def run_dd(args: List[str], fallback: List[str]) -> tuple:
+    """(seconds, note): dd with O_DIRECT, or with `fallback` flags instead where that is refused."""
+    start = time.perf_counter()
+    done = subprocess.run(["dd", *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode == 0:
+        return seconds, ""
+    why = (done.stderr.strip().splitlines() or ["no message"])[0]
+    plain = [a for a in args if not a.endswith("=direct")] + fallback
+    start = time.perf_counter()
+    subprocess.run(["dd", *plain], capture_output=True, text=True, check=True)
+    return time.perf_counter() - start, f"O_DIRECT refused ({why}): dd {' '.join(plain)}"
+
+
+# ------------------------------------------------------------------------------ measuring
+
+class Results:
+    """Rows of (name, op, seconds, bytes); skips what is left once --budget-s is spent."""
+
+    def __init__(self, budget_s: Optional[float], on_row: Callable[[], None]):
+        self.rows: List[dict] = []
+        self.start, self.budget_s, self.on_row = time.monotonic(), budget_s, on_row
+
+    def measure(self, name: str, op: str, nbytes: int, fn: Callable[[], object], note: str = "") -> None:
+        """Time fn(); a string it returns is appended to the row's note, anything else is dropped."""
+        if self.over_budget(name, op, nbytes):
+            return
+        start = time.perf_counter()
+        extra = fn()
+        seconds = time.perf_counter() - start
+        self.add(name, op, seconds, nbytes, "; ".join(x for x in (note, extra) if isinstance(x, str) and x))
+
+    def over_budget(self, name: str, op: str, nbytes: int) -> bool:
+        """True, after adding a 'skipped' row, once the time budget is spent."""
+        if self.budget_s is None or time.monotonic() - self.start <= self.budget_s:
+            return False
+        self.add(name, op, None, nbytes, f"skipped: the --budget-s {self.budget_s:g} s was spent")
+        return True
+
+    def add(self, name: str, op: str, seconds: Optional[float], nbytes: int, note: str = "") -> None:
+        gbps = nbytes / seconds / GB if seconds and op in ("write", "read", "committed") else None
+        self.rows.append({"name": name, "op": op, "seconds": seconds, "bytes": nbytes, "gb_per_s": gbps,
+                          "note": note})
+        print(f"{name} [{op}]: " + (f"{seconds:.3f} s" if seconds is not None else "-") +
+              (f", {gbps:.2f} GB/s" if gbps else "") + (f" ({note})" if note else ""), flush=True)
+        self.on_row()
+
+    def find(self, name: str, op: str) -> Optional[dict]:
+        return next((r for r in self.rows if r["name"] == name and r["op"] == op and r["seconds"]), None)
+
+
+def add_ratios(results: Results) -> None:
+    """megatron_lite's rows over dd, torch and dcp of the same direction (bandwidth ratios)."""
+    baselines = {"write": ("dd oflag=direct", "torch.save + fsync", "dcp.save"),
+                 "committed": ("dd oflag=direct", "torch.save + fsync", "dcp.save"),
+                 "read": ("dd iflag=direct", "torch.load", "dcp.load")}
+    for r in results.rows:
+        if r["gb_per_s"] is None:
+            continue
+        direction = "write" if r["op"] in ("write", "committed") else "read"
+        dd, torch_row, dcp_row = (results.find(n, direction) for n in baselines[r["op"]])
+        if r["name"].startswith("dd "):
+            continue
+        r["vs_dd"] = r["gb_per_s"] / dd["gb_per_s"] if dd else None
+        if r["name"].startswith("megatron_lite"):
+            r["vs_torch"] = r["gb_per_s"] / torch_row["gb_per_s"] if torch_row else None
+            r["vs_dcp"] = r["gb_per_s"] / dcp_row["gb_per_s"] if dcp_row else None
+
+
+def report(results: Results) -> str:
+    def ratio(r, key):
+        return f"{r[key]:.2f}x" if r.get(key) else "-"
+
+    table = [[r["name"], r["op"], format_number(r["seconds"]), format_number(r["gb_per_s"]),
+              ratio(r, "vs_dd"), ratio(r, "vs_torch"), ratio(r, "vs_dcp")] for r in results.rows]
+    notes = sorted({r["note"] for r in results.rows if r["note"]})
+    return format_table(["measurement", "op", "seconds", "GB/s", "vs dd", "vs torch", "vs dcp"], table) + \
+        "".join(f"\n  note: {n}" for n in notes)
+
+
+# ------------------------------------------------------------------------------ the run
+
+def training_state(run) -> dict:
+    """The tensors a full megatron_lite checkpoint holds, as one dict for torch.save and dcp."""
+    return {"model": run.module.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "opt_param_scheduler": run.scheduler.state_dict(), "progress": run.progress.state_dict()}
+
+
+def bench(args, work: str, results: Results, info: dict) -> None:
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # one process, on purpose
+
+    dims = TINY if args.tiny else REFERENCE
+    device = bench_device()
+    run = build_megatron_lite_run(megatron_lite_flags(dims, train_iters=10, clip_grad=1.0))
+    train_step(run, itertools.cycle(mock_batches(dims, 1, device)))   # creates the Adam moments
+    run.progress.iteration = 1
+    state = training_state(run)
+    nbytes = tensor_bytes(state)
+    weights = tensor_bytes(state["model"])
+    info.update(state_bytes=nbytes, weight_bytes=weights, optimizer_bytes=tensor_bytes(state["optimizer"]))
+    print(f"state: {nbytes / GB:.2f} GB ({weights / GB:.2f} GB bf16 weights, "
+          f"{info['optimizer_bytes'] / GB:.2f} GB fp32 main params and Adam moments) in {work} "
+          f"({info['filesystem']['type']} on {info['filesystem']['device']})", flush=True)
+    free = shutil.disk_usage(work).free
+    if free < 1.2 * nbytes:
+        raise SystemExit(f"{work} has {free / GB:.1f} GB free but the benchmark needs {1.2 * nbytes / GB:.1f} GB; "
+                         f"pass --dir on a larger disk")
+    cache = lambda path: drop_page_cache(path, args.page_cache)  # noqa: E731
+
+    bs = args.dd_bs_mib
+    dd_file, count = os.path.join(work, "dd.bin"), math.ceil(nbytes / (bs << 20))
+    dd_bytes = count * (bs << 20)
+    results.measure("dd oflag=direct", "write", dd_bytes, lambda: run_dd(
+        ["if=/dev/zero", f"of={dd_file}", f"bs={bs}M", f"count={count}", "oflag=direct"], ["conv=fsync"])[1])
+    note = cache(dd_file)
+    results.measure("dd iflag=direct", "read", dd_bytes, lambda: run_dd(
+        [f"if={dd_file}", "of=/dev/null", f"bs={bs}M", "iflag=direct"], [])[1], note)
+    os.remove(dd_file)
+
+    cfg = run.cfg
+    ml_dir = os.path.join(work, "megatron_lite")
+    cfg.checkpoint.save, cfg.checkpoint.load = ml_dir, None
+    results.measure("megatron_lite save_checkpoint", "write", nbytes, lambda: save_checkpoint(run))
+    cfg.checkpoint.save, cfg.checkpoint.load = None, ml_dir
+
+    def load_as_pretrain():
+        restore(run, decide_load(cfg, run.state))
+        synchronize(device)
+
+    results.measure("megatron_lite decide_load + restore", "read", nbytes, load_as_pretrain, cache(ml_dir))
+    results.measure("megatron_lite load_file", "read", nbytes,
+                    lambda: load_file(ml_dir, 1, layout.model_shard_path(0, 0)), cache(ml_dir))
+    shutil.rmtree(ml_dir)
+
+    torch_file = os.path.join(work, "state.pt")
+
+    def torch_save():
+        with open(torch_file, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    results.measure("torch.save + fsync", "write", nbytes, torch_save)
+    results.measure("torch.load", "read", nbytes,
+                    lambda: torch.load(torch_file, map_location="cpu", weights_only=True), cache(torch_file))
+    os.remove(torch_file)
+
+    dcp_dir = os.path.join(work, "dcp")
+
+    def dcp_load():
+        dcp.load(state, checkpoint_id=dcp_dir)
+        synchronize(device)
+
+    results.measure("dcp.save", "write", nbytes, lambda: dcp.save(state, checkpoint_id=dcp_dir))
+    results.measure("dcp.load", "read", nbytes, dcp_load, cache(dcp_dir))
+    shutil.rmtree(dcp_dir)
+    del state
+
+    async_dir = os.path.join(work, "async")
+    cfg.checkpoint.save, cfg.checkpoint.load = async_dir, None
+    run.async_saver = AsyncSaver()
+    for i, label in enumerate(("1st", "2nd")):
+        name = f"megatron_lite async save ({label})"
+        if results.over_budget(name, "committed", nbytes):
+            continue
+        run.progress.iteration = 2 + i
+        start = time.perf_counter()
+        save_checkpoint(run)
+        results.add(name, "blocked", time.perf_counter() - start, nbytes)
+        finish_async_save(run)
+        results.add(name, "committed", time.perf_counter() - start, nbytes)
+        shutil.rmtree(async_dir)
+    run.async_saver = None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="the 2-layer model of bench/common.py (runs on a CPU)")
+    p.add_argument("--dir", default=".", help="parent of the scratch directory (on the disk to measure)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="skip the measurements that would start after this many seconds")
+    p.add_argument("--page-cache", choices=["drop", "fadvise", "keep"], default="drop",
+                   help="before reads: drop_caches (falls back to fadvise), fadvise DONTNEED on the files, or keep")
+    p.add_argument("--dd-bs-mib", type=int, default=None, help="dd block size in MiB (64; 1 with --tiny)")
+    args = p.parse_args(argv)
+    args.dd_bs_mib = args.dd_bs_mib or (1 if args.tiny else 64)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = bench_device()
+    env = environment(device)
+    os.makedirs(args.dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="checkpoint_io_", dir=args.dir)
+    info = {"environment": env, "model": dataclasses.asdict(TINY if args.tiny else REFERENCE), "directory": work,
+            "filesystem": filesystem_of(work), "page_cache": args.page_cache, "dd_block_mib": args.dd_bs_mib}
+    print(f"{env['date']} | {env['device']} | torch {env['torch']} (CUDA {env['cuda']})", flush=True)
+
+    def save_json():
+        write_json("checkpoint_io.json", {**info, "rows": results.rows})
+
+    results = Results(args.budget_s, save_json)
+    status = 0
+    try:
+        bench(args, work, results, info)
+    except Exception:   # report what was measured before the failure
+        traceback.print_exc()
+        status = 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    add_ratios(results)
+    save_json()
+    print("\n" + report(results), flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
