@@ -9,6 +9,8 @@ GPU it runs on CPU (gloo).
 
 import sys
 
+import torch.distributed as dist
+
 from megatron_lite.arguments import ConfigError, parse_args
 from megatron_lite.training import pretrain
 
@@ -20,6 +22,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

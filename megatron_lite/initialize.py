@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from megatron_lite.arguments import pad_vocab_size, validate
+from megatron_lite.arguments import ConfigError, pad_vocab_size, validate
 from megatron_lite.config import RunConfig
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.ops import build_ops
@@ -123,6 +123,9 @@ def build_run(cfg: RunConfig, state: ParallelState, tokenizer=None) -> Run:
     module = build_model(cfg, state, ops, state.device)
     model = DistributedDataParallel(module, cfg.parallel, state)
     optimizer = build_optimizer([model], cfg.optimizer, cfg.parallel, state)
-    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train)
+    try:
+        scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train)
+    except ValueError as e:   # a schedule that cannot work is a flag problem
+        raise ConfigError(str(e)) from e
     return Run(cfg=cfg, state=state, model=model, optimizer=optimizer, scheduler=scheduler,
                tokenizer=tokenizer, ops=ops)

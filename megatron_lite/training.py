@@ -153,12 +153,13 @@ def _tensorboard(run: Run):
     return SummaryWriter(log_dir=run.cfg.train.tensorboard_dir)
 
 
-def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None, save_fn=None) -> List[dict]:
+def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None, save_fn=None,
+          exit_signal: Optional["ExitSignal"] = None) -> List[dict]:
     """Train from run.progress.iteration to the last iteration; returns one record per iteration
     (iteration, lm loss, lr, grad norm, loss scale, skipped) as every rank saw it."""
     t, p = run.cfg.train, run.progress
     total = total_train_iters(run)
-    exit_signal = ExitSignal(t.exit_signal_handler)
+    exit_signal = exit_signal or ExitSignal(t.exit_signal_handler)
     writer = _tensorboard(run)
     start = time.time()
     run.model.train()
@@ -242,6 +243,7 @@ def pretrain(cfg, data_iterators=None, load: bool = True) -> Run:
     from megatron_lite.checkpoint.checkpointing import (LoadDecision, check_model_config, decide_load,
                                                         maybe_save_checkpoint, requested_mode, restore)
 
+    exit_signal = ExitSignal(cfg.train.exit_signal_handler)   # a signal during start-up is honoured too
     state = setup_parallel(cfg)
     decision = decide_load(cfg, state) if load else LoadDecision()
     check_model_config(cfg, decision)
@@ -256,5 +258,5 @@ def pretrain(cfg, data_iterators=None, load: bool = True) -> Run:
             train_iter, valid_iter, _ = build_data(run)
         else:
             train_iter, valid_iter = data_iterators(run)
-    train(run, train_iter, valid_iter, save_fn=maybe_save_checkpoint)
+    train(run, train_iter, valid_iter, save_fn=maybe_save_checkpoint, exit_signal=exit_signal)
     return run

@@ -244,6 +244,7 @@ def restore(run: Run, decision: LoadDecision) -> None:
         restored["rng"] = "fresh seed" if not full else "fresh seed (--no-load-rng)"
     restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
                                  else "from the first sample")
+    run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule
     run.loaded_iteration = decision.plan.iteration
     if action == "resume":
         run.last_saved_iteration = run.progress.iteration   # nothing new to save until it trains

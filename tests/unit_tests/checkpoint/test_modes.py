@@ -73,6 +73,7 @@ def test_further_train_with_new_schedule(pretrained, tmp_path):
     run = _restored("--load", ckpt, "--save", str(tmp_path / "ft"), "--reset-sample-stat", "--no-load-lr-scheduler")
     _assert_bitwise(run.optimizer.state_dict()["params"], trained["optimizer"]["params"], "optimizer")
     assert run.scheduler.num_steps == 0 and run.scheduler.get_lr() == 0.0
+    assert [g["lr"] for g in run.optimizer.param_groups] == [0.0, 0.0]   # what the first step will use
     assert "fresh (--no-load-lr-scheduler)" in run.load_report
 
 
