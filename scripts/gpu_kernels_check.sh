@@ -14,6 +14,15 @@ status=0
   $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.log"
 
+# torch's CUDA headers include the math libraries' headers (cusparse.h, ...); where the toolkit
+# lacks them, use the copies that pip's nvidia-* wheels ship.
+CUDA_INC=$($PY -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "/usr/local/cuda")')/include
+if [ ! -f "$CUDA_INC/cusparse.h" ]; then
+  NV_INC=$($PY -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(h) for r in nvidia.__path__
+    for h in glob.glob(os.path.join(r, "*", "include", "cusparse.h"))})))' 2>/dev/null)
+  [ -n "$NV_INC" ] && export CPATH=$NV_INC${CPATH:+:$CPATH} && echo "CPATH=$CPATH" | tee -a "$OUT/env.log"
+fi
+
 start=$(date +%s)
 $PY -m pip install --no-deps --no-build-isolation -e . 2>&1 | tee "$OUT/build.log" | tail -5 || status=1
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"

@@ -20,10 +20,16 @@ from megatron_lite.ops.cuda_build import load_extension
 ROW_THREADS = 512
 
 
-def row_fits(cols: int, *tensors: torch.Tensor) -> bool:
-    elem = tensors[0].element_size()
-    vec = 16 // elem
+def row_fits(cols: int, *tensors: torch.Tensor, mask: Optional[torch.Tensor] = None) -> bool:
+    """Whether a row kernel takes rows of `cols` elements of these tensors (the first sets the
+    vector width), as the kernel decides it: vectorised only when every tensor, and the mask
+    broadcast to the first tensor's shape, is 16-byte aligned row by row."""
+    vec = 16 // tensors[0].element_size()
     aligned = cols % vec == 0 and all(t.data_ptr() % (vec * t.element_size()) == 0 for t in tensors)
+    if mask is not None:
+        m = mask.expand(tensors[0].shape)
+        aligned = aligned and m.stride(-1) == 1 and m.data_ptr() % vec == 0 and all(
+            st % vec == 0 for st in m.stride()[:-1])
     return cols <= ROW_THREADS * 16 or (aligned and cols <= ROW_THREADS * 4 * vec)
 
 
@@ -198,10 +204,10 @@ class CudaOps:
         return _Rotary.apply(self.ext, t, cos2, sin2)
 
     def scaled_masked_softmax(self, scores, mask, scale):
-        if scores.dim() != 4 or scores.dtype == torch.float64 or not row_fits(scores.shape[-1], scores):
-            return torch_ops.scaled_masked_softmax(scores, mask, scale)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.bool()
+        if scores.dim() != 4 or scores.dtype == torch.float64 or not row_fits(scores.shape[-1], scores, mask=mask):
+            return torch_ops.scaled_masked_softmax(scores, mask, scale)
         return _MaskedSoftmax.apply(self.ext, scores, mask, float(scale))
 
     def scaled_upper_triang_softmax(self, scores, scale):

@@ -76,6 +76,19 @@ def test_layer_norm_kernel(ops, shape, dtype, with_bias):
     ref.assert_within(ref.compare(ops.layer_norm, ref.layer_norm, [x, w, b, 1e-5], dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype, hidden", [(torch.bfloat16, 16384), (torch.float32, 8192), (torch.float16, 8191)],
+                         ids=["bf16-16384", "fp32-8192", "fp16-8191-unvectorised"])
+def test_the_longest_rows_the_row_kernels_take(ops, dtype, hidden):
+    from megatron_lite.ops.cuda_ops import row_fits
+
+    x = randn(7, hidden, dtype=dtype, scale=2.0)
+    assert row_fits(hidden, x)
+    w, b = (1 + randn(hidden, seed=1, scale=0.1)).to(dtype), randn(hidden, dtype=dtype, seed=2)
+    ref.assert_within(ref.compare(ops.layer_norm, ref.layer_norm, [x, w, b, 1e-5], dtype), dtype)
+    ref.assert_within(ref.compare(ops.scaled_masked_softmax, ref.scaled_masked_softmax,
+                                  [x.view(1, 1, 7, hidden), None, 0.5], dtype), dtype)
+
+
 @pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
 def test_norm_kernels_take_float32_weights_with_bf16_input(ops, norm):
     x, w, b = randn(4096, 4096, dtype=torch.bfloat16), 1 + randn(4096, seed=1, scale=0.1), randn(4096, seed=2)
