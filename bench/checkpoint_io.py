@@ -9,22 +9,23 @@ time stops (dd with O_DIRECT; fsync for the others), and every read starts from 
 (`echo 3 > /proc/sys/vm/drop_caches`, or where that is not permitted posix_fadvise(DONTNEED) on
 the files read; the output says which, or "page cache not dropped").
 
-    write   dd oflag=direct                  dd if=/dev/zero bs=64M of the same size (conv=fsync where
-                                             the filesystem refuses O_DIRECT)
-            megatron_lite save_checkpoint    the synchronous save of pretrain_gpt.py (snapshot to CPU,
-                                             serialise with checksums, fsync, commit)
-            torch.save + fsync               of the same tensors, one file
-            dcp.save                         torch.distributed.checkpoint, one process, no process group
-    async   megatron_lite async save (1st)   --async-save (AsyncSaver): "blocked" is the time until
-            megatron_lite async save (2nd)   save_checkpoint returns and training may go on, "committed"
-                                             until finalize() has the checkpoint on disk; the first save
-                                             also allocates the pinned host buffers that later ones reuse
-    read    dd iflag=direct
-            megatron_lite decide_load + restore   the load of pretrain_gpt.py: choose and checksum the
-                                             checkpoint, then weights and optimizer state into the GPU run
-            megatron_lite load_file          the raw read: torch.load(weights_only) of the shard to CPU
-            torch.load                       to CPU, weights_only
-            dcp.load                         in place into the live (GPU) state
+    dd oflag=direct / iflag=direct   dd if=/dev/zero bs=64M of the same size, and back (conv=fsync
+                                     and a plain read where the filesystem refuses O_DIRECT)
+    megatron_lite save_checkpoint    the synchronous save of pretrain_gpt.py (snapshot to CPU,
+                                     serialise with checksums, fsync, commit)
+    megatron_lite decide_load + restore   the load of pretrain_gpt.py: choose and checksum the
+                                     checkpoint, then weights and optimizer state into the GPU run
+    megatron_lite load_file          the raw read: torch.load(weights_only) of the shard to CPU
+    megatron_lite async save (1st, 2nd)   --async-save (AsyncSaver): "blocked" until save_checkpoint
+                                     returns and training may go on, "committed" until finalize() has
+                                     the checkpoint on disk; the first save also allocates the pinned
+                                     host buffers that later saves reuse
+    torch.save + fsync / torch.load  of the same tensors, one file; loaded to CPU with weights_only
+    dcp.save / dcp.load              torch.distributed.checkpoint in one process without a process
+                                     group; loaded in place into the live (GPU) state
+
+The measurements run in this order; with --budget-s those that would start after the budget is
+spent are reported as skipped.
 
     python bench/checkpoint_io.py [--dir PARENT] [--budget-s 150] [--page-cache drop|fadvise|keep]
     python bench/checkpoint_io.py --tiny        # 2-layer model on a CPU
@@ -41,6 +42,7 @@ import dataclasses
 import itertools
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -222,91 +224,108 @@ def training_state(run) -> dict:
             "opt_param_scheduler": run.scheduler.state_dict(), "progress": run.progress.state_dict()}
 
 
+def measure_dd(results: Results, work: str, nbytes: int, bs_mib: int, cache: Callable[[str], str]) -> None:
+    path, count = os.path.join(work, "dd.bin"), math.ceil(nbytes / (bs_mib << 20))
+    dd_bytes = count * (bs_mib << 20)
+    results.measure("dd oflag=direct", "write", dd_bytes, lambda: run_dd(
+        ["if=/dev/zero", f"of={path}", f"bs={bs_mib}M", f"count={count}", "oflag=direct"], ["conv=fsync"])[1])
+    results.measure("dd iflag=direct", "read", dd_bytes, lambda: run_dd(
+        [f"if={path}", "of=/dev/null", f"bs={bs_mib}M", "iflag=direct"], [])[1], cache(path))
+    os.remove(path)
+
+
+def measure_megatron_lite(results: Results, run, work: str, nbytes: int, cache: Callable[[str], str]) -> None:
+    """save_checkpoint, then the load of pretrain_gpt.py, then the raw read of the shard file."""
+    cfg, directory = run.cfg, os.path.join(work, "megatron_lite")
+    cfg.checkpoint.save, cfg.checkpoint.load = directory, None
+    results.measure("megatron_lite save_checkpoint", "write", nbytes, lambda: save_checkpoint(run))
+    cfg.checkpoint.save, cfg.checkpoint.load = None, directory
+
+    def load_as_pretrain():
+        restore(run, decide_load(cfg, run.state))
+        synchronize(run.state.device)
+
+    results.measure("megatron_lite decide_load + restore", "read", nbytes, load_as_pretrain, cache(directory))
+    results.measure("megatron_lite load_file", "read", nbytes,
+                    lambda: load_file(directory, run.progress.iteration, layout.model_shard_path(0, 0)),
+                    cache(directory))
+    shutil.rmtree(directory)
+
+
+def measure_async_saves(results: Results, run, work: str, nbytes: int) -> None:
+    """Two --async-save saves: blocked until save_checkpoint returns, committed when finalized."""
+    cfg = run.cfg
+    cfg.checkpoint.save, cfg.checkpoint.load = os.path.join(work, "async"), None
+    run.async_saver = AsyncSaver()
+    for label in ("1st", "2nd"):
+        name = f"megatron_lite async save ({label})"
+        if results.over_budget(name, "committed", nbytes):
+            continue
+        run.progress.iteration += 1
+        start = time.perf_counter()
+        save_checkpoint(run)
+        results.add(name, "blocked", time.perf_counter() - start, nbytes)
+        finish_async_save(run)
+        results.add(name, "committed", time.perf_counter() - start, nbytes)
+        shutil.rmtree(cfg.checkpoint.save)
+    run.async_saver = None
+
+
+def measure_torch_and_dcp(results: Results, state: dict, work: str, nbytes: int, cache: Callable[[str], str],
+                          device: torch.device) -> None:
+    """torch.save (+ fsync) / torch.load to CPU, then dcp.save / dcp.load in place, of `state`."""
+    path = os.path.join(work, "state.pt")
+
+    def torch_save():
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    results.measure("torch.save + fsync", "write", nbytes, torch_save)
+    results.measure("torch.load", "read", nbytes, lambda: torch.load(path, map_location="cpu", weights_only=True),
+                    cache(path))
+    os.remove(path)
+
+    directory = os.path.join(work, "dcp")
+
+    def dcp_load():
+        dcp.load(state, checkpoint_id=directory)
+        synchronize(device)
+
+    results.measure("dcp.save", "write", nbytes, lambda: dcp.save(state, checkpoint_id=directory))
+    results.measure("dcp.load", "read", nbytes, dcp_load, cache(directory))
+    shutil.rmtree(directory)
+
+
 def bench(args, work: str, results: Results, info: dict) -> None:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # one process, on purpose
-
     dims = TINY if args.tiny else REFERENCE
     device = bench_device()
-    run = build_megatron_lite_run(megatron_lite_flags(dims, train_iters=10, clip_grad=1.0))
+    run = build_megatron_lite_run(megatron_lite_flags(dims, train_iters=10, clip_grad=1.0,
+                                                      extra=shlex.split(args.megatron_lite_flags)))
     train_step(run, itertools.cycle(mock_batches(dims, 1, device)))   # creates the Adam moments
     run.progress.iteration = 1
     state = training_state(run)
     nbytes = tensor_bytes(state)
-    weights = tensor_bytes(state["model"])
-    info.update(state_bytes=nbytes, weight_bytes=weights, optimizer_bytes=tensor_bytes(state["optimizer"]))
-    print(f"state: {nbytes / GB:.2f} GB ({weights / GB:.2f} GB bf16 weights, "
+    info.update(state_bytes=nbytes, weight_bytes=tensor_bytes(state["model"]),
+                optimizer_bytes=tensor_bytes(state["optimizer"]))
+    del state   # restore() replaces the Adam moments: take the state again after it
+    print(f"state: {nbytes / GB:.2f} GB ({info['weight_bytes'] / GB:.2f} GB bf16 weights, "
           f"{info['optimizer_bytes'] / GB:.2f} GB fp32 main params and Adam moments) in {work} "
           f"({info['filesystem']['type']} on {info['filesystem']['device']})", flush=True)
     free = shutil.disk_usage(work).free
     if free < 1.2 * nbytes:
         raise SystemExit(f"{work} has {free / GB:.1f} GB free but the benchmark needs {1.2 * nbytes / GB:.1f} GB; "
                          f"pass --dir on a larger disk")
-    cache = lambda path: drop_page_cache(path, args.page_cache)  # noqa: E731
 
-    bs = args.dd_bs_mib
-    dd_file, count = os.path.join(work, "dd.bin"), math.ceil(nbytes / (bs << 20))
-    dd_bytes = count * (bs << 20)
-    results.measure("dd oflag=direct", "write", dd_bytes, lambda: run_dd(
-        ["if=/dev/zero", f"of={dd_file}", f"bs={bs}M", f"count={count}", "oflag=direct"], ["conv=fsync"])[1])
-    note = cache(dd_file)
-    results.measure("dd iflag=direct", "read", dd_bytes, lambda: run_dd(
-        [f"if={dd_file}", "of=/dev/null", f"bs={bs}M", "iflag=direct"], [])[1], note)
-    os.remove(dd_file)
+    def cache(path: str) -> str:
+        return drop_page_cache(path, args.page_cache)
 
-    cfg = run.cfg
-    ml_dir = os.path.join(work, "megatron_lite")
-    cfg.checkpoint.save, cfg.checkpoint.load = ml_dir, None
-    results.measure("megatron_lite save_checkpoint", "write", nbytes, lambda: save_checkpoint(run))
-    cfg.checkpoint.save, cfg.checkpoint.load = None, ml_dir
-
-    def load_as_pretrain():
-        restore(run, decide_load(cfg, run.state))
-        synchronize(device)
-
-    results.measure("megatron_lite decide_load + restore", "read", nbytes, load_as_pretrain, cache(ml_dir))
-    results.measure("megatron_lite load_file", "read", nbytes,
-                    lambda: load_file(ml_dir, 1, layout.model_shard_path(0, 0)), cache(ml_dir))
-    shutil.rmtree(ml_dir)
-
-    torch_file = os.path.join(work, "state.pt")
-
-    def torch_save():
-        with open(torch_file, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    results.measure("torch.save + fsync", "write", nbytes, torch_save)
-    results.measure("torch.load", "read", nbytes,
-                    lambda: torch.load(torch_file, map_location="cpu", weights_only=True), cache(torch_file))
-    os.remove(torch_file)
-
-    dcp_dir = os.path.join(work, "dcp")
-
-    def dcp_load():
-        dcp.load(state, checkpoint_id=dcp_dir)
-        synchronize(device)
-
-    results.measure("dcp.save", "write", nbytes, lambda: dcp.save(state, checkpoint_id=dcp_dir))
-    results.measure("dcp.load", "read", nbytes, dcp_load, cache(dcp_dir))
-    shutil.rmtree(dcp_dir)
-    del state
-
-    async_dir = os.path.join(work, "async")
-    cfg.checkpoint.save, cfg.checkpoint.load = async_dir, None
-    run.async_saver = AsyncSaver()
-    for i, label in enumerate(("1st", "2nd")):
-        name = f"megatron_lite async save ({label})"
-        if results.over_budget(name, "committed", nbytes):
-            continue
-        run.progress.iteration = 2 + i
-        start = time.perf_counter()
-        save_checkpoint(run)
-        results.add(name, "blocked", time.perf_counter() - start, nbytes)
-        finish_async_save(run)
-        results.add(name, "committed", time.perf_counter() - start, nbytes)
-        shutil.rmtree(async_dir)
-    run.async_saver = None
+    measure_dd(results, work, nbytes, args.dd_bs_mib, cache)
+    measure_megatron_lite(results, run, work, nbytes, cache)
+    measure_async_saves(results, run, work, nbytes)
+    measure_torch_and_dcp(results, training_state(run), work, nbytes, cache, device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -317,6 +336,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the measurements that would start after this many seconds")
     p.add_argument("--page-cache", choices=["drop", "fadvise", "keep"], default="drop",
                    help="before reads: drop_caches (falls back to fadvise), fadvise DONTNEED on the files, or keep")
+    p.add_argument("--megatron-lite-flags", default="",
+                   help="more pretrain_gpt.py flags for the run whose state is saved, e.g. '--no-fused-kernels'")
     p.add_argument("--dd-bs-mib", type=int, default=None, help="dd block size in MiB (64; 1 with --tiny)")
     args = p.parse_args(argv)
     args.dd_bs_mib = args.dd_bs_mib or (1 if args.tiny else 64)

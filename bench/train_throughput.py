@@ -23,6 +23,7 @@ candidate alone (the previous one is freed and the counter reset).
 
     python bench/train_throughput.py [--steps 20] [--warmup 5] [--only megatron_lite,torch_compile]
                                      [--compile-mode max-autotune-no-cudagraphs] [--clip-grad 1.0]
+                                     [--megatron-lite-flags "--overlap-grad-reduce ..."]
     python bench/train_throughput.py --tiny      # 2-layer model, a few steps, runs on a CPU
 
 Prints a table and the ratios megatron_lite / each baseline; writes train_throughput.json to
@@ -36,6 +37,7 @@ import dataclasses
 import itertools
 import math
 import os
+import shlex
 import socket
 import sys
 import traceback
@@ -153,6 +155,7 @@ class Context:
     clip_grad: float
     compile_mode: Optional[str]
     compile_backend: str
+    megatron_lite_flags: List[str]    # the complete pretrain_gpt.py command line
 
 
 @dataclass
@@ -166,8 +169,7 @@ class Built:
 def build_megatron_lite(ctx: Context) -> Built:
     from megatron_lite.training import train_step
 
-    flags = megatron_lite_flags(ctx.dims, train_iters=ctx.warmup + ctx.steps + 1, clip_grad=ctx.clip_grad)
-    run = build_megatron_lite_run(flags)
+    run = build_megatron_lite_run(ctx.megatron_lite_flags)
     batches = itertools.cycle(ctx.batches)
     return Built(step=lambda: train_step(run, batches)["lm loss"],
                  params=sum(p.numel() for p in run.module.parameters()), detail=run.ops.describe())
@@ -369,12 +371,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping for every candidate (0: off)")
+    p.add_argument("--megatron-lite-flags", default="",
+                   help="more pretrain_gpt.py flags for megatron_lite, e.g. '--no-fused-kernels --overlap-grad-reduce'")
     p.add_argument("--peak-size", type=int, default=None, help="n of the n^3 bf16 matmul peak (8192; 256 with --tiny)")
     args = p.parse_args(argv)
     chosen = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = sorted(set(chosen) - set(CANDIDATES))
     if unknown or not chosen:
         p.error(f"--only {args.only!r}: unknown candidates {unknown}; choose from {', '.join(CANDIDATES)}")
+    args.megatron_lite_flags = shlex.split(args.megatron_lite_flags)
     args.only = [c for c in CANDIDATES if c in chosen]   # fixed order: Megatron-Core's process group last
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 5)
@@ -397,9 +402,15 @@ def main(argv=None) -> int:
           f"({counts['non_embedding'] / 1e6:.1f}M non-embedding), {flops_per_token / 1e9:.2f} GFLOP per token", flush=True)
     print(f"bf16 {args.peak_size}^3 matmul peak: {peak / 1e12:.1f} TFLOP/s; {args.warmup} warm-up + {args.steps} timed "
           f"steps per candidate, clip-grad {args.clip_grad}", flush=True)
+    flags = megatron_lite_flags(dims, train_iters=args.warmup + args.steps + 1, clip_grad=args.clip_grad,
+                                extra=args.megatron_lite_flags)
     ctx = Context(dims=dims, device=device, batches=mock_batches(dims, NUM_BATCHES, device), warmup=args.warmup,
                   steps=args.steps, clip_grad=args.clip_grad, compile_mode=args.compile_mode,
-                  compile_backend=args.compile_backend)
+                  compile_backend=args.compile_backend, megatron_lite_flags=flags)
+    header = {"environment": env, "model": dataclasses.asdict(dims), "param_counts": counts,
+              "model_flops_per_token": flops_per_token, "peak_matmul_flops": peak, "peak_matmul_size": args.peak_size,
+              "steps": args.steps, "warmup": args.warmup, "clip_grad": args.clip_grad,
+              "compile_mode": args.compile_mode, "compile_backend": args.compile_backend, "megatron_lite_flags": flags}
     rows = []
     for name in args.only:
         print(f"--- {name}", flush=True)
@@ -407,14 +418,9 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(f"{name}: " + (f"{r['tokens_per_s']:.1f} tokens/s, peak {r['peak_memory_gib']:.2f} GiB"
                              if r["status"] == "ok" else f"{r['status']}: {r['reason']}"), flush=True)
-    rel = ratios(rows)
-    print("\n" + report(rows, rel), flush=True)
-    path = write_json("train_throughput.json", {
-        "environment": env, "model": dataclasses.asdict(dims), "param_counts": counts,
-        "model_flops_per_token": flops_per_token, "peak_matmul_flops": peak, "peak_matmul_size": args.peak_size,
-        "steps": args.steps, "warmup": args.warmup, "clip_grad": args.clip_grad,
-        "compile_mode": args.compile_mode, "compile_backend": args.compile_backend,
-        "candidates": rows, "ratios": rel})
+        # after every candidate, so that a run stopped by a time limit keeps what it measured
+        path = write_json("train_throughput.json", {**header, "candidates": rows, "ratios": ratios(rows)})
+    print("\n" + report(rows, ratios(rows)), flush=True)
     if path:
         print(f"wrote {path}")
     return 1 if any(r["status"] == "failed" for r in rows) else 0
