@@ -25,11 +25,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lite.ops import torch_ops
-from megatron_lite.ops.cuda_build import load_extension
-from megatron_lite.ops.cuda_ops import CudaOps
+import torch  # noqa: E402
+
+from megatron_lite.ops import torch_ops  # noqa: E402
+from megatron_lite.ops.cuda_build import load_extension  # noqa: E402
+from megatron_lite.ops.cuda_ops import CudaOps  # noqa: E402
 
 TOKENS, HIDDEN, FFN, VOCAB, HEADS, HEAD_DIM = 8192, 4096, 11008, 32000, 32, 128
 DTYPE = torch.bfloat16

@@ -4,6 +4,7 @@
 # Carries Liger-Kernel from .whl/ when its wheel is there (a column of the benchmark).
 #   bash scripts/gpu_kernels_check.sh
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_kernels_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
