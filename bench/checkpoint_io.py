@@ -44,6 +44,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,14 @@ def files_under(path: str) -> List[str]:
     if os.path.isfile(path):
         return [path]
     return [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
+
+
+def remove(path: str) -> None:
+    """Delete a file or directory if it is there (a measurement skipped by the budget wrote nothing)."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def drop_page_cache(path: str, mode: str) -> str:
@@ -231,7 +240,7 @@ def measure_dd(results: Results, work: str, nbytes: int, bs_mib: int, cache: Cal
         ["if=/dev/zero", f"of={path}", f"bs={bs_mib}M", f"count={count}", "oflag=direct"], ["conv=fsync"])[1])
     results.measure("dd iflag=direct", "read", dd_bytes, lambda: run_dd(
         [f"if={path}", "of=/dev/null", f"bs={bs_mib}M", "iflag=direct"], [])[1], cache(path))
-    os.remove(path)
+    remove(path)
 
 
 def measure_megatron_lite(results: Results, run, work: str, nbytes: int, cache: Callable[[str], str]) -> None:
@@ -249,7 +258,7 @@ def measure_megatron_lite(results: Results, run, work: str, nbytes: int, cache: 
     results.measure("megatron_lite load_file", "read", nbytes,
                     lambda: load_file(directory, run.progress.iteration, layout.model_shard_path(0, 0)),
                     cache(directory))
-    shutil.rmtree(directory)
+    remove(directory)
 
 
 def measure_async_saves(results: Results, run, work: str, nbytes: int) -> None:
@@ -267,7 +276,7 @@ def measure_async_saves(results: Results, run, work: str, nbytes: int) -> None:
         results.add(name, "blocked", time.perf_counter() - start, nbytes)
         finish_async_save(run)
         results.add(name, "committed", time.perf_counter() - start, nbytes)
-        shutil.rmtree(cfg.checkpoint.save)
+        remove(cfg.checkpoint.save)
     run.async_saver = None
 
 
@@ -285,7 +294,7 @@ def measure_torch_and_dcp(results: Results, state: dict, work: str, nbytes: int,
     results.measure("torch.save + fsync", "write", nbytes, torch_save)
     results.measure("torch.load", "read", nbytes, lambda: torch.load(path, map_location="cpu", weights_only=True),
                     cache(path))
-    os.remove(path)
+    remove(path)
 
     directory = os.path.join(work, "dcp")
 
@@ -295,7 +304,7 @@ def measure_torch_and_dcp(results: Results, state: dict, work: str, nbytes: int,
 
     results.measure("dcp.save", "write", nbytes, lambda: dcp.save(state, checkpoint_id=directory))
     results.measure("dcp.load", "read", nbytes, dcp_load, cache(directory))
-    shutil.rmtree(directory)
+    remove(directory)
 
 
 def bench(args, work: str, results: Results, info: dict) -> None:
@@ -326,6 +335,14 @@ def bench(args, work: str, results: Results, info: dict) -> None:
     measure_megatron_lite(results, run, work, nbytes, cache)
     measure_async_saves(results, run, work, nbytes)
     measure_torch_and_dcp(results, training_state(run), work, nbytes, cache, device)
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (a time limit): stop measuring, remove the scratch directory, report."""
+
+
+def stop(signum, frame):
+    raise Stopped(f"stopped by signal {signum}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -359,9 +376,10 @@ def main(argv=None) -> int:
 
     results = Results(args.budget_s, save_json)
     status = 0
+    signal.signal(signal.SIGTERM, stop)
     try:
         bench(args, work, results, info)
-    except Exception:   # report what was measured before the failure
+    except Exception:   # report what was measured before the failure (or the time limit's SIGTERM)
         traceback.print_exc()
         status = 1
     finally:

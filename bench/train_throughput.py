@@ -323,7 +323,7 @@ def measure(name: str, ctx: Context, flops_per_token: float, peak_flops: float) 
         row = {"name": name, "status": "skipped", "reason": str(e)}
     except Exception as e:  # one candidate's failure must not hide the others' numbers
         traceback.print_exc()
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        reason = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         row = {"name": name, "status": "skipped" if name in OPTIONAL else "failed", "reason": reason}
     finally:
         if built is not None:
@@ -399,7 +399,8 @@ def main(argv=None) -> int:
     counts = param_counts(dims)
     print(f"{env['date']} | {env['device']} | torch {env['torch']} (CUDA {env['cuda']})", flush=True)
     print(f"model {dataclasses.asdict(dims)}: {counts['total'] / 1e6:.1f}M parameters "
-          f"({counts['non_embedding'] / 1e6:.1f}M non-embedding), {flops_per_token / 1e9:.2f} GFLOP per token", flush=True)
+          f"({counts['non_embedding'] / 1e6:.1f}M non-embedding), {flops_per_token / 1e9:.2f} GFLOP per token",
+          flush=True)
     print(f"bf16 {args.peak_size}^3 matmul peak: {peak / 1e12:.1f} TFLOP/s; {args.warmup} warm-up + {args.steps} timed "
           f"steps per candidate, clip-grad {args.clip_grad}", flush=True)
     flags = megatron_lite_flags(dims, train_iters=args.warmup + args.steps + 1, clip_grad=args.clip_grad,

@@ -27,14 +27,14 @@ t0=$(date +%s)
 stage "CUDA kernels"
 # With ninja, the kernels are compiled in parallel into the cache that megatron_lite loads them
 # from at start-up (megatron_lite/ops/cuda_build.py); without it, by `pip install -e .`. A build
-# that fails or does not finish in 120 s leaves megatron_lite on its torch ops, said in build.log.
+# that fails or does not finish in 100 s leaves megatron_lite on its torch ops, said in build.log.
 : >"$OUT/build.log"
 if ! $PY -c 'import megatron_lite.ops._cuda_kernels' 2>/dev/null; then
   if $PY -c 'from torch.utils.cpp_extension import is_ninja_available as n; raise SystemExit(not n())'; then
-    timeout 120 $PY -c 'import torch; from megatron_lite.ops.cuda_build import load_extension as f
+    timeout 100 $PY -c 'import torch; from megatron_lite.ops.cuda_build import load_extension as f
 print("kernels:", f(torch.device("cuda")).__file__)' >>"$OUT/build.log" 2>&1
   else
-    timeout 120 $PY -m pip install --no-deps --no-build-isolation -e . >>"$OUT/build.log" 2>&1 \
+    timeout 100 $PY -m pip install --no-deps --no-build-isolation -e . >>"$OUT/build.log" 2>&1 \
       && $PY -c 'import megatron_lite.ops._cuda_kernels' >>"$OUT/build.log" 2>&1
   fi || { echo "kernel build failed or timed out: megatron_lite runs with --no-fused-kernels" >>"$OUT/build.log"
           FLAGS="$FLAGS --no-fused-kernels"; }
@@ -48,13 +48,13 @@ fi
 
 stage "training throughput"
 # shellcheck disable=SC2086  # TRAIN_ARGS is a list of arguments
-timeout 250 $PY bench/train_throughput.py "--megatron-lite-flags=$FLAGS" ${TRAIN_ARGS:-} 2>&1 \
+timeout 280 $PY bench/train_throughput.py "--megatron-lite-flags=$FLAGS" ${TRAIN_ARGS:-} 2>&1 \
   | tee "$OUT/train_throughput.log" || status=1
 
 stage "checkpoint I/O"
 # the I/O does not depend on the fused ops; --no-fused-kernels keeps a missing build from compiling here
 # shellcheck disable=SC2086
-timeout 190 $PY bench/checkpoint_io.py --dir "${CKPT_DIR:-$PWD}" --budget-s 140 \
+timeout 180 $PY bench/checkpoint_io.py --dir "${CKPT_DIR:-$PWD}" --budget-s 130 \
   "--megatron-lite-flags=$FLAGS --no-fused-kernels" ${CKPT_ARGS:-} 2>&1 | tee "$OUT/checkpoint_io.log" || status=1
 
 stage "summary"
