@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+
 @dataclass(frozen=True)
 class ModelDims:
     """A Llama-style GPT: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied, no biases."""
