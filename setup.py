@@ -42,7 +42,7 @@ def _cuda_extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     ext = CUDAExtension(
         "megatron_lite.ops._cuda_kernels", sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return (ext, BuildExtension), None
 
 

@@ -90,6 +90,10 @@ def set_deterministic(enabled: bool) -> None:
     os.environ.setdefault("NCCL_ALGO", "Ring")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    # the fused attention backwards accumulate with atomics: use SDPA's math path
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def build_model(cfg: RunConfig, state: ParallelState, ops, device) -> GPTModel:

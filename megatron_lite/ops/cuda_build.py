@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 EXTENSION_NAME = "megatron_lite_cuda_kernels"
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
 def cache_dir(device: torch.device) -> Path:
