@@ -70,6 +70,7 @@ class LoadDecision:
     metadata: Optional[dict] = None
     action: str = "none"            # none | resume | finetune | further-train | weights
     own_restart: bool = False       # resuming a finetune/further-train run's own checkpoint
+    shard: Optional[dict] = None    # this rank's model_optim_rng.pt, read once during restore
 
 
 def _plan(directory: Optional[str], ckpt_step, state, allow_weights_only=False):
@@ -154,8 +155,7 @@ def _load_model_weights(run: Run, decision: LoadDecision) -> str:
     state, module = run.state, run.module
     plan, meta = decision.plan, decision.metadata
     if _same_layout(meta, state):
-        shard = load_file(decision.load_dir, plan.iteration, layout.model_shard_path(state.tp_rank, state.pp_rank))
-        module.load_state_dict(_cast_like(shard["model"], module), strict=True)
+        module.load_state_dict(_cast_like(_model_file(run, decision)["model"], module), strict=True)
         return "loaded"
     from megatron_lite.checkpoint.sharding import open_piece_reader, reshard_rank_state
 
@@ -194,10 +194,11 @@ def _load_optimizer(run: Run, decision: LoadDecision) -> str:
 
 
 def _model_file(run: Run, decision: LoadDecision) -> dict:
-    if not hasattr(decision, "_model_file"):
-        decision._model_file = load_file(decision.load_dir, decision.plan.iteration,
-                                         layout.model_shard_path(run.state.tp_rank, run.state.pp_rank))
-    return decision._model_file
+    """This rank's model_optim_rng.pt, read from disk once per restore."""
+    if decision.shard is None:
+        decision.shard = load_file(decision.load_dir, decision.plan.iteration,
+                                   layout.model_shard_path(run.state.tp_rank, run.state.pp_rank))
+    return decision.shard
 
 
 def restore(run: Run, decision: LoadDecision) -> None:
@@ -245,6 +246,7 @@ def restore(run: Run, decision: LoadDecision) -> None:
     restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
                                  else "from the first sample")
     run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule
+    decision.shard = None   # free the CPU copy
     run.loaded_iteration = decision.plan.iteration
     if action == "resume":
         run.last_saved_iteration = run.progress.iteration   # nothing new to save until it trains
