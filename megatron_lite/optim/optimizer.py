@@ -248,7 +248,10 @@ def build_optimizer(model_chunks: List[DistributedDataParallel], cfg: OptimizerC
     groups = [{"params": decay, "wd_mult": 1.0, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "wd_mult": 0.0, "weight_decay": 0.0}]
     if cfg.optimizer == "adam":
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        # one fused kernel over all fp32 main params on GPUs (deterministic, like the foreach path)
+        fused = bool(main_params) and all(m.main_param.is_cuda for m in main_params)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                      fused=fused or None)
     elif cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum)
     else:
