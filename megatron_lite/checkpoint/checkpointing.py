@@ -173,8 +173,8 @@ def _cast_like(sd: Dict[str, torch.Tensor], module) -> Dict[str, torch.Tensor]:
 
 def _load_optimizer(run: Run, decision: LoadDecision) -> str:
     state, meta = run.state, decision.metadata
-    if not _same_layout(meta, state) or meta["parallel"].get("dp") != state.dp_size and \
-            run.cfg.parallel.use_distributed_optimizer:
+    zero1_dp_changed = run.cfg.parallel.use_distributed_optimizer and meta["parallel"].get("dp") != state.dp_size
+    if not _same_layout(meta, state) or zero1_dp_changed:
         saved = meta["parallel"]
         raise ConfigError(f"the optimizer state in {decision.plan.iter_dir} was saved at TP={saved['tp']} "
                           f"PP={saved['pp']} DP={saved.get('dp')}; resume at that layout, or pass --no-load-optim "
@@ -238,11 +238,18 @@ def restore(run: Run, decision: LoadDecision) -> None:
             f"restored (iteration {run.progress.iteration}, {run.progress.consumed_train_samples} samples)")
     else:
         restored["iteration and consumed samples"] = f"reset to 0 ({action} mode)"
-    if full and c.load_rng and "rng_state" in shard:
-        set_rng_state(shard["rng_state"][run.state.dp_rank], run.state.rng)
+    saved_rng = shard.get("rng_state") if full else None
+    if full and c.load_rng and saved_rng is not None and len(saved_rng) == run.state.dp_size:
+        set_rng_state(saved_rng[run.state.dp_rank], run.state.rng)
         restored["rng"] = "restored"
+    elif not full:
+        restored["rng"] = "fresh seed"
+    elif not c.load_rng:
+        restored["rng"] = "fresh seed (--no-load-rng)"
+    elif saved_rng is None:
+        restored["rng"] = "fresh seed (saved with --no-save-rng)"
     else:
-        restored["rng"] = "fresh seed" if not full else "fresh seed (--no-load-rng)"
+        restored["rng"] = f"fresh seed (saved at DP={len(saved_rng)}, running at DP={run.state.dp_size})"
     restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
                                  else "from the first sample")
     run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule

@@ -185,3 +185,25 @@ def test_plain_resume_from_weights_only_checkpoint_is_an_error(tmp_path):
     assert run.loaded_iteration == 4
     assert torch.equal(load_file(weights, 4, "mp_rank_00_000/model_optim_rng.pt")["model"]["embedding.word_embeddings.weight"],
                        run.module.state_dict()["embedding.word_embeddings.weight"])
+
+
+# ------------------------------------------------------------------------------- other layouts
+
+def _layout_run(rank, world_size, flags):
+    run = pretrain(parse_args(flags))
+    return {"losses": [h["lm loss"] for h in run.history], "report": run.load_report}
+
+
+def test_checkpoint_loads_resharded_at_another_layout(pretrained, tmp_path):
+    """Saved at TP1 x PP1 and fine-tuned at TP2 x PP2: the weights are resharded on load, and the
+    first loss (no dropout, same data) is the single-process finetune's."""
+    from tests.unit_tests.dist_utils import run_distributed
+
+    flags = _flags("--load", pretrained[0], "--finetune", "--no-load-optim", "--hidden-dropout", "0",
+                   "--attention-dropout", "0", "--lr-warmup-iters", "1", iters=2)
+    single = _layout_run(0, 1, flags + ["--save", str(tmp_path / "one")])
+    results = run_distributed(_layout_run, 4, flags + ["--tensor-model-parallel-size", "2",
+                                                       "--pipeline-model-parallel-size", "2"])
+    for r in results:
+        assert "loaded, resharded from TP=1 PP=1" in r["report"]
+        assert abs(r["losses"][0] - single["losses"][0]) <= 1e-5 * abs(single["losses"][0])
