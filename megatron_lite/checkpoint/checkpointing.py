@@ -172,32 +172,36 @@ def _cast_like(sd: Dict[str, torch.Tensor], module) -> Dict[str, torch.Tensor]:
 
 
 def _load_optimizer(run: Run, decision: LoadDecision) -> str:
+    """The saved optimizer state, resharded when the layout (or the ZeRO-1 setting) changed."""
     state, meta = run.state, decision.metadata
-    zero1_dp_changed = run.cfg.parallel.use_distributed_optimizer and meta["parallel"].get("dp") != state.dp_size
-    if not _same_layout(meta, state) or zero1_dp_changed:
-        saved = meta["parallel"]
-        raise ConfigError(f"the optimizer state in {decision.plan.iter_dir} was saved at TP={saved['tp']} "
-                          f"PP={saved['pp']} DP={saved.get('dp')}; resume at that layout, or pass --no-load-optim "
-                          f"(or --finetune) to start a fresh optimizer from its weights")
     if not meta.get("has_optimizer", True):
         raise ConfigError(f"{decision.plan.iter_dir} was saved with --no-save-optim; pass --no-load-optim")
-    if run.cfg.parallel.use_distributed_optimizer != meta.get("distributed_optimizer", False):
-        raise ConfigError(f"{decision.plan.iter_dir} was saved with use_distributed_optimizer="
-                          f"{meta.get('distributed_optimizer')}; use the same setting or pass --no-load-optim")
-    if run.cfg.parallel.use_distributed_optimizer:
-        path = layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)
-        opt_sd = load_file(decision.load_dir, decision.plan.iteration, path)
-    else:
-        opt_sd = _model_file(run, decision)["optimizer"]
-    run.optimizer.load_state_dict(opt_sd)
-    return "loaded"
+    zero1 = run.cfg.parallel.use_distributed_optimizer
+    saved = meta["parallel"]
+    unchanged = (_same_layout(meta, state) and zero1 == meta.get("distributed_optimizer", False)
+                 and (not zero1 or saved.get("dp") == state.dp_size))
+    if unchanged:
+        if zero1:
+            path = layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)
+            opt_sd = load_file(decision.load_dir, decision.plan.iteration, path)
+        else:
+            opt_sd = _model_file(run, decision)["optimizer"]
+        run.optimizer.load_state_dict(opt_sd)
+        return "loaded"
+    from megatron_lite.checkpoint.optimizer_reshard import reshard_optimizer_state
+
+    run.optimizer.load_state_dict(reshard_optimizer_state(run, decision.load_dir, decision.plan.iteration, meta))
+    was = "ZeRO-1" if meta.get("distributed_optimizer") else "replicated"
+    return f"loaded, resharded from TP={saved['tp']} PP={saved['pp']} DP={saved.get('dp')} ({was})"
 
 
 def _model_file(run: Run, decision: LoadDecision) -> dict:
-    """This rank's model_optim_rng.pt, read from disk once per restore."""
+    """This rank's model_optim_rng.pt (rank (0, 0)'s when the layout changed: the counters and
+    the schedule are the same in every file), read from disk once per restore."""
     if decision.shard is None:
-        decision.shard = load_file(decision.load_dir, decision.plan.iteration,
-                                   layout.model_shard_path(run.state.tp_rank, run.state.pp_rank))
+        same = _same_layout(decision.metadata, run.state)
+        tp, pp = (run.state.tp_rank, run.state.pp_rank) if same else (0, 0)
+        decision.shard = load_file(decision.load_dir, decision.plan.iteration, layout.model_shard_path(tp, pp))
     return decision.shard
 
 
@@ -239,7 +243,8 @@ def restore(run: Run, decision: LoadDecision) -> None:
     else:
         restored["iteration and consumed samples"] = f"reset to 0 ({action} mode)"
     saved_rng = shard.get("rng_state") if full else None
-    if full and c.load_rng and saved_rng is not None and len(saved_rng) == run.state.dp_size:
+    same_layout = _same_layout(decision.metadata, run.state)
+    if full and c.load_rng and saved_rng is not None and len(saved_rng) == run.state.dp_size and same_layout:
         set_rng_state(saved_rng[run.state.dp_rank], run.state.rng)
         restored["rng"] = "restored"
     elif not full:
@@ -249,7 +254,9 @@ def restore(run: Run, decision: LoadDecision) -> None:
     elif saved_rng is None:
         restored["rng"] = "fresh seed (saved with --no-save-rng)"
     else:
-        restored["rng"] = f"fresh seed (saved at DP={len(saved_rng)}, running at DP={run.state.dp_size})"
+        p = decision.metadata["parallel"]
+        restored["rng"] = (f"fresh seed (saved at TP={p['tp']} PP={p['pp']} DP={p.get('dp')}: per-rank "
+                           f"generators do not carry over to another layout)")
     restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
                                  else "from the first sample")
     run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule

@@ -207,3 +207,27 @@ def test_checkpoint_loads_resharded_at_another_layout(pretrained, tmp_path):
     for r in results:
         assert "loaded, resharded from TP=1 PP=1" in r["report"]
         assert abs(r["losses"][0] - single["losses"][0]) <= 1e-5 * abs(single["losses"][0])
+
+
+def _resume_elsewhere(rank, world_size, flags, ck):
+    run = pretrain(parse_args(flags + ["--save", ck + f"-{world_size}", "--load", ck]))
+    return {"losses": [h["lm loss"] for h in run.history], "report": run.load_report,
+            "first": run.progress.iteration}
+
+
+@pytest.mark.parametrize("saved_with", ["replicated", "zero1"])
+def test_resume_at_another_layout_reshards_optimizer_state(saved_with, tmp_path):
+    """Stopped at TP1 (one process), resumed at TP2 x DP2 with ZeRO-1: the continued losses equal
+    the uninterrupted single-process run's, which they do not with a fresh optimizer."""
+    from tests.unit_tests.dist_utils import run_distributed
+
+    flags = _flags("--hidden-dropout", "0", "--attention-dropout", "0", "--global-batch-size", "8", iters=6)
+    straight = [h["lm loss"] for h in pretrain(parse_args(flags)).history]
+    ck = str(tmp_path / "ck")
+    zero1 = ["--use-distributed-optimizer"] if saved_with == "zero1" else []
+    pretrain(parse_args(flags + zero1 + ["--save", ck, "--exit-interval", "3"]))
+    results = run_distributed(_resume_elsewhere, 4, flags + ["--tensor-model-parallel-size", "2",
+                                                             "--use-distributed-optimizer"], ck)
+    for r in results:
+        assert r["first"] == 6 and "optimizer                       loaded, resharded from TP=1" in r["report"]
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(straight[3:]), rtol=1e-5, atol=0)
