@@ -73,24 +73,30 @@ class LoadDecision:
     shard: Optional[dict] = None    # this rank's model_optim_rng.pt, read once during restore
 
 
-def _plan(directory: Optional[str], ckpt_step, state, allow_weights_only=False):
-    if not directory:
-        return None
-    plan = choose_checkpoint(directory, ckpt_step, state, allow_weights_only=allow_weights_only)
+def _plan(directory: str, ckpt_step, state):
+    """The checkpoint to load from `directory` (verified once, here), or None when it has none."""
+    plan = choose_checkpoint(directory, ckpt_step, state, allow_weights_only=True)
     return plan if plan.iteration is not None else None
 
 
 def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
     c, mode = cfg.checkpoint, requested_mode(cfg)
-    # 1. this run's own checkpoints (a restart of the same command line): plain resume
-    own_dirs = [d for d in dict.fromkeys([c.save, c.load]) if d]
-    for directory in own_dirs:
+    # 1. this run's own checkpoints (a restart of the same command line) or --load's
+    for directory in [d for d in dict.fromkeys([c.save, c.load]) if d]:
         plan = _plan(directory, c.ckpt_step if directory == c.load else None, state)
         if plan is None:
             continue
         meta = plan.metadata or read_metadata(plan.iter_dir)
-        recorded = meta.get("mode", "pretrain")
-        if mode == "pretrain" or recorded == mode:
+        if plan.kind == "weights":   # never resumed from: only a finetune starts from it
+            if directory != c.load:
+                continue
+            if mode == "finetune":
+                return LoadDecision(directory, plan, meta, "finetune")
+            if not c.pretrained_checkpoint:
+                raise ConfigError(f"{c.load} holds only a weights-only checkpoint ({plan.iter_dir}): it has no "
+                                  f"optimizer state to resume; load it with --finetune or --pretrained-checkpoint")
+            continue
+        if mode == "pretrain" or meta.get("mode", "pretrain") == mode:
             # a restart of a finetune/further-train run: its mode flags (--no-load-optim, ...) were
             # for the first start; everything it saved is restored
             return LoadDecision(directory, plan, meta, "resume", own_restart=mode != "pretrain")
@@ -98,22 +104,13 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
             return LoadDecision(directory, plan, meta, mode)
     # 2. weights from elsewhere
     if c.pretrained_checkpoint:
-        plan = _plan(c.pretrained_checkpoint, None, state, allow_weights_only=True)
+        plan = _plan(c.pretrained_checkpoint, None, state)
         if plan is None:
             raise ConfigError(f"--pretrained-checkpoint {c.pretrained_checkpoint} holds no intact checkpoint")
-        return LoadDecision(c.pretrained_checkpoint, plan, read_metadata(plan.iter_dir), "weights")
-    if c.load and mode == "finetune":
-        plan = _plan(c.load, c.ckpt_step, state, allow_weights_only=True)
-        if plan is not None:
-            return LoadDecision(c.load, plan, read_metadata(plan.iter_dir), "finetune")
-    if c.load:
-        weights_only = _plan(c.load, c.ckpt_step, state, allow_weights_only=True)
-        if weights_only is not None:
-            raise ConfigError(f"{c.load} holds only a weights-only checkpoint ({weights_only.iter_dir}): it has no "
-                              f"optimizer state to resume; load it with --finetune or --pretrained-checkpoint")
-        if c.exit_on_missing_checkpoint or mode != "pretrain" or c.ckpt_step is not None:
-            raise ConfigError(f"--load {c.load}: no checkpoint found; check the path "
-                              f"(or drop --load to start from scratch)")
+        return LoadDecision(c.pretrained_checkpoint, plan, plan.metadata or read_metadata(plan.iter_dir), "weights")
+    if c.load and (c.exit_on_missing_checkpoint or mode != "pretrain" or c.ckpt_step is not None):
+        raise ConfigError(f"--load {c.load}: no checkpoint found; check the path (or drop --load to start from "
+                          f"scratch)")
     return LoadDecision()
 
 
