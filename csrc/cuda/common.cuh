@@ -88,16 +88,23 @@ inline int next_pow2(int64_t n) {
   return p;
 }
 
-inline RowShape row_shape(int64_t cols, int vec) {
+// The shape with k vectors per thread (k is 2 or 4 for vec > 1, 16 for vec == 1).
+inline RowShape row_shape_k(int64_t cols, int vec, int k) {
   RowShape s;
   s.vec = vec;
   const int64_t nvec = (cols + vec - 1) / vec;
-  s.k = vec == 1 ? 16 : (nvec <= 2 * kRowThreads ? 2 : 4);
+  s.k = k;
   const int64_t threads = (nvec + s.k - 1) / s.k;
   s.fits = threads <= kRowThreads;
   const int tx = next_pow2(std::max<int64_t>(threads, 1));
   s.block = dim3(tx, std::max(1, 128 / tx));
   return s;
+}
+
+// Two vectors per thread unless the row needs more than kRowThreads threads that way.
+inline RowShape row_shape(int64_t cols, int vec) {
+  const int64_t nvec = (cols + vec - 1) / vec;
+  return row_shape_k(cols, vec, vec == 1 ? 16 : (nvec <= 2 * kRowThreads ? 2 : 4));
 }
 
 // Largest row a row kernel takes: 512 threads x 4 vectors of 16 bytes, or 512 x 16 elements.

@@ -28,13 +28,23 @@ inline void check_norm_input(const at::Tensor& x, const at::Tensor& gamma) {
               "norm weight must be a contiguous [hidden] tensor on the input's device, got ", gamma.sizes());
 }
 
-inline RowShape norm_shape(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& beta) {
+// Threads per row below which a norm row kernel keeps two vectors per thread: four warps.
+constexpr int kMinRowThreads = 128;
+
+// deep = true (the forward) takes four 16-byte vectors per thread whenever that still leaves
+// kMinRowThreads threads per row: at the same register count as two (about 64), a 4096-wide
+// 16-bit row then runs as 128 threads holding 64 bytes each instead of 256 holding 32, so an SM
+// has twice the bytes in flight at the same occupancy.
+inline RowShape norm_shape(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& beta,
+                           bool deep) {
   const int64_t cols = x.size(1);
   const int vec = kVecBytes / static_cast<int>(x.element_size());
   bool vectorize = aligned_rows(x.data_ptr(), cols, cols, vec, x.element_size()) &&
                    aligned_rows(gamma.data_ptr(), cols, cols, vec, gamma.element_size());
   if (beta.has_value()) vectorize = vectorize && aligned_rows(beta->data_ptr(), cols, cols, vec, beta->element_size());
-  RowShape s = row_shape(cols, vectorize ? vec : 1);
+  const int64_t nvec = (cols + vec - 1) / vec;
+  RowShape s = vectorize && deep && nvec >= 4 * kMinRowThreads ? row_shape_k(cols, vec, 4)
+                                                                 : row_shape(cols, vectorize ? vec : 1);
   TORCH_CHECK(s.fits, "hidden size ", cols, " is too large for the norm kernels (at most ",
               max_row_elems(static_cast<int>(x.element_size()), s.vec > 1),
               " elements in this dtype/alignment); run with --no-fused-kernels");

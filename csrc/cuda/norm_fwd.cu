@@ -79,7 +79,7 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, c
   auto rstd = at::empty({rows}, stats);
   auto mean = rms ? at::Tensor() : at::empty({rows}, stats);
   if (rows == 0 || cols == 0) return {y, mean, rstd};
-  const RowShape s = norm_shape(x, gamma, beta);
+  const RowShape s = norm_shape(x, gamma, beta, true);
   const dim3 grid(static_cast<unsigned>((rows + s.block.y - 1) / s.block.y));
   auto stream = at::cuda::getCurrentCUDAStream();
   MLITE_DISPATCH_TYPES(x.scalar_type(), "norm_fwd", [&] {
