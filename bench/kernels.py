@@ -37,8 +37,10 @@ TOKENS, HIDDEN, FFN, VOCAB, HEADS, HEAD_DIM = 8192, 4096, 11008, 32000, 32, 128
 DTYPE = torch.bfloat16
 
 
-def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() over `iters` runs after `warmup` runs, by CUDA events."""
+def time_ms(fn: Callable[[], object], warmup: int, iters: int, reps: int = 10) -> float:
+    """Median milliseconds of one fn() call, by CUDA events around `reps` back-to-back calls
+    (so the host's launch time overlaps the previous call's kernels instead of being counted),
+    over `iters` such groups after `warmup` calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -46,10 +48,11 @@ def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
 
 
