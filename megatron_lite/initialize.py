@@ -62,6 +62,7 @@ class Run:
     loaded_iteration: Optional[int] = None
     last_saved_iteration: Optional[int] = None
     async_saver: Any = None
+    tensor_index: Optional[dict] = None   # the global tensor index, built at the first save
 
     @property
     def module(self) -> GPTModel:

@@ -283,6 +283,8 @@ def save_checkpoint(run: Run, kind: str = "full") -> None:
 
     cfg, state, p = run.cfg, run.state, run.progress
     c = cfg.checkpoint
+    if run.tensor_index is None:   # the layout does not change during a run: build it once
+        run.tensor_index = build_tensor_index(cfg.model, state.tp_size, state.pp_size, model_dtype(cfg))
     full = kind == "full"
     files = {}
     rng = _gather_rng_over_dp(run) if full and c.save_rng else None
@@ -305,7 +307,7 @@ def save_checkpoint(run: Run, kind: str = "full") -> None:
                 "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
                 "has_optimizer": full and c.save_optim, "has_rng": full and c.save_rng,
                 "progress": p.state_dict(),
-                "tensors": build_tensor_index(cfg.model, state.tp_size, state.pp_size, model_dtype(cfg))}
+                "tensors": run.tensor_index}
     # weights-only checkpoints live apart, so they never shadow a full one of the same iteration
     directory = c.save if full else os.path.join(c.save, WEIGHTS_SUBDIR)
     finish_async_save(run)

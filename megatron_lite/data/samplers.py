@@ -12,20 +12,28 @@ from typing import Iterator, List
 import torch
 
 
-def _check(total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-           dp_size: int) -> None:
-    if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
-        raise ValueError(f"bad sampler layout: micro_batch_size={micro_batch_size}, "
-                         f"dp_rank={dp_rank}, dp_size={dp_size}")
-    if total_samples < 1:
-        raise ValueError("the dataset has no samples to draw from")
-    if consumed_samples < 0 or consumed_samples % (micro_batch_size * dp_size):
-        raise ValueError(f"consumed_samples={consumed_samples} is not a multiple of micro_batch_size "
-                         f"* data-parallel size = {micro_batch_size * dp_size}; it must count whole "
-                         f"microbatches of every rank")
+class _Sampler:
+    """The layout both samplers share, checked once: samples, consumed samples, DP slice."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"bad sampler layout: micro_batch_size={micro_batch_size}, "
+                             f"dp_rank={dp_rank}, dp_size={dp_size}")
+        if total_samples < 1:
+            raise ValueError("the dataset has no samples to draw from")
+        if consumed_samples < 0 or consumed_samples % (micro_batch_size * dp_size):
+            raise ValueError(f"consumed_samples={consumed_samples} is not a multiple of micro_batch_size "
+                             f"* data-parallel size = {micro_batch_size * dp_size}; it must count whole "
+                             f"microbatches of every rank")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
 
 
-class PretrainingSampler:
+class PretrainingSampler(_Sampler):
     """--dataloader-type single: samples in order from consumed_samples on.
 
     Each step takes the next micro_batch_size * dp_size samples and gives rank r the slice
@@ -35,15 +43,10 @@ class PretrainingSampler:
 
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int):
-        _check(total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size)
+        super().__init__(total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size)
         if consumed_samples > total_samples:
             raise ValueError(f"consumed_samples={consumed_samples} is past the end of the dataset "
                              f"({total_samples} samples)")
-        self.total_samples = total_samples
-        self.consumed_samples = consumed_samples
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
 
     def __iter__(self) -> Iterator[List[int]]:
         step = self.micro_batch_size * self.dp_size
@@ -52,7 +55,7 @@ class PretrainingSampler:
             yield list(range(start + first, start + first + self.micro_batch_size))
 
 
-class PretrainingRandomSampler:
+class PretrainingRandomSampler(_Sampler):
     """--dataloader-type cyclic: a fresh random order each epoch, forever (Megatron's data
     sharding on).
 
@@ -63,15 +66,10 @@ class PretrainingRandomSampler:
 
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int):
-        _check(total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size)
+        super().__init__(total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size)
         if total_samples < micro_batch_size * dp_size:
             raise ValueError(f"the dataset has {total_samples} samples, fewer than one step of "
                              f"micro_batch_size * data-parallel size = {micro_batch_size * dp_size}")
-        self.total_samples = total_samples
-        self.consumed_samples = consumed_samples
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
 
     def __iter__(self) -> Iterator[List[int]]:
         step = self.micro_batch_size * self.dp_size
