@@ -156,7 +156,8 @@ class GPTModel(nn.Module):
         logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits
-        loss = self.ops.vocab_parallel_cross_entropy(logits.float(), labels.t(), self._vocab_start(),
+        # the loss ops compute in fp32 from bf16/fp16 logits: no fp32 copy of the logits is made
+        loss = self.ops.vocab_parallel_cross_entropy(logits, labels.t(), self._vocab_start(),
                                                      self.state.tp_group if self.state.tp_size > 1 else None)
         return loss.t().contiguous()                               # [b, s]
 

@@ -90,24 +90,26 @@ class SelfAttention(nn.Module):
         qkv = self.linear_qkv(x)                                   # [s, b, groups_local * (hpg + 2) * d]
         s, b = qkv.shape[:2]
         d, hpg, ng = self.cfg.head_dim, self.heads_per_group, self.local_groups
-        qkv = qkv.view(s, b, ng, hpg + 2, d)
-        q = qkv[:, :, :, :hpg].reshape(s, b, ng * hpg, d)
-        k, v = qkv[:, :, :, hpg], qkv[:, :, :, hpg + 1]            # [s, b, ng, d]
+        # one split (its backward is one concatenation; slicing would zero-fill a full-size
+        # gradient per slice and add them up)
+        q, k, v = torch.split(qkv.view(s, b, ng, hpg + 2, d), [hpg, 1, 1], dim=3)
+        q = q.reshape(s, b, ng * hpg, d)
+        k, v = k.squeeze(3), v.squeeze(3)                          # [s, b, ng, d]
         if rotary is not None:
             cos, sin = rotary
             q, k = self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))      # [b, heads, s, d]
-        if hpg > 1:
-            k = k.repeat_interleave(hpg, dim=1)
-            v = v.repeat_interleave(hpg, dim=1)
         p = self.cfg.attention_dropout if self.training else 0.0
         # heads are split over TP ranks, so their dropout masks must differ: tracker fork
         fork = self.state.rng.fork() if p > 0 else contextlib.nullcontext()
         with fork:
+            # grouped-query attention inside SDPA: each k/v head serves hpg query heads
+            # without materialising hpg copies of k and v
             if attention_mask is None:
-                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=hpg > 1)
             else:
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=p)
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=p,
+                                                     enable_gqa=hpg > 1)
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)            # [s, b, heads_local * d]
         return self.linear_proj(ctx)
 
