@@ -36,15 +36,21 @@ def global_grad_norm(grads: List[torch.Tensor], group: Optional[dist.ProcessGrou
     """
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     if grads:
-        norms = torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads])
+        # one multi-tensor kernel for all the per-tensor norms on GPUs
+        norms = torch.stack(torch._foreach_norm(grads, 2.0))
         total_sq += (norms * norms).sum().to(device)
     all_reduce(total_sq, group)
     return total_sq.sqrt().item()
 
 
+def clip_coefficient(max_norm: float, total_norm: float) -> Optional[float]:
+    """max_norm / (total_norm + 1e-6) when that is below 1 (Megatron's rule), else None (no clipping)."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    return coeff if coeff < 1.0 else None
+
+
 def clip_grads_by_total_norm(grads: List[torch.Tensor], max_norm: float, total_norm: float) -> None:
-    """Scale `grads` in place by max_norm / (total_norm + 1e-6) when that is below 1 (Megatron's rule)."""
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0:
-        for g in grads:
-            g.mul_(clip_coeff)
+    """Scale `grads` in place by `clip_coefficient` when clipping applies."""
+    coeff = clip_coefficient(max_norm, total_norm)
+    if coeff is not None:
+        torch._foreach_mul_(grads, coeff)

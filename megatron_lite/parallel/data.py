@@ -122,6 +122,8 @@ class DistributedDataParallel(torch.nn.Module):
             raise ValueError(f"--ddp-bucket-size must be positive, got {parallel_cfg.ddp_bucket_size}")
         self.buckets = self._make_buckets(parallel_cfg.ddp_bucket_size)
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
+        # parameters whose main_grad holds nothing of this iteration yet (see zero_grad_buffer)
+        self._unwritten = set(self._bucket_of)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._bucket_of]
 
     def _make_buckets(self, bucket_size: int) -> List[GradBucket]:
@@ -169,7 +171,11 @@ class DistributedDataParallel(torch.nn.Module):
         if bucket.handle is not None:
             raise RuntimeError("a gradient arrived after its bucket's all-reduce had started (overlap_grad_reduce): "
                                "run every microbatch but the last under model.no_sync()")
-        param.main_grad.add_(param.grad)
+        if param in self._unwritten:   # first gradient of the iteration: overwrite, no zeroing pass needed
+            param.main_grad.copy_(param.grad)
+            self._unwritten.discard(param)
+        else:
+            param.main_grad.add_(param.grad)
         param.grad = None
         if self.overlap_grad_reduce and self.is_last_microbatch:
             bucket.pending.discard(param)
@@ -197,6 +203,9 @@ class DistributedDataParallel(torch.nn.Module):
         Buckets not yet started (no overlap, or parameters that got no gradient) are reduced
         here in bucket order, which is the same on every DP rank.
         """
+        for param in self._unwritten:   # no gradient this iteration: zero, not last iteration's
+            param.main_grad.zero_()
+        self._unwritten.clear()
         for bucket in self.buckets:
             if bucket.handle is None:
                 self._start_reduce(bucket, async_op=False)
@@ -205,9 +214,14 @@ class DistributedDataParallel(torch.nn.Module):
             bucket.reset()
 
     def zero_grad_buffer(self) -> None:
-        """Zero every main_grad and forget any partly reduced bucket (start of an iteration)."""
+        """Start an iteration: every main_grad counts as zero and partly reduced buckets are forgotten.
+
+        The buffers are not cleared here: each parameter's first gradient of the iteration is
+        copied into its main_grad instead of added (one pass over the buffer less per step), and
+        `finish_grad_sync` zeroes the main_grad of any parameter that got no gradient. Bucket
+        padding is never written, so it stays zero."""
+        self._unwritten = set(self._bucket_of)
         for bucket in self.buckets:
-            bucket.grad_data.zero_()
             bucket.reset()
         for p in self._bucket_of:
             p.grad = None
