@@ -158,6 +158,12 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
         raise ConfigError("give --train-iters N (or --train-samples N)")
     if o.bf16 and o.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
+    if (o.exp_avg_dtype, o.exp_avg_sq_dtype) != ("fp32", "fp32"):
+        if not o.use_precision_aware_optimizer:
+            raise ConfigError("--exp-avg-dtype / --exp-avg-sq-dtype other than fp32 need "
+                              "--use-precision-aware-optimizer")
+        if o.optimizer != "adam":
+            raise ConfigError(f"--exp-avg-dtype / --exp-avg-sq-dtype apply to --optimizer adam, not {o.optimizer}")
     if p.sequence_parallel and tp == 1:
         p.sequence_parallel = False
     if m.max_position_embeddings is None:

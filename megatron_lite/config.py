@@ -110,6 +110,11 @@ class OptimizerConfig:
     adam_beta2: float = flag(0.999, "Adam beta2")
     adam_eps: float = flag(1e-8, "Adam epsilon")
     sgd_momentum: float = flag(0.9, "SGD momentum")
+    use_precision_aware_optimizer: bool = flag(False, "store Adam's moments in --exp-avg-dtype / --exp-avg-sq-dtype")
+    exp_avg_dtype: str = flag("fp32", "dtype of Adam's first moment (with --use-precision-aware-optimizer)",
+                              choices=["fp32", "bf16", "fp16"])
+    exp_avg_sq_dtype: str = flag("fp32", "dtype of Adam's second moment (with --use-precision-aware-optimizer)",
+                                 choices=["fp32", "bf16", "fp16"])
     clip_grad: float = flag(1.0, "clip the global gradient norm to this (0 disables)")
     bf16: bool = flag(False, "bf16 weights and compute, fp32 main params")
     fp16: bool = flag(False, "fp16 weights and compute with loss scaling, fp32 main params")

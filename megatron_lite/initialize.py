@@ -127,7 +127,7 @@ def build_run(cfg: RunConfig, state: ParallelState, tokenizer=None) -> Run:
     print_rank0(ops.describe(), state)
     module = build_model(cfg, state, ops, state.device)
     model = DistributedDataParallel(module, cfg.parallel, state)
-    optimizer = build_optimizer([model], cfg.optimizer, cfg.parallel, state)
+    optimizer = build_optimizer([model], cfg.optimizer, cfg.parallel, state, fused_kernels=cfg.model.fused_kernels)
     try:
         scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train)
     except ValueError as e:   # a schedule that cannot work is a flag problem

@@ -17,7 +17,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_lite.config import OptimizerConfig, ParallelConfig
-from megatron_lite.optim.clip_grads import clip_grads_by_total_norm, counts_in_grad_norm, global_grad_norm
+from megatron_lite.optim.adamw import DTYPES, AdamW, fused_adamw_available
+from megatron_lite.optim.clip_grads import (clip_coefficient, clip_grads_by_total_norm, counts_in_grad_norm,
+                                            global_grad_norm)
 from megatron_lite.optim.grad_scaler import GradScaler, build_grad_scaler
 from megatron_lite.parallel.data import DistributedDataParallel, all_reduce, world_group
 from megatron_lite.parallel.state import ParallelState
@@ -41,12 +43,13 @@ class MainParam:
     def is_copy(self) -> bool:
         return self.main_param is not self.model_param
 
+    def model_view(self) -> torch.Tensor:
+        """The part of the model parameter that `main_param` covers, flat, in the model's dtype."""
+        return self.model_param.detach().view(-1)[self.start:self.end]
+
     def main_grad(self) -> torch.Tensor:
         """The fp32 gradient for `main_param`: a view of the DDP buffer, shaped like `main_param`."""
         return self.model_param.main_grad.view(-1)[self.start:self.end].view(self.main_param.shape)
-
-    def copy_to_model(self) -> None:
-        self.model_param.detach().view(-1)[self.start:self.end].copy_(self.main_param.view(-1))
 
     def copy_from_model(self) -> None:
         self.main_param.view(-1).copy_(self.model_param.detach().view(-1)[self.start:self.end])
@@ -87,6 +90,9 @@ class MegatronOptimizer:
         self.grad_scaler = grad_scaler
         self.use_distributed_optimizer = model_chunks[0].use_distributed_optimizer if model_chunks else False
         self._by_tensor = {id(m.main_param): m for m in main_params}
+        # megatron_lite's AdamW and torch's fused AdamW take a grad_scale tensor that they divide
+        # the gradients by as they read them
+        self._fused = isinstance(optimizer, AdamW) or bool(optimizer.defaults.get("fused"))
 
     @property
     def param_groups(self) -> List[dict]:
@@ -146,15 +152,22 @@ class MegatronOptimizer:
             norm_grads = [g for m, g in zip(self.main_params, grads) if counts_in_grad_norm(m.model_param, self.state)]
             norm_group = world_group() if self.use_distributed_optimizer else self.state.mp_group
             grad_norm = global_grad_norm(norm_grads, norm_group, self.state.device)
-            if self.cfg.clip_grad > 0.0:
+            coeff = clip_coefficient(self.cfg.clip_grad, grad_norm) if self.cfg.clip_grad > 0.0 else None
+            if coeff is not None and self._fused:
+                # the fused kernel divides each gradient by grad_scale as it reads it: clipping
+                # without a separate pass over the gradients
+                self.optimizer.grad_scale = torch.tensor(1.0 / coeff, dtype=torch.float32, device=self.state.device)
+            elif coeff is not None:
                 clip_grads_by_total_norm(grads, self.cfg.clip_grad, grad_norm)
             self.optimizer.step()
         finally:
+            self.optimizer.grad_scale = None
             for m in self.main_params:
                 m.main_param.grad = None
-        for m in self.main_params:
-            if m.is_copy:
-                m.copy_to_model()
+        copies = [m for m in self.main_params if m.is_copy]
+        if copies and not getattr(self.optimizer, "writes_model_params", False):
+            # fp32 main params back into the bf16/fp16 model, one multi-tensor copy
+            torch._foreach_copy_([m.model_view() for m in copies], [m.main_param.view(-1) for m in copies])
         for chunk in self.model_chunks:
             chunk.all_gather_params()
         return True, grad_norm, None
@@ -231,9 +244,11 @@ class MegatronOptimizer:
 
 
 def build_optimizer(model_chunks: List[DistributedDataParallel], cfg: OptimizerConfig,
-                    parallel_cfg: ParallelConfig, state: ParallelState) -> MegatronOptimizer:
+                    parallel_cfg: ParallelConfig, state: ParallelState, *,
+                    fused_kernels: bool = True) -> MegatronOptimizer:
     """AdamW (decoupled weight decay) or SGD over this rank's main params, in two param groups:
-    weight decay for parameters with 2 or more dimensions, none for biases and norm weights."""
+    weight decay for parameters with 2 or more dimensions, none for biases and norm weights.
+    `fused_kernels` False (--no-fused-kernels) keeps megatron_lite's CUDA AdamW kernel out."""
     if cfg.fp16 and cfg.bf16:
         raise ValueError("--fp16 and --bf16 are exclusive; pass one")
     for chunk in model_chunks:
@@ -248,10 +263,20 @@ def build_optimizer(model_chunks: List[DistributedDataParallel], cfg: OptimizerC
     groups = [{"params": decay, "wd_mult": 1.0, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "wd_mult": 0.0, "weight_decay": 0.0}]
     if cfg.optimizer == "adam":
-        # one fused kernel over all fp32 main params on GPUs (deterministic, like the foreach path)
-        fused = bool(main_params) and all(m.main_param.is_cuda for m in main_params)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                      fused=fused or None)
+        on_gpu = bool(main_params) and all(m.main_param.is_cuda for m in main_params)
+        ours = fused_kernels and on_gpu and fused_adamw_available(main_params[0].main_param.device)
+        moments = DTYPES[cfg.exp_avg_dtype], DTYPES[cfg.exp_avg_sq_dtype]
+        if ours or moments != (torch.float32, torch.float32):
+            # megatron_lite's AdamW: moments in their configured dtypes; on GPUs one kernel that
+            # also writes the model's bf16/fp16 copy of each parameter
+            by_main = {id(m.main_param): m for m in main_params if m.is_copy}
+            optimizer = AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                              exp_avg_dtype=moments[0], exp_avg_sq_dtype=moments[1], fused=ours,
+                              model_view=lambda p: by_main[id(p)].model_view() if id(p) in by_main else None)
+        else:
+            # torch's AdamW: one fused kernel over all fp32 main params on GPUs (--no-fused-kernels)
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                          eps=cfg.adam_eps, fused=on_gpu or None)
     elif cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum)
     else:
