@@ -5,8 +5,8 @@ every tensor is copied into a CPU buffer that the saver keeps from one save to t
 (pinned for GPU tensors, so the copy runs at full PCIe speed and no page is faulted in
 again), and training may change the originals at once. The price is host memory for one
 copy of the rank's checkpoint tensors, held between saves. A background thread per rank
-then serialises, writes and fsyncs the copy exactly as a synchronous save does (the bytes
-are identical), and drops a done marker holding its checksums into the temporary
+then writes and fsyncs the copy exactly as a synchronous save does (the bytes are identical),
+and drops a done marker holding its checksums into the temporary
 directory. Rank 0's thread waits until every rank's marker is there and then commits
 (metadata.json, rename, tracker). The hand-off goes through marker files, not collectives:
 a collective issued from a background thread would interleave with the training loop's own.
@@ -34,7 +34,7 @@ import torch
 
 from megatron_lite.checkpoint.layout import done_marker_name, parse_done_marker
 from megatron_lite.checkpoint.storage import (CheckpointSaveError, CommitSpec, SaveResult, all_gather_object, commit,
-                                              raise_if_failed, snapshot_to_cpu, write_files)
+                                              raise_if_failed, saveable, write_files)
 from megatron_lite.parallel.state import ParallelState
 
 _POLL_FIRST_S, _POLL_MAX_S = 0.005, 0.5
@@ -115,7 +115,7 @@ class AsyncSaver:
         return self._thread is not None
 
     def snapshot(self, files: Dict[str, object]) -> Dict[str, object]:
-        """Copy `files` into this saver's CPU buffers (checked as snapshot_to_cpu checks); called by save_files.
+        """Copy `files` into this saver's CPU buffers (checked as storage.saveable checks); called by save_files.
 
         Every buffer is free here, because save_files finalizes the previous save first.
         """
@@ -132,7 +132,7 @@ class AsyncSaver:
             taken[key] += 1
             return buffers[taken[key] - 1]
 
-        payload = {r: snapshot_to_cpu(obj, f"files[{r!r}]", buffer_for=buffer_for) for r, obj in files.items()}
+        payload = {r: saveable(obj, f"files[{r!r}]", buffer_for=buffer_for) for r, obj in files.items()}
         if any(key[3] for key in taken):
             torch.cuda.synchronize()   # the non-blocking copies from the GPU have landed
         return payload

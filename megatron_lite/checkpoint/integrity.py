@@ -1,62 +1,153 @@
 """Whether a checkpoint directory is committed and intact: metadata.json, file sizes, checksums.
 
-The checksum is CRC-32 (zlib). Measured on the 2-core CI machine over 200 MB: 2.4 to 3.6
-GB/s, against 1.5 GB/s for SHA-256 (with SHA-NI), 0.7 GB/s for BLAKE2b and 0.6 GB/s for MD5.
-A save hashes each large chunk on a helper thread while writing it, so the checksum adds
-little to a save's time. CRC-32 catches every error burst up to 32 bits and any other random
-corruption with probability 1 - 2^-32; truncation is caught by the size check before it.
+The checksum is CRC-32 (zlib) of the whole file. Measured on the 2-core CI machine over 200 MB:
+2.4 to 3.6 GB/s, against 1.5 GB/s for SHA-256 (with SHA-NI), 0.7 GB/s for BLAKE2b and 0.6 GB/s
+for MD5. Files are written and read in parallel chunks whose CRC-32s are combined (fastio), so
+the checksum costs no extra pass. CRC-32 catches every error burst up to 32 bits and any other
+random corruption with probability 1 - 2^-32; truncation is caught by the size check before it.
 The algorithm's name is recorded in metadata.json so that it can change without breaking
 old checkpoints.
+
+A file verified whole by `read_verified` stays in memory, registered by path, until
+`take_verified` hands it to the loader (storage.load_file) or its holder drops it: choosing a
+checkpoint and loading it then read each byte once.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
-import zlib
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from megatron_lite.checkpoint import fastio
 from megatron_lite.checkpoint.layout import METADATA_FILENAME, format_iteration, parse_dir_name
 
 CHECKSUM_ALGORITHM = "crc32"
 FORMAT_VERSION = 1
-_READ_CHUNK = 8 << 20
-_MAX_VERIFY_THREADS = 8   # files are hashed in parallel: the read and zlib.crc32 both release the GIL
+_MAX_VERIFY_FILES = 4   # small files are checked several at a time; a large one is read in parallel chunks
 
 
 class CheckpointMetadataError(ValueError):
     """metadata.json is missing, unreadable, or from a newer format."""
 
 
-class Checksum:
-    """Running CRC-32 of the bytes passed to `update`, printed as 8 hex digits."""
+class CheckpointIntegrityError(ValueError):
+    """A file of a committed checkpoint is missing, or differs in size or checksum from metadata.json.
 
-    name = CHECKSUM_ALGORITHM
+    `problem` is the sentence verify_checkpoint reports for it.
+    """
 
-    def __init__(self) -> None:
-        self._value = 0
-
-    def update(self, data) -> None:
-        self._value = zlib.crc32(data, self._value)
-
-    def hexdigest(self) -> str:
-        return f"{self._value:08x}"
+    def __init__(self, problem: str, iter_dir: str) -> None:
+        super().__init__(f"{problem}; checkpoint {iter_dir} is damaged: load another with --ckpt-step, or "
+                         f"check it with `python tools/checkpoint/inspect.py {iter_dir}`")
+        self.problem = problem
 
 
 def checksum_file(path: str) -> Tuple[int, str]:
-    """(size in bytes, checksum) of the file at `path`, read in 8 MiB chunks."""
-    checksum, size = Checksum(), 0
-    buf = bytearray(_READ_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            checksum.update(view[:n])
-            size += n
-    return size, checksum.hexdigest()
+    """(size in bytes, checksum) of the file at `path`, read in parallel chunks."""
+    _, size, crc = fastio.read_file(path, keep=False)
+    return size, f"{crc:08x}"
+
+
+def size_problem(relpath: str, entry, size: Optional[int]) -> Optional[str]:
+    """Why a file of `size` bytes (None: missing) does not match its metadata.json `entry`, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+        return f"metadata.json is damaged: the entry of {relpath} has no size"
+    if size is None:
+        return f"{relpath} is missing"
+    if size != entry["size"]:
+        what = "truncated" if size < entry["size"] else "longer than written"
+        return f"{relpath} is {what}: {size} bytes on disk, {entry['size']} in metadata.json"
+    return None
+
+
+def checksum_problem(relpath: str, entry: dict, checksum: str, algorithm: str = CHECKSUM_ALGORITHM) -> Optional[str]:
+    if checksum == entry.get("checksum"):
+        return None
+    return (f"{relpath} failed its {algorithm} checksum: {checksum} on disk, "
+            f"{entry.get('checksum')} in metadata.json (the file is corrupted)")
+
+
+def _algorithm_problem(meta: dict) -> Optional[str]:
+    algorithm = meta.get("checksum_algorithm")
+    if algorithm == CHECKSUM_ALGORITHM:
+        return None
+    return (f"metadata.json records checksum algorithm {algorithm!r}; this megatron_lite checks "
+            f"{CHECKSUM_ALGORITHM!r} only: upgrade megatron_lite")
+
+
+# ---- files read whole and verified, waiting for the loader --------------------------------------
+
+class VerifiedFile:
+    """A checkpoint file read into memory whose size and checksum matched metadata.json.
+
+    `buffer` is the file's bytes (None once the loader took them); `fingerprint` identifies the
+    file on disk, so that a file replaced since is read again.
+    """
+
+    def __init__(self, path: str, buffer: mmap.mmap, fingerprint: tuple) -> None:
+        self.path, self.buffer, self.fingerprint = path, buffer, fingerprint
+
+
+_verified: "weakref.WeakValueDictionary[str, VerifiedFile]" = weakref.WeakValueDictionary()
+_verified_lock = threading.Lock()
+
+
+def _fingerprint(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_verified(iter_dir: str, meta: dict, relpath: str) -> Tuple[mmap.mmap, Optional[str]]:
+    """(bytes of the file, None) or (bytes, what is wrong with them) for one file of a committed
+    checkpoint, read once; the caller decides how to report a wrong size or checksum, so that it
+    can say what else is wrong with the bytes."""
+    problem = _algorithm_problem(meta)
+    if problem:
+        raise CheckpointIntegrityError(problem, iter_dir)
+    entry = meta["files"].get(relpath)
+    if entry is None:
+        raise CheckpointIntegrityError(f"{relpath} is not listed in metadata.json, so it was not written by "
+                                       f"this save", iter_dir)
+    buffer, size, crc = fastio.read_file(os.path.join(iter_dir, relpath))
+    return buffer, size_problem(relpath, entry, size) or checksum_problem(relpath, entry, f"{crc:08x}")
+
+
+def keep_verified(iter_dir: str, meta: dict, relpath: str) -> VerifiedFile:
+    """Read and verify one file whole and register it for `take_verified`; the caller holds the result
+    (the registration lapses when it is dropped). Raises CheckpointIntegrityError."""
+    path = os.path.join(iter_dir, relpath)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    problem = size_problem(relpath, meta["files"].get(relpath), size)   # found without reading the file
+    if problem:
+        raise CheckpointIntegrityError(problem, iter_dir)
+    buffer, problem = read_verified(iter_dir, meta, relpath)
+    if problem:
+        raise CheckpointIntegrityError(problem, iter_dir)
+    verified = VerifiedFile(path, buffer, _fingerprint(os.stat(path)))
+    with _verified_lock:
+        _verified[os.path.realpath(path)] = verified
+    return verified
+
+
+def take_verified(path: str) -> Optional[mmap.mmap]:
+    """The bytes of `path` if `keep_verified` read them and the file is unchanged since; once only."""
+    with _verified_lock:
+        verified = _verified.pop(os.path.realpath(path), None)
+    if verified is None or verified.buffer is None:
+        return None
+    buffer, verified.buffer = verified.buffer, None
+    try:
+        unchanged = _fingerprint(os.stat(path)) == verified.fingerprint
+    except OSError:
+        unchanged = False
+    return buffer if unchanged else None
 
 
 def read_metadata(iter_dir: str) -> dict:
@@ -86,37 +177,28 @@ def check_files(iter_dir: str, meta: dict, relpaths: Iterable[str], *, deep: boo
     verify a checkpoint together.
     """
     files: Dict[str, dict] = meta["files"]
-    algorithm = meta.get("checksum_algorithm")
-    if deep and algorithm != CHECKSUM_ALGORITHM:
-        return [f"metadata.json records checksum algorithm {algorithm!r}; this megatron_lite checks "
-                f"{CHECKSUM_ALGORITHM!r} only: upgrade megatron_lite"]
+    if deep and _algorithm_problem(meta):
+        return [_algorithm_problem(meta)]
 
     def one(relpath: str) -> Optional[str]:
         entry = files[relpath]
-        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
-            return f"metadata.json is damaged: the entry of {relpath} has no size"
         path = os.path.join(iter_dir, relpath)
         try:
             size = os.path.getsize(path)
         except OSError:
-            return f"{relpath} is missing"
-        if size != entry["size"]:
-            what = "truncated" if size < entry["size"] else "longer than written"
-            return f"{relpath} is {what}: {size} bytes on disk, {entry['size']} in metadata.json"
-        if not deep:
-            return None
+            size = None
+        problem = size_problem(relpath, entry, size)
+        if problem or not deep:
+            return problem
         try:
             _, checksum = checksum_file(path)
         except OSError as e:
             return f"{relpath} cannot be read: {e}"
-        if checksum != entry.get("checksum"):
-            return (f"{relpath} failed its {algorithm} checksum: {checksum} on disk, "
-                    f"{entry.get('checksum')} in metadata.json (the file is corrupted)")
-        return None
+        return checksum_problem(relpath, entry, checksum)
 
     relpaths = sorted(relpaths)
     if deep and len(relpaths) > 1:
-        with ThreadPoolExecutor(min(_MAX_VERIFY_THREADS, len(relpaths))) as pool:
+        with ThreadPoolExecutor(min(_MAX_VERIFY_FILES, len(relpaths))) as pool:
             results = list(pool.map(one, relpaths))
     else:
         results = [one(r) for r in relpaths]

@@ -2,9 +2,13 @@
 
 `choose_checkpoint` gives every rank the same LoadPlan: rank 0 lists the directory and reads
 the tracker and broadcasts what it saw; then for each candidate every rank checksums its
-share of the files (so a large checkpoint is read in parallel, and each rank's page cache
-is warm for what it loads next) and the problems are gathered, so the decision is made from
-the same facts everywhere. A damaged or incomplete checkpoint is never chosen.
+share of the files and the problems are gathered, so the decision is made from the same facts
+everywhere. A damaged or incomplete checkpoint is never chosen.
+
+A rank's share: when the checkpoint was saved at the current TP/PP/DP layout, the model files
+(model_optim_rng.pt) of its own shard, which it loads in any mode; these it reads whole and
+keeps in memory (integrity.keep_verified, held by the LoadPlan), so that storage.load_file
+takes them without reading them again. Every other file is checksummed by one rank, in turn.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from megatron_lite.checkpoint.integrity import (CheckpointMetadataError, check_files, committed_metadata,
-                                                read_metadata)
-from megatron_lite.checkpoint.layout import (RELEASE, TRACKER_FILENAME, Iteration, format_iteration,
-                                             iteration_dir_name, parse_dir_name, tracker_path)
+from megatron_lite.checkpoint.integrity import (CheckpointIntegrityError, CheckpointMetadataError, VerifiedFile,
+                                                check_files, committed_metadata, keep_verified, read_metadata)
+from megatron_lite.checkpoint.layout import (MODEL_FILENAME, RELEASE, TRACKER_FILENAME, Iteration, format_iteration,
+                                             iteration_dir_name, parse_dir_name, parse_shard_dir, tracker_path)
 from megatron_lite.checkpoint.storage import all_gather_object, broadcast_object
 from megatron_lite.parallel.state import ParallelState
 
@@ -54,6 +58,7 @@ class LoadPlan:
     rejected: List[Tuple[str, str]] = field(default_factory=list)   # (directory or file name, why)
     checkpoints: List[CheckpointInfo] = field(default_factory=list)
     metadata: Optional[dict] = None   # the chosen checkpoint's metadata.json
+    verified_files: List[VerifiedFile] = field(default_factory=list)   # this rank's model files, read and kept
 
 
 def _order_key(iteration: Iteration) -> int:
@@ -124,16 +129,39 @@ def read_tracker(load_dir: str) -> Tuple[Optional[Iteration], Optional[str]]:
     return None, f"says {text!r}, which is not an iteration number"
 
 
-def _check(info: CheckpointInfo, state: Optional[ParallelState]) -> Tuple[Optional[dict], List[str]]:
-    """(metadata, problems) of one candidate, every rank checksumming its share of the files."""
+def _own_model_files(meta: dict, state: Optional[ParallelState]) -> Tuple[List[str], List[str]]:
+    """(model files this rank loads, model files some rank loads), when the checkpoint's layout is the
+    current one; ([], []) otherwise."""
+    sizes = (1, 1, 1) if state is None else (state.tp_size, state.pp_size, state.dp_size)
+    ranks = (0, 0) if state is None else (state.tp_rank, state.pp_rank)
+    saved = meta.get("layout", {})
+    if (saved.get("tensor_model_parallel_size"), saved.get("pipeline_model_parallel_size"),
+            saved.get("data_parallel_size")) != sizes:
+        return [], []
+    loaded = [r for r in sorted(meta["files"]) if r.count("/") == 1 and r.endswith("/" + MODEL_FILENAME)
+              and (parse_shard_dir(r.split("/")[0]) or (None,))[0] is not None]
+    mine = [r for r in loaded if parse_shard_dir(r.split("/")[0])[:2] == ranks]
+    return mine, loaded
+
+
+def _check(info: CheckpointInfo, state: Optional[ParallelState]) -> Tuple[Optional[dict], List[str], list]:
+    """(metadata, problems, this rank's verified model files) of one candidate, every rank checking its share."""
     meta, problems = committed_metadata(info.path)
+    kept = []
     if not problems:
         rank, world = (0, 1) if state is None else (state.rank, state.world_size)
-        problems = check_files(info.path, meta, sorted(meta["files"])[rank::world], deep=True)
+        mine, loaded = _own_model_files(meta, state)
+        rest = [r for r in sorted(meta["files"]) if r not in loaded]
+        problems = check_files(info.path, meta, rest[rank::world], deep=True)
+        for relpath in mine:
+            try:
+                kept.append(keep_verified(info.path, meta, relpath))
+            except CheckpointIntegrityError as e:
+                problems.append(e.problem)
     merged = []
     for rank_problems in all_gather_object(problems, state):
         merged += [p for p in rank_problems if p not in merged]
-    return meta, merged
+    return meta, merged, kept
 
 
 def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Optional[ParallelState] = None, *,
@@ -168,7 +196,7 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
             available = ", ".join(str(i) for i in committed) or "none"
             raise CheckpointLoadError(f"--ckpt-step {ckpt_step}: {load_dir} has no committed checkpoint "
                                       f"{iteration_dir_name(ckpt_step)} (committed iterations: {available})")
-        meta, problems = _check(info, state)
+        meta, problems, kept = _check(info, state)
         if problems:
             raise CheckpointLoadError(f"checkpoint {info.name} in {load_dir} failed its checks: {'; '.join(problems)}; "
                                       f"pick another with --ckpt-step or drop it to load the newest intact one")
@@ -185,19 +213,20 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
         reason_of = {id(c): "fallback" for c in rest}
         if tracker_info is not None:
             reason_of[id(tracker_info)] = "tracker"
-        meta = None
+        meta, kept = None, []
 
     for info in candidates:
         if info.status == WEIGHTS_ONLY:
             continue
         if reason_of[id(info)] != "--ckpt-step":
-            meta, problems = _check(info, state)
+            meta, problems, kept = _check(info, state)
             if problems:
                 info.status = "failed its checks: " + "; ".join(problems)
                 plan.rejected.append((info.name, info.status))
                 continue
         info.status = INTACT
         plan.iteration, plan.iter_dir, plan.kind, plan.metadata = info.iteration, info.path, info.kind, meta
+        plan.verified_files = kept
         plan.reason = reason_of[id(info)]
         break
 

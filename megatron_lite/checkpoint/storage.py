@@ -5,9 +5,9 @@ The commit protocol of `save_files` (every step is what makes the next crash poi
 1. rank 0 removes `iter_X.tmp` left by an earlier attempt and creates it afresh; all ranks
    check their arguments together, so a bad file on one rank stops every rank before anything
    is written.
-2. every rank writes its files into `iter_X.tmp`, hashing the bytes while they go out
-   (torch.save streams into a writer that updates the CRC-32 and the file), then flush and
-   fsync each file and its directory.
+2. every rank writes its files into `iter_X.tmp` in torch.save's format, in parallel chunks
+   straight from the tensors' devices, each chunk checksummed on its way out (torchfile.py,
+   fastio.py), then fsyncs each file and its directory.
 3. rank 0 gathers (path, size, checksum) from every rank and writes `metadata.json`,
    fsynced: the directory now describes itself.
 4. rank 0 renames `iter_X.tmp` to `iter_X` and fsyncs the save directory. An `iter_X` that
@@ -28,20 +28,21 @@ import collections
 import datetime
 import json
 import os
+import pickle
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint.integrity import (CHECKSUM_ALGORITHM, FORMAT_VERSION, Checksum,
-                                                CheckpointMetadataError, read_metadata)
+from megatron_lite.checkpoint.integrity import (CHECKSUM_ALGORITHM, FORMAT_VERSION, CheckpointIntegrityError,
+                                                CheckpointMetadataError, read_metadata, read_verified, take_verified)
 from megatron_lite.checkpoint.layout import (METADATA_FILENAME, Iteration, check_iteration, check_relpath,
                                              iteration_dir_name, parse_shard_dir, replaced_dir_name,
                                              resolve_iteration_dir, tmp_dir_name, tracker_path, tracker_tmp_path)
+from megatron_lite.checkpoint.torchfile import unpickle_torch_file, write_torch_file
 from megatron_lite.parallel.state import ParallelState
 
 KINDS = ("full", "weights")
@@ -80,32 +81,6 @@ class CommitSpec:
         return os.path.join(self.save_dir, iteration_dir_name(self.iteration))
 
 
-class _HashingWriter:
-    """File-like object for torch.save: every byte goes to the file and through the checksum.
-
-    A large chunk is hashed on a helper thread while this thread writes it: zlib.crc32 and
-    the write both release the GIL, so the checksum costs almost no extra time.
-    """
-
-    _OVERLAP_MIN_BYTES = 1 << 20
-
-    def __init__(self, f, hasher: ThreadPoolExecutor) -> None:
-        self._f, self._hasher, self.checksum, self.size = f, hasher, Checksum(), 0
-
-    def write(self, data) -> int:
-        self.size += len(data)
-        if len(data) < self._OVERLAP_MIN_BYTES:
-            self.checksum.update(data)
-            return self._f.write(data)
-        hashed = self._hasher.submit(self.checksum.update, data)
-        n = self._f.write(data)
-        hashed.result()
-        return n
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
 # ---- collectives over all ranks (no-ops in a single process) ----------------------------------
 
 def _rank(state: Optional[ParallelState]) -> int:
@@ -136,28 +111,22 @@ _LEAF_TYPES = {int, float, bool, str, bytes, complex, type(None), torch.dtype, t
 _CONTAINERS = {dict, collections.OrderedDict, list, tuple, set}
 
 
-def snapshot_to_cpu(obj, where: str, *, buffer_for: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                    memo: Optional[dict] = None):
-    """A copy of `obj` whose tensors are on the CPU and own compact storage, checked to be loadable
-    by torch.load(weights_only=True).
+def saveable(obj, where: str, *, buffer_for: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             memo: Optional[dict] = None):
+    """A copy of the containers of `obj` with detached tensors, checked to be loadable by
+    torch.load(weights_only=True).
 
-    A tensor that views part of a larger storage (a distributed-optimizer shard of a flat
-    buffer) is cloned, because torch.save writes a tensor's whole storage. With `buffer_for`
-    every tensor is copied (non-blocking from a GPU) into the CPU tensor it returns, laid out
-    like `torch.empty_like`, so that training may change the originals at once. The same
-    tensor object reached twice stays one tensor. `where` names `obj` in error messages.
+    The tensors stay where they are (the writer reads them from their device; of a view it
+    writes only the viewed bytes). With `buffer_for` every tensor is copied (non-blocking from
+    a GPU) into the CPU tensor it returns, laid out like `torch.empty_like`, so that training
+    may change the originals at once. The same tensor object reached twice stays one tensor.
+    `where` names `obj` in error messages.
     """
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, torch.nn.Parameter):
         if id(obj) not in memo:
             t = obj.detach()
-            if buffer_for is not None:
-                t = buffer_for(t).copy_(t, non_blocking=True)
-            elif t.device.type != "cpu":
-                t = t.to("cpu")
-            elif t.untyped_storage().nbytes() > t.numel() * t.element_size():
-                t = t.clone()
-            memo[id(obj)] = t
+            memo[id(obj)] = t if buffer_for is None else buffer_for(t).copy_(t, non_blocking=True)
         return memo[id(obj)]
     if type(obj) in _LEAF_TYPES:
         return obj
@@ -166,9 +135,9 @@ def snapshot_to_cpu(obj, where: str, *, buffer_for: Optional[Callable[[torch.Ten
             for k in obj:
                 if type(k) not in _LEAF_TYPES:
                     raise TypeError(f"{where} has a key of type {type(k).__qualname__}; use str or int keys")
-            return type(obj)((k, snapshot_to_cpu(v, f"{where}[{k!r}]", buffer_for=buffer_for, memo=memo))
+            return type(obj)((k, saveable(v, f"{where}[{k!r}]", buffer_for=buffer_for, memo=memo))
                              for k, v in obj.items())
-        items = [snapshot_to_cpu(v, f"{where}[{i}]", buffer_for=buffer_for, memo=memo) for i, v in enumerate(obj)]
+        items = [saveable(v, f"{where}[{i}]", buffer_for=buffer_for, memo=memo) for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else type(obj)(items)
     raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
                     f"torch.load(weights_only=True) cannot read back; store a tensor, a number, a string, "
@@ -230,19 +199,14 @@ def write_durably(path: str, data: bytes) -> None:
 
 
 def write_files(tmp_dir: str, payload: Dict[str, object], rank: int) -> Dict[str, dict]:
-    """torch.save each object to its file durably, hashing as it goes; {relpath: {size, checksum, rank}}."""
+    """Write each object to its file durably (torchfile.py), checksummed as it goes; {relpath: {size, checksum, rank}}."""
     entries, dirs = {}, {tmp_dir}
-    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-checksum") as hasher:
-        for relpath, obj in payload.items():
-            path = os.path.join(tmp_dir, relpath)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            dirs.add(os.path.dirname(path))
-            with open(path, "wb") as f:
-                writer = _HashingWriter(f, hasher)
-                torch.save(obj, writer)
-                f.flush()
-                os.fsync(f.fileno())
-            entries[relpath] = {"size": writer.size, "checksum": writer.checksum.hexdigest(), "rank": rank}
+    for relpath, obj in payload.items():
+        path = os.path.join(tmp_dir, relpath)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        dirs.add(os.path.dirname(path))
+        size, crc = write_torch_file(path, obj)
+        entries[relpath] = {"size": size, "checksum": f"{crc:08x}", "rank": rank}
     for d in sorted(dirs, key=len, reverse=True):
         fsync_dir(d)
     return entries
@@ -333,7 +297,8 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
     to what this rank writes there. `metadata` (JSON) is merged into metadata.json.
     `state=None` means one process; the layout is then read from the shard names.
     kind "full" moves the tracker; "weights" does not. With `async_saver`, this returns
-    once every tensor is copied to the CPU and the rest runs in the background; the
+    once every tensor is copied to the CPU and the rest runs in the background (a synchronous
+    save streams the tensors from their device through the writer's pinned buffers); the
     AsyncSaver's `finalize()` (called here first) waits for the previous commit.
     """
     if async_saver is not None:
@@ -345,7 +310,7 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
     try:
         _check_save_args(iteration, kind, files)
         payload = (async_saver.snapshot(files) if async_saver is not None else
-                   {r: snapshot_to_cpu(obj, f"files[{r!r}]") for r, obj in files.items()})
+                   {r: saveable(obj, f"files[{r!r}]") for r, obj in files.items()})
         if rank == 0:
             spec.metadata = _frozen_metadata(metadata)
             spec.layout = _parallel_layout(state, files)
@@ -380,7 +345,14 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
 
 
 def load_file(load_dir: str, iteration: Iteration, relpath: str):
-    """One file of a committed checkpoint, loaded on the CPU without unpickling code."""
+    """One file of a committed checkpoint, loaded on the CPU without unpickling code, checked against
+    metadata.json while it is read.
+
+    The file is read once (or taken from memory where choosing the checkpoint verified it
+    already) and its tensors are windows of that memory. A damaged file raises
+    CheckpointIntegrityError and returns nothing; a file holding code raises
+    pickle.UnpicklingError.
+    """
     check_relpath(relpath)
     iter_dir = resolve_iteration_dir(load_dir, iteration)
     path = os.path.join(iter_dir, relpath)
@@ -388,4 +360,19 @@ def load_file(load_dir: str, iteration: Iteration, relpath: str):
         raise FileNotFoundError(f"{path} does not exist: the checkpoint was saved with another parallel layout or "
                                 f"without this part; see what it holds with "
                                 f"`python tools/checkpoint/inspect.py {iter_dir}`")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    buffer, problem = take_verified(path), None
+    if buffer is None:
+        buffer, problem = read_verified(iter_dir, read_metadata(iter_dir), relpath)
+    try:
+        obj = unpickle_torch_file(buffer)
+    except pickle.UnpicklingError as e:
+        if problem:   # say both: the bytes are damaged or replaced, and they hold code
+            raise pickle.UnpicklingError(f"{e}; and {problem}") from e
+        raise
+    except Exception as e:
+        if problem:
+            raise CheckpointIntegrityError(problem, iter_dir) from e
+        raise
+    if problem:
+        raise CheckpointIntegrityError(problem, iter_dir)
+    return obj

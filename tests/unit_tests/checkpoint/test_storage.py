@@ -163,19 +163,18 @@ def test_tracker_keeps_its_old_content_when_a_crash_hits_before_the_replace(tmp_
 def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_chosen(tmp_path):
     script = f"""
 import os, signal, sys, torch
-from megatron_lite.checkpoint import storage
+from megatron_lite.checkpoint import fastio, storage
 state = {{"model": {{f"w{{i}}": torch.full((250_000,), float(i)) for i in range(8)}}}}   # 8 x 1 MB
 storage.save_files(sys.argv[1], 1, {{{MODEL!r}: state}}, None, None)
+fastio.IO_THREADS, fastio.CHUNK_BYTES = 1, 1 << 20
 written = [0]
-real_write = storage._HashingWriter.write
-def write_then_die(self, data):
-    n = real_write(self, data)
-    written[0] += len(data)
+real_write = fastio._pwrite_all
+def write_then_die(fd, view, offset):
+    real_write(fd, view, offset)
+    written[0] += len(view)
     if written[0] > 2 << 20:
-        self.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    return n
-storage._HashingWriter.write = write_then_die
+fastio._pwrite_all = write_then_die
 storage.save_files(sys.argv[1], 2, {{{MODEL!r}: state}}, None, None)
 """
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env={**os.environ, "PYTHONPATH": REPO},
