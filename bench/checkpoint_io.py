@@ -11,11 +11,14 @@ the files read; the output says which, or "page cache not dropped").
 
     dd oflag=direct / iflag=direct   dd if=/dev/zero bs=64M of the same size, and back (conv=fsync
                                      and a plain read where the filesystem refuses O_DIRECT)
-    megatron_lite save_checkpoint    the synchronous save of pretrain_gpt.py (snapshot to CPU,
-                                     serialise with checksums, fsync, commit)
-    megatron_lite decide_load + restore   the load of pretrain_gpt.py: choose and checksum the
-                                     checkpoint, then weights and optimizer state into the GPU run
-    megatron_lite load_file          the raw read: torch.load(weights_only) of the shard to CPU
+    megatron_lite save_checkpoint    the synchronous save of pretrain_gpt.py (tensors streamed from
+                                     the GPU through pinned chunks, checksummed and written in
+                                     parallel, fsync, commit)
+    megatron_lite decide_load + restore   the load of pretrain_gpt.py: choose the checkpoint, read
+                                     and checksum this rank's shard once, then weights and
+                                     optimizer state into the GPU run
+    megatron_lite load_file          the raw read: storage.load_file of the shard to CPU (read once
+                                     with its checksum, tensors built on the read memory)
     megatron_lite async save (1st, 2nd)   --async-save (AsyncSaver): "blocked" until save_checkpoint
                                      returns and training may go on, "committed" until finalize() has
                                      the checkpoint on disk; the first save also allocates the pinned
@@ -24,11 +27,15 @@ the files read; the output says which, or "page cache not dropped").
     dcp.save / dcp.load              torch.distributed.checkpoint in one process without a process
                                      group; loaded in place into the live (GPU) state
 
-The measurements run in this order; with --budget-s those that would start after the budget is
-spent are reported as skipped.
+The measurements run in this order (the baselines before the extra megatron_lite rows); with
+--budget-s those that would start after the budget is spent are reported as skipped.
 
-    python bench/checkpoint_io.py [--dir PARENT] [--budget-s 150] [--page-cache drop|fadvise|keep]
+    dd, megatron_lite save_checkpoint and decide_load + restore, torch.save/torch.load,
+    dcp.save/dcp.load, megatron_lite load_file, megatron_lite async saves
+
+    python bench/checkpoint_io.py [--dir PARENT] [--budget-s 270] [--page-cache drop|fadvise|keep]
     python bench/checkpoint_io.py --tiny        # 2-layer model on a CPU
+    python bench/checkpoint_io.py --num-layers 1 --seq-length 256   # the reference width, ~2.5 GB of state
 
 Files go to a fresh directory under --dir (default: the current directory, which should be on the
 disk being measured, not a tmpfs) that is removed at the end. Prints a table with the ratios of
@@ -58,7 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
-from bench.common import (REFERENCE, TINY, bench_device, build_megatron_lite_run, environment,  # noqa: E402
+from bench.common import (REFERENCE, TINY, ModelDims, bench_device, build_megatron_lite_run, environment,  # noqa: E402
                           format_number, format_table, megatron_lite_flags, mock_batches, synchronize, write_json)
 from megatron_lite.checkpoint import layout  # noqa: E402
 from megatron_lite.checkpoint.async_save import AsyncSaver  # noqa: E402
@@ -243,8 +250,8 @@ def measure_dd(results: Results, work: str, nbytes: int, bs_mib: int, cache: Cal
     remove(path)
 
 
-def measure_megatron_lite(results: Results, run, work: str, nbytes: int, cache: Callable[[str], str]) -> None:
-    """save_checkpoint, then the load of pretrain_gpt.py, then the raw read of the shard file."""
+def measure_megatron_lite(results: Results, run, work: str, nbytes: int, cache: Callable[[str], str]) -> str:
+    """save_checkpoint, then the load of pretrain_gpt.py; returns the checkpoint directory (kept for load_file)."""
     cfg, directory = run.cfg, os.path.join(work, "megatron_lite")
     cfg.checkpoint.save, cfg.checkpoint.load = directory, None
     results.measure("megatron_lite save_checkpoint", "write", nbytes, lambda: save_checkpoint(run))
@@ -255,9 +262,15 @@ def measure_megatron_lite(results: Results, run, work: str, nbytes: int, cache: 
         synchronize(run.state.device)
 
     results.measure("megatron_lite decide_load + restore", "read", nbytes, load_as_pretrain, cache(directory))
-    results.measure("megatron_lite load_file", "read", nbytes,
-                    lambda: load_file(directory, run.progress.iteration, layout.model_shard_path(0, 0)),
-                    cache(directory))
+    return directory
+
+
+def measure_load_file(results: Results, run, directory: str, nbytes: int, cache: Callable[[str], str]) -> None:
+    """The raw read of the shard that measure_megatron_lite saved; the directory is removed after."""
+    if os.path.isdir(directory):
+        results.measure("megatron_lite load_file", "read", nbytes,
+                        lambda: load_file(directory, run.progress.iteration, layout.model_shard_path(0, 0)),
+                        cache(directory))
     remove(directory)
 
 
@@ -309,7 +322,7 @@ def measure_torch_and_dcp(results: Results, state: dict, work: str, nbytes: int,
 
 def bench(args, work: str, results: Results, info: dict) -> None:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # one process, on purpose
-    dims = TINY if args.tiny else REFERENCE
+    dims = model_dims(args)
     device = bench_device()
     run = build_megatron_lite_run(megatron_lite_flags(dims, train_iters=10, clip_grad=1.0,
                                                       extra=shlex.split(args.megatron_lite_flags)))
@@ -332,9 +345,17 @@ def bench(args, work: str, results: Results, info: dict) -> None:
         return drop_page_cache(path, args.page_cache)
 
     measure_dd(results, work, nbytes, args.dd_bs_mib, cache)
-    measure_megatron_lite(results, run, work, nbytes, cache)
-    measure_async_saves(results, run, work, nbytes)
+    directory = measure_megatron_lite(results, run, work, nbytes, cache)
     measure_torch_and_dcp(results, training_state(run), work, nbytes, cache, device)
+    measure_load_file(results, run, directory, nbytes, cache)
+    measure_async_saves(results, run, work, nbytes)
+
+
+def model_dims(args) -> ModelDims:
+    """TINY or REFERENCE, with --num-layers / --seq-length where given (a smaller state of the same width)."""
+    dims = TINY if args.tiny else REFERENCE
+    changes = {k: v for k, v in (("num_layers", args.num_layers), ("seq_length", args.seq_length)) if v}
+    return dataclasses.replace(dims, **changes)
 
 
 class Stopped(Exception):
@@ -355,6 +376,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="before reads: drop_caches (falls back to fadvise), fadvise DONTNEED on the files, or keep")
     p.add_argument("--megatron-lite-flags", default="",
                    help="more pretrain_gpt.py flags for the run whose state is saved, e.g. '--no-fused-kernels'")
+    p.add_argument("--num-layers", type=int, default=None, help="fewer layers than the model's, for a smaller state")
+    p.add_argument("--seq-length", type=int, default=None, help="a shorter sequence for the one training step")
     p.add_argument("--dd-bs-mib", type=int, default=None, help="dd block size in MiB (64; 1 with --tiny)")
     args = p.parse_args(argv)
     args.dd_bs_mib = args.dd_bs_mib or (1 if args.tiny else 64)
@@ -367,7 +390,7 @@ def main(argv=None) -> int:
     env = environment(device)
     os.makedirs(args.dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="checkpoint_io_", dir=args.dir)
-    info = {"environment": env, "model": dataclasses.asdict(TINY if args.tiny else REFERENCE), "directory": work,
+    info = {"environment": env, "model": dataclasses.asdict(model_dims(args)), "directory": work,
             "filesystem": filesystem_of(work), "page_cache": args.page_cache, "dd_block_mib": args.dd_bs_mib}
     print(f"{env['date']} | {env['device']} | torch {env['torch']} (CUDA {env['cuda']})", flush=True)
 

@@ -54,7 +54,7 @@ timeout 280 $PY bench/train_throughput.py "--megatron-lite-flags=$FLAGS" ${TRAIN
 stage "checkpoint I/O"
 # the I/O does not depend on the fused ops; --no-fused-kernels keeps a missing build from compiling here
 # shellcheck disable=SC2086
-timeout 180 $PY bench/checkpoint_io.py --dir "${CKPT_DIR:-$PWD}" --budget-s 130 \
+timeout 330 $PY bench/checkpoint_io.py --dir "${CKPT_DIR:-$PWD}" --budget-s 270 \
   "--megatron-lite-flags=$FLAGS --no-fused-kernels" ${CKPT_ARGS:-} 2>&1 | tee "$OUT/checkpoint_io.log" || status=1
 
 stage "summary"

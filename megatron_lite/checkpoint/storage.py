@@ -49,6 +49,15 @@ KINDS = ("full", "weights")
 RESERVED_METADATA_KEYS = ("format_version", "iteration", "kind", "checksum_algorithm", "layout", "saved_at", "files")
 
 
+class DamagedPickleError(CheckpointIntegrityError, pickle.UnpicklingError):
+    """A damaged (or replaced) file whose pickle also fails torch's weights-only load: either kind of
+    handler catches it."""
+
+    def __init__(self, problem: str, iter_dir: str, unpickling_error: Exception) -> None:
+        super().__init__(problem, iter_dir)
+        self.args = (f"{self.args[0]}; its pickle does not load either ({unpickling_error})",)
+
+
 class CheckpointSaveError(RuntimeError):
     """A save failed on some rank; nothing was committed and the previous checkpoint is untouched."""
 
@@ -366,8 +375,8 @@ def load_file(load_dir: str, iteration: Iteration, relpath: str):
     try:
         obj = unpickle_torch_file(buffer)
     except pickle.UnpicklingError as e:
-        if problem:   # say both: the bytes are damaged or replaced, and they hold code
-            raise pickle.UnpicklingError(f"{e}; and {problem}") from e
+        if problem:
+            raise DamagedPickleError(problem, iter_dir, e) from e
         raise
     except Exception as e:
         if problem:

@@ -13,9 +13,12 @@ import zlib
 import pytest
 import torch
 
-from megatron_lite.checkpoint.integrity import FORMAT_VERSION, checksum_file, read_metadata, verify_checkpoint
+from megatron_lite.checkpoint import fastio
+from megatron_lite.checkpoint.integrity import (FORMAT_VERSION, CheckpointIntegrityError, checksum_file, read_metadata,
+                                                verify_checkpoint)
+from megatron_lite.checkpoint.recovery import choose_checkpoint
 from megatron_lite.checkpoint.layout import distrib_optim_shard_path, model_shard_path, tmp_dir_name
-from megatron_lite.checkpoint.storage import save_files
+from megatron_lite.checkpoint.storage import load_file, save_files
 from tests.unit_tests.checkpoint.test_storage import MODEL, REPO, save_tiny
 
 
@@ -64,6 +67,49 @@ def test_a_flipped_byte_is_found_by_the_checksum(ckpt):
     on_disk = checksum_file(str(ckpt / MODEL))[1]
     assert verify_checkpoint(str(ckpt), deep=True) == [
         f"{MODEL} failed its crc32 checksum: {on_disk} on disk, {recorded} in metadata.json (the file is corrupted)"]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: flip_byte(p, offset=p.stat().st_size - 40), "failed its crc32 checksum"),   # in the zip directory
+    (lambda p: flip_byte(p, offset=200), "failed its crc32 checksum"),                     # in the pickle
+    (truncate, "is truncated: 64 bytes on disk"),
+], ids=["flipped-directory-byte", "flipped-pickle-byte", "truncated"])
+def test_load_file_raises_the_integrity_error_and_returns_nothing_for_a_damaged_file(ckpt, damage, problem):
+    damage(ckpt / MODEL)
+    with pytest.raises(CheckpointIntegrityError, match=f"{MODEL} {problem}.*checkpoint .*iter_0000001 is damaged"):
+        load_file(str(ckpt.parent), 1, MODEL)
+
+
+def test_a_flipped_tensor_byte_is_an_integrity_error_although_the_file_still_parses(tmp_path):
+    save_files(str(tmp_path), 1, {MODEL: {"w": torch.zeros(4096)}}, None, None)
+    path = tmp_path / "iter_0000001" / MODEL
+    data = path.read_bytes()
+    flip_byte(path, offset=data.index(bytes(4096)) + 1000)
+    with pytest.raises(CheckpointIntegrityError, match="failed its crc32 checksum"):
+        load_file(str(tmp_path), 1, MODEL)
+
+
+def test_choosing_a_checkpoint_reads_the_model_file_once_for_the_loader(ckpt, monkeypatch):
+    reads = []
+    real_read = fastio.read_file
+    monkeypatch.setattr(fastio, "read_file", lambda path, **kw: (reads.append(kw.get("keep", True)),
+                                                                  real_read(path, **kw))[1])
+    plan = choose_checkpoint(str(ckpt.parent))
+    assert [v.path for v in plan.verified_files] == [str(ckpt / MODEL)]
+    expected = torch.load(ckpt / MODEL, weights_only=True)
+    assert torch.equal(load_file(str(ckpt.parent), 1, MODEL)["model"]["w"], expected["model"]["w"])
+    assert reads == [True]                                   # verified while read, then taken from memory
+    assert plan.verified_files[0].buffer is None             # the plan no longer holds the bytes
+    load_file(str(ckpt.parent), 1, MODEL)
+    assert reads == [True, True]                             # once only: a second load reads again
+
+
+def test_a_file_replaced_after_it_was_verified_is_read_and_checked_again(ckpt):
+    plan = choose_checkpoint(str(ckpt.parent))
+    assert len(plan.verified_files) == 1
+    flip_byte(ckpt / MODEL)
+    with pytest.raises(CheckpointIntegrityError, match="failed its crc32 checksum"):
+        load_file(str(ckpt.parent), 1, MODEL)
 
 
 def test_a_missing_shard_is_found(ckpt):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint import async_save
+from megatron_lite.checkpoint import async_save, fastio, torchfile
 from megatron_lite.checkpoint.async_save import AsyncSaver, wait_for_done_markers, write_done_marker
 from megatron_lite.checkpoint.integrity import checksum_file
 from megatron_lite.checkpoint.layout import (TRACKER_FILENAME, distrib_optim_shard_path, iteration_dir_name,
@@ -99,6 +100,83 @@ def test_a_view_is_saved_without_the_rest_of_its_storage(tmp_path):
     save_files(str(tmp_path), 1, {MODEL: {"shard": big[10:20]}}, None, None)
     assert (tmp_path / "iter_0000001" / MODEL).stat().st_size < 4096
     assert torch.equal(load_file(str(tmp_path), 1, MODEL)["shard"], big[10:20])
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
+          torch.int32, torch.int64, torch.bool, torch.complex64]
+
+
+def every_kind_of_tensor() -> dict:
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(1000, generator=g)
+    shared = torch.arange(12, dtype=torch.int64)
+    obj = {str(d): (torch.randn(5, 3, generator=g) * 50).to(d) for d in DTYPES}
+    obj.update({"scalar": torch.tensor(2.5, dtype=torch.bfloat16), "empty": torch.empty(0, 7),
+                "transposed": torch.randn(3, 5, generator=g).t(), "strided": torch.randn(50, generator=g)[::7],
+                "overlap_a": flat[100:200], "overlap_b": flat[150:260].view(11, 10), "far": flat[900:910],
+                "shared": shared, "shared_again": shared, "shared_view": shared.view(3, 4),
+                "leaves": [1, 2.5, None, "s", (True, b"x"), torch.bfloat16, torch.Size([2, 3])]})
+    return obj
+
+
+def test_every_dtype_and_layout_round_trips_bitwise_through_load_file_and_torch_load(tmp_path):
+    obj = every_kind_of_tensor()
+    save_files(str(tmp_path), 1, {MODEL: obj}, None, None)
+    path = tmp_path / "iter_0000001" / MODEL
+    for loaded in (load_file(str(tmp_path), 1, MODEL), torch.load(path, weights_only=True),
+                   torch.load(path, weights_only=True, mmap=True)):
+        assert_bitwise_equal(obj, loaded)
+        assert loaded["transposed"].stride() == (1, 5) and loaded["strided"].stride() == (7,)
+        assert loaded["shared"].data_ptr() == loaded["shared_again"].data_ptr() == loaded["shared_view"].data_ptr()
+        # overlapping views share one storage again; a distant view of the same buffer does not drag the gap along
+        assert loaded["overlap_a"].untyped_storage().data_ptr() == loaded["overlap_b"].untyped_storage().data_ptr()
+        assert loaded["far"].untyped_storage().nbytes() == 40
+
+
+def test_views_of_one_storage_as_two_dtypes_are_refused_before_anything_is_written(tmp_path):
+    base = torch.zeros(8)
+    with pytest.raises(CheckpointSaveError, match=r"tensors of dtypes .* view the same storage"):
+        save_files(str(tmp_path), 1, {MODEL: {"a": base, "b": base.view(torch.int32)}}, None, None)
+    assert not (tmp_path / "iter_0000001").exists() and not (tmp_path / tmp_dir_name(1)).exists()
+
+
+def test_zip64_records_are_read_by_torch_load_and_load_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchfile, "_ZIP64_LIMIT", 16)   # every size and offset takes the zip64 path
+    obj = every_kind_of_tensor()
+    save_files(str(tmp_path), 1, {MODEL: obj}, None, None)
+    assert_bitwise_equal(obj, load_file(str(tmp_path), 1, MODEL))
+    assert_bitwise_equal(obj, torch.load(tmp_path / "iter_0000001" / MODEL, weights_only=True))
+
+
+def test_a_file_written_by_torch_save_loads(tmp_path):
+    save_tiny(tmp_path, 1)
+    obj = every_kind_of_tensor()
+    path = tmp_path / "iter_0000001" / MODEL
+    torch.save(obj, path)
+    meta_path = tmp_path / "iter_0000001" / "metadata.json"
+    meta = read_metadata(str(tmp_path / "iter_0000001"))
+    meta["files"][MODEL].update(size=path.stat().st_size, checksum=f"{zlib.crc32(read_bytes(path)):08x}")
+    meta_path.write_text(json.dumps(meta))
+    assert_bitwise_equal(obj, load_file(str(tmp_path), 1, MODEL))
+
+
+def test_chunks_written_and_read_in_parallel_give_the_crc32_of_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(fastio, "CHUNK_BYTES", 8192)
+    monkeypatch.setattr(fastio, "IO_THREADS", 3)
+    data = torch.randint(0, 256, (50_001,), dtype=torch.uint8)
+    segments = [fastio.Segment(0, b"head" * 1000), fastio.Segment(4000, data), fastio.Segment(54_001, b"tail")]
+    crc = fastio.write_segments(str(tmp_path / "f"), segments, 54_005)
+    expected = b"head" * 1000 + data.numpy().tobytes() + b"tail"
+    assert read_bytes(tmp_path / "f") == expected and crc == zlib.crc32(expected)
+    buffer, size, read_crc = fastio.read_file(str(tmp_path / "f"))
+    assert (bytes(buffer[:size]), read_crc) == (expected, crc)
+    assert fastio.read_file(str(tmp_path / "f"), keep=False) == (None, 54_005, crc)
+
+
+@pytest.mark.parametrize("len1, len2", [(0, 5), (5, 0), (1, 1), (1000, 3), (3, 70_000)])
+def test_crc32_combine_is_the_crc32_of_the_concatenation(len1, len2):
+    a, b = os.urandom(len1), os.urandom(len2)
+    assert fastio.crc32_combine(zlib.crc32(a), zlib.crc32(b), len2) == zlib.crc32(a + b)
 
 
 def test_layout_is_read_from_the_shard_names_when_one_process_writes_every_rank(tmp_path):
