@@ -27,11 +27,8 @@ the files read; the output says which, or "page cache not dropped").
     dcp.save / dcp.load              torch.distributed.checkpoint in one process without a process
                                      group; loaded in place into the live (GPU) state
 
-The measurements run in this order (the baselines before the extra megatron_lite rows); with
---budget-s those that would start after the budget is spent are reported as skipped.
-
-    dd, megatron_lite save_checkpoint and decide_load + restore, torch.save/torch.load,
-    dcp.save/dcp.load, megatron_lite load_file, megatron_lite async saves
+The measurements run in this order; with --budget-s those that would start after the budget is
+spent are reported as skipped.
 
     python bench/checkpoint_io.py [--dir PARENT] [--budget-s 270] [--page-cache drop|fadvise|keep]
     python bench/checkpoint_io.py --tiny        # 2-layer model on a CPU
@@ -346,9 +343,9 @@ def bench(args, work: str, results: Results, info: dict) -> None:
 
     measure_dd(results, work, nbytes, args.dd_bs_mib, cache)
     directory = measure_megatron_lite(results, run, work, nbytes, cache)
-    measure_torch_and_dcp(results, training_state(run), work, nbytes, cache, device)
     measure_load_file(results, run, directory, nbytes, cache)
     measure_async_saves(results, run, work, nbytes)
+    measure_torch_and_dcp(results, training_state(run), work, nbytes, cache, device)
 
 
 def model_dims(args) -> ModelDims:
