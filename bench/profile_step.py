@@ -5,7 +5,7 @@ For each candidate: memory allocated once it is built and warmed up (weights, gr
 buffers, optimizer state: what stays between steps), the peak during a step, the GPU time of
 one step (sum of kernel times, averaged over --steps profiled steps) split into categories
 (matmul, attention, norm, optimizer, copy/cast, elementwise, reduction, communication, other),
-and the --top kernels by time.
+the --top kernels by time, and the gaps in which the GPU waited for the host.
 
     python bench/profile_step.py [--only megatron_lite,torch_compile] [--steps 3] [--top 25]
                                  [--megatron-lite-flags "..."]
@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,6 +52,23 @@ def category(kernel: str) -> str:
     return "other"
 
 
+def idle_gaps(prof, steps: int, shown: int = 12, threshold_us: float = 20.0) -> dict:
+    """Where the GPU waits for the host: gaps of more than `threshold_us` between one kernel's
+    end and the next kernel's start (kernels of the one stream, in time order), their total per
+    step, and the largest ones with the kernels on either side."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name)
+    gaps, busy_until, before = [], None, ""
+    for begin, end, kernel in spans:
+        if busy_until is not None and begin - busy_until > threshold_us:
+            gaps.append((begin - busy_until, before, kernel))
+        if busy_until is None or end > busy_until:
+            busy_until, before = end, kernel
+    gaps.sort(key=lambda g: -g[0])
+    return {"ms_per_step": sum(g[0] for g in gaps) / 1000.0 / steps, "count_per_step": len(gaps) / steps,
+            "largest": [{"us": g[0], "after": g[1][:70], "before": g[2][:70]} for g in gaps[:shown]]}
+
+
 def profile(name: str, ctx: Context, steps: int, top: int) -> dict:
     reset_memory(ctx.device)
     built = BUILDERS[name](ctx)
@@ -65,9 +83,11 @@ def profile(name: str, ctx: Context, steps: int, top: int) -> dict:
         if ctx.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
+            start = time.perf_counter()
             for _ in range(steps):
                 built.step()
             synchronize(ctx.device)
+            wall_ms = 1000.0 * (time.perf_counter() - start) / steps
         peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else 0.0
         kernels: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
         for event in prof.events():
@@ -79,7 +99,8 @@ def profile(name: str, ctx: Context, steps: int, top: int) -> dict:
         for kernel, (ms, _) in kernels.items():
             by_category[category(kernel)] += ms
         ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
-        return {"name": name, "resident_gib": resident, "peak_gib": peak,
+        return {"name": name, "resident_gib": resident, "peak_gib": peak, "wall_ms_per_step": wall_ms,
+                "idle": idle_gaps(prof, steps),
                 "gpu_ms_per_step": sum(v[0] for v in kernels.values()),
                 "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
                 "top": [{"kernel": k, "ms": v[0], "calls_per_step": v[1] / steps, "category": category(k)}
@@ -91,8 +112,12 @@ def profile(name: str, ctx: Context, steps: int, top: int) -> dict:
 
 
 def report(r: dict) -> str:
-    lines = [f"=== {r['name']}: {r['gpu_ms_per_step']:.2f} GPU ms per step, resident {r['resident_gib']:.2f} GiB, "
-             f"peak {r['peak_gib']:.2f} GiB  {r['detail']}"]
+    idle = r["idle"]
+    lines = [f"=== {r['name']}: {r['gpu_ms_per_step']:.2f} GPU ms per step (kernel time; wall {r['wall_ms_per_step']:.1f} "
+             f"ms under the profiler), resident {r['resident_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB  {r['detail']}",
+             f"GPU idle between kernels: {idle['ms_per_step']:.2f} ms per step in {idle['count_per_step']:.0f} gaps "
+             f"over 20 us; largest:"]
+    lines += [f"  {g['us']:8.0f} us  after {g['after']}  before {g['before']}" for g in idle["largest"]]
     lines.append(format_table(["category", "ms/step", "%"],
                               [[c, f"{ms:.2f}", f"{100 * ms / max(r['gpu_ms_per_step'], 1e-9):.1f}"]
                                for c, ms in r["categories"].items()]))

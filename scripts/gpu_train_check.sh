@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: pretrain_gpt.py on one GPU in bf16, fused kernels vs plain torch ops
-# (same seed, same data: the loss curves must agree within bf16 tolerance), and, when two
-# GPUs are present, the same model with TP=2 against the one-GPU run.
+# (same seed, same data: the loss curves must agree within bf16 tolerance), Adam's moments in
+# bf16 against fp32, and, when two GPUs are present, the same model with TP=2 against one GPU.
 #   OUT=/tmp/out bash scripts/gpu_train_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_train_out}
@@ -25,6 +25,10 @@ run() {  # name, nproc, flags...
 run gpu1_bf16_fused 1
 run gpu1_bf16_torch 1 --no-fused-kernels
 $PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_torch.log" "$OUT/gpu1_bf16_fused.log" | tee "$OUT/compare_fused.txt"
+# Adam's moments stored in bf16 (the arithmetic stays fp32): the same curve within bf16 tolerance
+run gpu1_bf16_moments 1 --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
+$PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_moments.log" \
+  | tee "$OUT/compare_moments.txt"
 if [ "$NGPU" -ge 2 ]; then
   run gpu2_tp2_bf16_fused 2 --tensor-model-parallel-size 2
   $PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu2_tp2_bf16_fused.log" | tee "$OUT/compare_tp2.txt"

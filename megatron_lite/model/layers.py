@@ -57,17 +57,25 @@ def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables [s, 1, 1, rot_dim] for positions 0..s-1 (non-interleaved halves)."""
+    """cos/sin tables [s, 1, 1, rot_dim] for positions 0..s-1 (non-interleaved halves).
+
+    The values are rounded to the activations' dtype (as Megatron and Hugging Face apply them)
+    but held in fp32, the rotary ops' compute type, and computed once per (length, device,
+    dtype): every layer of every step reuses them without a cast."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
+        self._tables = {}
 
     def forward(self, seq_len: int, device, dtype):
-        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        key = (seq_len, torch.device(device), dtype)
+        if key not in self._tables:
+            pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq.to(device))
+            emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+            self._tables[key] = (emb.cos().to(dtype).float(), emb.sin().to(dtype).float())
+        return self._tables[key]
 
 
 class SelfAttention(nn.Module):

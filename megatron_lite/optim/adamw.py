@@ -111,7 +111,7 @@ class AdamW(torch.optim.Optimizer):
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
         for p, g, s, model in zip(params, grads, states, models):
             if self.grad_scale is not None:
-                g = g / self.grad_scale
+                g = g / self.grad_scale.to(g.device)
             m, v = s["exp_avg"].float(), s["exp_avg_sq"].float()
             p.mul_(1.0 - lr * wd)
             m.lerp_(g, 1.0 - beta1)

@@ -34,13 +34,19 @@ def global_grad_norm(grads: List[torch.Tensor], group: Optional[dist.ProcessGrou
     The caller passes only the gradients this rank counts (see `counts_in_grad_norm`);
     `device` is where the collective runs (the CUDA device with NCCL).
     """
+    return global_grad_norm_tensor(grads, group, device).item()
+
+
+def global_grad_norm_tensor(grads: List[torch.Tensor], group: Optional[dist.ProcessGroup],
+                            device: torch.device) -> torch.Tensor:
+    """`global_grad_norm` as a 0-dim fp32 tensor on `device`, without waiting for it."""
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     if grads:
         # one multi-tensor kernel for all the per-tensor norms on GPUs
         norms = torch.stack(torch._foreach_norm(grads, 2.0))
         total_sq += (norms * norms).sum().to(device)
     all_reduce(total_sq, group)
-    return total_sq.sqrt().item()
+    return total_sq.sqrt()
 
 
 def clip_coefficient(max_norm: float, total_norm: float) -> Optional[float]:

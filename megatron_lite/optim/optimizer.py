@@ -11,15 +11,15 @@ and, with ZeRO-1, all-gathered over DP.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_lite.config import OptimizerConfig, ParallelConfig
 from megatron_lite.optim.adamw import DTYPES, AdamW, fused_adamw_available
-from megatron_lite.optim.clip_grads import (clip_coefficient, clip_grads_by_total_norm, counts_in_grad_norm,
-                                            global_grad_norm)
+from megatron_lite.optim.clip_grads import (clip_grads_by_total_norm, counts_in_grad_norm, global_grad_norm,
+                                            global_grad_norm_tensor)
 from megatron_lite.optim.grad_scaler import GradScaler, build_grad_scaler
 from megatron_lite.parallel.data import DistributedDataParallel, all_reduce, world_group
 from megatron_lite.parallel.state import ParallelState
@@ -38,6 +38,8 @@ class MainParam:
     main_param: torch.Tensor
     start: int
     end: int
+    _grad: Optional[torch.Tensor] = field(default=None, repr=False)
+    _grad_of: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def is_copy(self) -> bool:
@@ -48,8 +50,13 @@ class MainParam:
         return self.model_param.detach().view(-1)[self.start:self.end]
 
     def main_grad(self) -> torch.Tensor:
-        """The fp32 gradient for `main_param`: a view of the DDP buffer, shaped like `main_param`."""
-        return self.model_param.main_grad.view(-1)[self.start:self.end].view(self.main_param.shape)
+        """The fp32 gradient for `main_param`: a view of the DDP buffer, shaped like `main_param`
+        (made once: the buffer lives as long as the DDP wrapper)."""
+        buffer = self.model_param.main_grad
+        if self._grad is None or self._grad_of is not buffer:
+            self._grad = buffer.view(-1)[self.start:self.end].view(self.main_param.shape)
+            self._grad_of = buffer
+        return self._grad
 
     def copy_from_model(self) -> None:
         self.main_param.view(-1).copy_(self.model_param.detach().view(-1)[self.start:self.end])
@@ -151,15 +158,20 @@ class MegatronOptimizer:
                     return False, None, None
             norm_grads = [g for m, g in zip(self.main_params, grads) if counts_in_grad_norm(m.model_param, self.state)]
             norm_group = world_group() if self.use_distributed_optimizer else self.state.mp_group
-            grad_norm = global_grad_norm(norm_grads, norm_group, self.state.device)
-            coeff = clip_coefficient(self.cfg.clip_grad, grad_norm) if self.cfg.clip_grad > 0.0 else None
-            if coeff is not None and self._fused:
-                # the fused kernel divides each gradient by grad_scale as it reads it: clipping
-                # without a separate pass over the gradients
-                self.optimizer.grad_scale = torch.tensor(1.0 / coeff, dtype=torch.float32, device=self.state.device)
-            elif coeff is not None:
-                clip_grads_by_total_norm(grads, self.cfg.clip_grad, grad_norm)
-            self.optimizer.step()
+            if self._fused:
+                # The fused kernel divides each gradient by grad_scale as it reads it: clipping
+                # without a pass of its own, and with the coefficient computed on the device, so
+                # the update is queued before the host waits for the norm.
+                norm = global_grad_norm_tensor(norm_grads, norm_group, self.state.device)
+                if self.cfg.clip_grad > 0.0:
+                    self.optimizer.grad_scale = torch.clamp(self.cfg.clip_grad / (norm + 1.0e-6), max=1.0).reciprocal()
+                self.optimizer.step()
+                grad_norm = norm.item()
+            else:
+                grad_norm = global_grad_norm(norm_grads, norm_group, self.state.device)
+                if self.cfg.clip_grad > 0.0:
+                    clip_grads_by_total_norm(grads, self.cfg.clip_grad, grad_norm)
+                self.optimizer.step()
         finally:
             self.optimizer.grad_scale = None
             for m in self.main_params:

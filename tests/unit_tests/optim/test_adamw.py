@@ -169,13 +169,15 @@ def test_cuda_kernel_matches_the_torch_path(moments, grad_scale, model_dtype):
             opt.step()
         results.append((params, opt, views))
     (fast, fast_opt, fast_views), (slow, slow_opt, _) = results
+    # fp32: the kernel and torch round differently in the last bit. bf16/fp16 moments: such a
+    # bit can move a stored moment by one ulp of its dtype (0.4 % for bf16), which changes the
+    # next update by that fraction: params within 2 % of one lr-sized step.
+    low = moments != torch.float32
     for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=0 if low else 1e-5, atol=2e-2 * HYPER["lr"] if low else 1e-6)
         sa, sb = fast_opt.state[a], slow_opt.state[b]
-        assert sa["exp_avg"].dtype == moments
-        torch.testing.assert_close(sa["exp_avg"].float(), sb["exp_avg"].float(), rtol=1e-2 if moments != torch.float32
-                                   else 1e-5, atol=1e-5)
-        torch.testing.assert_close(sa["exp_avg_sq"].float(), sb["exp_avg_sq"].float(),
-                                   rtol=1e-2 if moments != torch.float32 else 1e-5, atol=1e-6)
+        assert sa["exp_avg"].dtype == moments and sa["exp_avg_sq"].dtype == moments
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=2e-2 if low else 1e-5, atol=1e-6)
         if model_dtype is not None:
             assert torch.equal(fast_views[id(a)], a.detach().to(model_dtype))
