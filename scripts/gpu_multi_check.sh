@@ -11,9 +11,9 @@ PY=${PYTHON:-python3}
 REF=(--num-layers 16 --hidden-size 2048 --num-attention-heads 16 --group-query-attention --num-query-groups 8
      --ffn-hidden-size 5632 --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear
      --untie-embeddings-and-output-weights --seq-length 2048 --max-position-embeddings 2048 --vocab-size 31999
-     --tokenizer-type NullTokenizer --mock-data --micro-batch-size 2 --global-batch-size 16 --train-iters 20
+     --tokenizer-type NullTokenizer --mock-data --micro-batch-size 4 --global-batch-size 32 --train-iters 20
      --lr 3e-4 --lr-warmup-iters 5 --bf16 --hidden-dropout 0 --attention-dropout 0 --log-interval 1
-     --eval-interval 0 --seed 1234 ${EXTRA_FLAGS:-})
+     --eval-interval 0 --seed 1234 --overlap-grad-reduce ${EXTRA_FLAGS:-})
 run() {  # name nproc flags...
   local name=$1 nproc=$2; shift 2
   timeout 150 torchrun --standalone --nproc_per_node "$nproc" pretrain_gpt.py "$@" >"$OUT/$name.log" 2>&1
