@@ -80,6 +80,9 @@ class ParallelConfig:
     use_distributed_optimizer: bool = flag(False, "shard optimizer state and fp32 main params over DP (ZeRO-1)")
     ddp_bucket_size: int = flag(40_000_000, "elements per gradient all-reduce bucket")
     overlap_grad_reduce: bool = flag(False, "all-reduce gradient buckets during the backward pass")
+    gradient_accumulation_fusion: bool = flag(True, "compute bf16/fp16 linear weight gradients into the fp32 "
+                                              "main_grad buffers on GPUs; this flag turns it off",
+                                              name="--no-gradient-accumulation-fusion", store_false=True)
     distributed_backend: Optional[str] = flag(None, "nccl or gloo (default: nccl with CUDA, else gloo)",
                                               choices=["nccl", "gloo"])
     distributed_timeout_minutes: int = flag(10, "timeout of collectives")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine: pretrain_gpt.py on one GPU in bf16, fused kernels vs plain torch ops
+# On the GPU machine: pretrain_gpt.py on one GPU in bf16, fused kernels vs plain torch (torch ops,
+# no gradient accumulation fusion)
 # (same seed, same data: the loss curves must agree within bf16 tolerance), Adam's moments in
 # bf16 against fp32, and, when two GPUs are present, the same model with TP=2 against one GPU.
 #   OUT=/tmp/out bash scripts/gpu_train_check.sh
@@ -23,7 +24,7 @@ run() {  # name, nproc, flags...
     | grep -E "fused ops|iteration +(1|10|20)/|Error|error" || status=1
 }
 run gpu1_bf16_fused 1
-run gpu1_bf16_torch 1 --no-fused-kernels
+run gpu1_bf16_torch 1 --no-fused-kernels --no-gradient-accumulation-fusion
 $PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_torch.log" "$OUT/gpu1_bf16_fused.log" | tee "$OUT/compare_fused.txt"
 # Adam's moments stored in bf16 (the arithmetic stays fp32): the same curve within bf16 tolerance
 run gpu1_bf16_moments 1 --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16

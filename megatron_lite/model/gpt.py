@@ -152,7 +152,10 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return x
         x = self.decoder.final_layernorm(x)
-        logits = column_parallel_linear(x, self.output_weight(), None, self.state)   # [s, b, v/tp]
+        # a tied embedding on this stage also gets the lookup's gradient: no wgrad fusion for it
+        tied_here = self.share_embeddings and self.pre_process
+        logits = column_parallel_linear(x, self.output_weight(), None, self.state,
+                                        fuse_wgrad=not tied_here)               # [s, b, v/tp]
         logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits

@@ -122,8 +122,10 @@ class DistributedDataParallel(torch.nn.Module):
             raise ValueError(f"--ddp-bucket-size must be positive, got {parallel_cfg.ddp_bucket_size}")
         self.buckets = self._make_buckets(parallel_cfg.ddp_bucket_size)
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
-        # parameters whose main_grad holds nothing of this iteration yet (see zero_grad_buffer)
-        self._unwritten = set(self._bucket_of)
+        for p in self._bucket_of:
+            p.main_grad_is_stale = True        # main_grad holds nothing of this iteration yet
+            p.grad_added_to_main_grad = False  # set by a linear that computed its wgrad into main_grad
+            p.fuse_wgrad = parallel_cfg.gradient_accumulation_fusion
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._bucket_of]
 
     def _make_buckets(self, bucket_size: int) -> List[GradBucket]:
@@ -171,9 +173,11 @@ class DistributedDataParallel(torch.nn.Module):
         if bucket.handle is not None:
             raise RuntimeError("a gradient arrived after its bucket's all-reduce had started (overlap_grad_reduce): "
                                "run every microbatch but the last under model.no_sync()")
-        if param in self._unwritten:   # first gradient of the iteration: overwrite, no zeroing pass needed
+        if param.grad_added_to_main_grad:   # the linear's wgrad GEMM wrote main_grad itself
+            param.grad_added_to_main_grad = False
+        elif param.main_grad_is_stale:      # first gradient of the iteration: overwrite, no zeroing pass
             param.main_grad.copy_(param.grad)
-            self._unwritten.discard(param)
+            param.main_grad_is_stale = False
         else:
             param.main_grad.add_(param.grad)
         param.grad = None
@@ -203,9 +207,10 @@ class DistributedDataParallel(torch.nn.Module):
         Buckets not yet started (no overlap, or parameters that got no gradient) are reduced
         here in bucket order, which is the same on every DP rank.
         """
-        for param in self._unwritten:   # no gradient this iteration: zero, not last iteration's
-            param.main_grad.zero_()
-        self._unwritten.clear()
+        for param in self._bucket_of:
+            if param.main_grad_is_stale:    # no gradient this iteration: zero, not last iteration's
+                param.main_grad.zero_()
+                param.main_grad_is_stale = False
         for bucket in self.buckets:
             if bucket.handle is None:
                 self._start_reduce(bucket, async_op=False)
@@ -220,7 +225,9 @@ class DistributedDataParallel(torch.nn.Module):
         copied into its main_grad instead of added (one pass over the buffer less per step), and
         `finish_grad_sync` zeroes the main_grad of any parameter that got no gradient. Bucket
         padding is never written, so it stays zero."""
-        self._unwritten = set(self._bucket_of)
+        for p in self._bucket_of:
+            p.main_grad_is_stale = True
+            p.grad_added_to_main_grad = False
         for bucket in self.buckets:
             bucket.reset()
         for p in self._bucket_of:

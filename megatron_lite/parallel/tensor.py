@@ -190,14 +190,62 @@ def scatter_to_sequence_parallel_region(x, state: ParallelState):
 
 # --------------------------------------------------------------------------- layers
 
+# torch.mm with an fp32 result from bf16/fp16 operands (cuBLAS accumulates in fp32 either way)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+class _LinearIntoMainGrad(torch.autograd.Function):
+    """F.linear whose weight gradient is computed straight into the weight's fp32 `main_grad`
+    (Megatron's gradient accumulation fusion): the wgrad GEMM writes fp32 (the first gradient of
+    the iteration) or accumulates into it (later microbatches), so no bf16 weight gradient is
+    written and then added into main_grad by the DDP hook.
+
+    Autograd still gets a gradient for the weight, so that the DDP hook runs (bucket
+    bookkeeping, overlapped reduction); it is an uninitialised tensor that the hook drops,
+    told by `grad_added_to_main_grad`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        grad_x = g.matmul(weight)
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        main_grad = weight.main_grad
+        if weight.main_grad_is_stale:   # first gradient of the iteration: overwrite
+            torch.mm(g2.t(), x2, out_dtype=torch.float32, out=main_grad)
+            weight.main_grad_is_stale = False
+        else:
+            torch.addmm(main_grad, g2.t(), x2, out_dtype=torch.float32, out=main_grad)
+        weight.grad_added_to_main_grad = True
+        grad_bias = g2.sum(dim=0) if ctx.has_bias else None
+        return grad_x, torch.empty_like(weight), grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           fuse_wgrad: bool = True) -> torch.Tensor:
+    """F.linear; on a GPU, for a bf16/fp16 weight whose gradient goes to an fp32 main_grad (the
+    DDP wrapper marks it `fuse_wgrad`, see --no-gradient-accumulation-fusion), with the weight
+    gradient computed into main_grad. `fuse_wgrad` False for a weight that gets gradients from
+    elsewhere too (a tied embedding used as the output layer on its own stage)."""
+    if (fuse_wgrad and _MM_OUT_DTYPE and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+            and getattr(weight, "fuse_wgrad", False) and weight.requires_grad and torch.is_grad_enabled()):
+        return _LinearIntoMainGrad.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           state: ParallelState) -> torch.Tensor:
+                           state: ParallelState, fuse_wgrad: bool = True) -> torch.Tensor:
     """x (replicated, or split along s under sequence parallelism) times this rank's columns."""
     if state.sequence_parallel:
         x = gather_from_sequence_parallel_region(x, state)
     else:
         x = copy_to_tp_region(x, state)
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias, fuse_wgrad)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -243,7 +291,7 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = state.sequence_parallel
 
     def forward(self, x: torch.Tensor):
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.state.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.state)
         else:

@@ -181,3 +181,49 @@ def test_overlapped_reduction_rejects_a_second_microbatch_outside_no_sync():
     model(x[:2], y[:2]).backward()
     with pytest.raises(RuntimeError, match="under model.no_sync"):
         model(x[2:4], y[2:4]).backward()
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self, state, dtype):
+        from megatron_lite.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.fc1 = ColumnParallelLinear(256, 512, state, bias=True, dtype=dtype)
+        self.fc2 = RowParallelLinear(512, 128, state, bias=False, dtype=dtype)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x))).float().square().mean()
+
+
+def _main_grads_after_two_iterations(fused: bool):
+    state = initialize()
+    model = DistributedDataParallel(_TwoLinears(state, torch.bfloat16).cuda(),
+                                    ParallelConfig(gradient_accumulation_fusion=fused), state)
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(64, 2, 256, generator=gen).to("cuda", torch.bfloat16) for _ in range(4)]
+    grads = []
+    for it in range(2):   # the second iteration must overwrite, not add to, the first one's main_grad
+        model.zero_grad_buffer()
+        with model.no_sync():
+            model(batches[2 * it]).backward()
+        model(batches[2 * it + 1]).backward()
+        model.finish_grad_sync()
+        grads.append({n: p.main_grad.clone() for n, p in model.module.named_parameters()})
+        assert all(p.grad is None for p in model.module.parameters())
+    return grads
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_wgrad_computed_into_main_grad_equals_the_hook_path():
+    from megatron_lite.parallel.tensor import _MM_OUT_DTYPE
+    assert _MM_OUT_DTYPE, "this torch has no torch.mm(..., out_dtype=torch.float32)"
+    fused, hooked = _main_grads_after_two_iterations(True), _main_grads_after_two_iterations(False)
+    for it in range(2):
+        for name, g in hooked[it].items():
+            # the hook path rounds each microbatch's weight gradient to bf16 first
+            torch.testing.assert_close(fused[it][name], g, rtol=1e-2, atol=1e-5)
+    assert not torch.equal(fused[1]["fc1.weight"], hooked[1]["fc1.weight"])   # the fused path really ran
