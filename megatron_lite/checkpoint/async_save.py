@@ -126,9 +126,10 @@ class AsyncSaver:
         def buffer_for(t: torch.Tensor) -> torch.Tensor:
             key = (tuple(t.shape), t.stride(), t.dtype, t.device.type == "cuda")
             buffers = self._buffers.setdefault(key, [])
-            if taken[key] == len(buffers):
-                buffer = torch.empty_like(t, device="cpu")
-                buffers.append(buffer.pin_memory() if t.device.type == "cuda" else buffer)
+            if taken[key] == len(buffers):   # laid out as empty_like would, pinned straight away for a GPU tensor
+                like = torch.empty_like(t, device="meta")
+                buffers.append(torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device="cpu",
+                                                   pin_memory=t.device.type == "cuda"))
             taken[key] += 1
             return buffers[taken[key] - 1]
 

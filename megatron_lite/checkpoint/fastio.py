@@ -15,8 +15,8 @@ closing fsync then writes at disk speed, so the two times add up. Where O_DIRECT
 started at once (posix_fadvise DONTNEED) so that it overlaps the next chunks. Either way the
 file is fsynced before `write_segments` returns.
 
-Reads go through the page cache (a checkpoint just written, or verified a moment ago, is read
-from memory) in parallel preads into one anonymous mapping, each chunk checksummed as it lands.
+Reads are parallel preads (O_DIRECT where allowed, as for writes) into one anonymous mapping,
+each chunk checksummed as it lands.
 """
 
 from __future__ import annotations
@@ -111,10 +111,12 @@ class _Staging:
     """One thread's chunk buffer, as a tensor (the target of tensor copies) and a memoryview (bytes, I/O)."""
 
     def __init__(self, nbytes: int, pinned: bool) -> None:
-        if pinned:
-            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
-            skip = (-raw.data_ptr()) % ALIGN
-            self.tensor = raw[skip:skip + nbytes]
+        if pinned:   # from the caching host allocator: the next save gets the same pages back
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            if self.tensor.data_ptr() % ALIGN:
+                raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
+                skip = (-raw.data_ptr()) % ALIGN
+                self.tensor = raw[skip:skip + nbytes]
             self.view = memoryview(self.tensor.numpy())
         else:
             self._mmap = anonymous_buffer(nbytes)
@@ -210,38 +212,61 @@ def combine_chunk_crcs(crcs: List[int], size: int, chunk_bytes: int) -> int:
     return total
 
 
+def _open_for_reading(path: str) -> Tuple[int, bool]:
+    """(fd, direct): O_DIRECT when the filesystem takes an aligned read, else a buffered fd."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                os.preadv(fd, [memoryview(anonymous_buffer(ALIGN))], 0)
+                return fd, True
+            except OSError as e:
+                os.close(fd)
+                if e.errno != errno.EINVAL:
+                    raise
+    return os.open(path, os.O_RDONLY), False
+
+
 def read_file(path: str, *, keep: bool = True) -> Tuple[Optional[mmap.mmap], int, int]:
     """(buffer, size, crc32) of the whole file at `path`, read by parallel preads.
 
     With `keep` the file lands in one anonymous mapping (the buffer); without, each thread
     reads into its own reused chunk buffer and only the checksum is kept (buffer None).
+    Reads bypass the page cache (O_DIRECT) where the filesystem allows it: the disk then
+    writes straight into the buffer, and IO_THREADS requests are in flight at once.
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd, direct = _open_for_reading(path)
     try:
         size = os.fstat(fd).st_size
-        chunk_bytes = CHUNK_BYTES
+        chunk_bytes = _round_up(CHUNK_BYTES, ALIGN)
         n_chunks = -(-size // chunk_bytes)
         threads = max(1, min(IO_THREADS, n_chunks))
         whole = anonymous_buffer(size) if keep else None
         free: "queue.SimpleQueue[mmap.mmap]" = queue.SimpleQueue()
         for _ in range(0 if keep else threads):
             free.put(anonymous_buffer(chunk_bytes))
-        if hasattr(os, "posix_fadvise"):
+        if not direct:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
         def read_chunk(k: int) -> int:
             start, end = k * chunk_bytes, min((k + 1) * chunk_bytes, size)
+            want = end - start
+            asked = _round_up(want, ALIGN) if direct else want   # the buffers have room for the padding
             buf = whole if keep else free.get()
-            view = memoryview(buf)[start:end] if keep else memoryview(buf)[:end - start]
+            view = memoryview(buf)[start:start + asked] if keep else memoryview(buf)[:asked]
             try:
                 pos = 0
-                while pos < len(view):
+                while pos < want:
                     n = os.preadv(fd, [view[pos:]], start + pos)
                     if n == 0:
                         raise EOFError(f"{path} became shorter while it was read ({start + pos} of {size} bytes); "
                                        f"something else is writing it")
                     pos += n
-                return zlib.crc32(view)
+                return zlib.crc32(view[:want])
             finally:
                 view.release()
                 if not keep:

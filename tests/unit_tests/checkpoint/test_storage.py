@@ -160,7 +160,10 @@ def test_a_file_written_by_torch_save_loads(tmp_path):
     assert_bitwise_equal(obj, load_file(str(tmp_path), 1, MODEL))
 
 
-def test_chunks_written_and_read_in_parallel_give_the_crc32_of_the_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("io", ["o_direct", "buffered"])
+def test_chunks_written_and_read_in_parallel_give_the_crc32_of_the_file(tmp_path, monkeypatch, io):
+    if io == "buffered":   # as on a filesystem that refuses O_DIRECT
+        monkeypatch.delattr(fastio.os, "O_DIRECT", raising=False)
     monkeypatch.setattr(fastio, "CHUNK_BYTES", 8192)
     monkeypatch.setattr(fastio, "IO_THREADS", 3)
     data = torch.randint(0, 256, (50_001,), dtype=torch.uint8)
