@@ -178,6 +178,10 @@ def test_cuda_kernel_matches_the_torch_path(moments, grad_scale, model_dtype):
         sa, sb = fast_opt.state[a], slow_opt.state[b]
         assert sa["exp_avg"].dtype == moments and sa["exp_avg_sq"].dtype == moments
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=2e-2 if low else 1e-5, atol=1e-6)
+            # a moment near zero (m after a sign change) has no meaningful relative error: the
+            # absolute bound scales with the moment's typical size
+            expected = sb[key].float()
+            torch.testing.assert_close(sa[key].float(), expected, rtol=2e-2 if low else 1e-5,
+                                       atol=(2e-2 if low else 1e-6) * expected.abs().mean().item())
         if model_dtype is not None:
             assert torch.equal(fast_views[id(a)], a.detach().to(model_dtype))
