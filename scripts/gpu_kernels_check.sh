@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine: build the CUDA kernels, run the gpu-marked op tests, then the kernel
+# On the GPU machine: build the CUDA kernels, run every gpu-marked test (ops, AdamW kernel,
+# gradient accumulation fusion), then the kernel
 # benchmark. Everything is tee'd to $OUT (build.log, gpu_tests.log, bench.log, kernels_bench.json).
 # Carries Liger-Kernel from .whl/ when its wheel is there (a column of the benchmark).
 #   bash scripts/gpu_kernels_check.sh
@@ -36,7 +37,7 @@ if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
 fi
 
 start=$(date +%s)
-$PY -m pytest -m gpu tests/unit_tests/ops -q -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/gpu_tests.log" \
+$PY -m pytest -m gpu tests/unit_tests -q -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/gpu_tests.log" \
   || status=1
 echo "gpu tests: $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu_tests.log"
 
