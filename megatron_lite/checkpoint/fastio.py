@@ -22,6 +22,7 @@ each chunk checksummed as it lands.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import mmap
 import os
@@ -41,7 +42,7 @@ ALIGN = 4096                  # O_DIRECT: buffer address, file offset and length
 
 @dataclass
 class Segment:
-    """`data` placed at byte `offset` of the file: bytes, or a 1-D uint8 tensor (CPU or GPU)."""
+    """`data` placed at byte `offset` of the file: bytes, or a contiguous 1-D uint8 tensor (CPU or GPU)."""
     offset: int
     data: Union[bytes, torch.Tensor]
 
@@ -175,8 +176,11 @@ def write_segments(path: str, segments: Sequence[Segment], size: int) -> int:
                 lo, hi = max(seg.offset, start), min(seg.offset + seg.size, end)
                 if hi > lo:
                     src = slice(lo - seg.offset, hi - seg.offset)
-                    if isinstance(seg.data, torch.Tensor):
+                    if isinstance(seg.data, torch.Tensor) and seg.data.is_cuda:
                         staging.tensor[lo - start:hi - start].copy_(seg.data[src])
+                    elif isinstance(seg.data, torch.Tensor):   # one plain memcpy (GIL released), no thread team
+                        ctypes.memmove(staging.tensor.data_ptr() + lo - start, seg.data.data_ptr() + src.start,
+                                       hi - lo)
                     else:
                         staging.view[lo - start:hi - start] = seg.data[src]
                 i += 1

@@ -129,6 +129,13 @@ def read_tracker(load_dir: str) -> Tuple[Optional[Iteration], Optional[str]]:
     return None, f"says {text!r}, which is not an iteration number"
 
 
+def _model_file_ranks(relpath: str) -> Optional[Tuple[int, int]]:
+    """(tp, pp) of a model_optim_rng.pt path, None for any other file."""
+    shard_dir, _, name = relpath.partition("/")
+    parsed = parse_shard_dir(shard_dir)
+    return parsed[:2] if name == MODEL_FILENAME and parsed is not None and parsed[2] is None else None
+
+
 def _own_model_files(meta: dict, state: Optional[ParallelState]) -> Tuple[List[str], List[str]]:
     """(model files this rank loads, model files some rank loads), when the checkpoint's layout is the
     current one; ([], []) otherwise."""
@@ -138,10 +145,8 @@ def _own_model_files(meta: dict, state: Optional[ParallelState]) -> Tuple[List[s
     if (saved.get("tensor_model_parallel_size"), saved.get("pipeline_model_parallel_size"),
             saved.get("data_parallel_size")) != sizes:
         return [], []
-    loaded = [r for r in sorted(meta["files"]) if r.count("/") == 1 and r.endswith("/" + MODEL_FILENAME)
-              and (parse_shard_dir(r.split("/")[0]) or (None,))[0] is not None]
-    mine = [r for r in loaded if parse_shard_dir(r.split("/")[0])[:2] == ranks]
-    return mine, loaded
+    loaded = [r for r in sorted(meta["files"]) if _model_file_ranks(r) is not None]
+    return [r for r in loaded if _model_file_ranks(r) == ranks], loaded
 
 
 def _check(info: CheckpointInfo, state: Optional[ParallelState]) -> Tuple[Optional[dict], List[str], list]:
