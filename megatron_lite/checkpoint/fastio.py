@@ -15,8 +15,10 @@ closing fsync then writes at disk speed, so the two times add up. Where O_DIRECT
 started at once (posix_fadvise DONTNEED) so that it overlaps the next chunks. Either way the
 file is fsynced before `write_segments` returns.
 
-Reads are parallel preads (O_DIRECT where allowed, as for writes) into one anonymous mapping,
-each chunk checksummed as it lands.
+Reads are the opposite: one stream front to back through the page cache, each chunk
+checksummed on a helper thread as the next one is read. That is torch.load's access pattern,
+which read at 1.41 GB/s on the GPU machine's virtual disk against 0.86 GB/s for
+`dd iflag=direct`; on the CI machine's disk, parallel and O_DIRECT reads did not beat it.
 """
 
 from __future__ import annotations
@@ -216,68 +218,43 @@ def combine_chunk_crcs(crcs: List[int], size: int, chunk_bytes: int) -> int:
     return total
 
 
-def _open_for_reading(path: str) -> Tuple[int, bool]:
-    """(fd, direct): O_DIRECT when the filesystem takes an aligned read, else a buffered fd."""
-    if hasattr(os, "O_DIRECT"):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-        else:
-            try:
-                os.preadv(fd, [memoryview(anonymous_buffer(ALIGN))], 0)
-                return fd, True
-            except OSError as e:
-                os.close(fd)
-                if e.errno != errno.EINVAL:
-                    raise
-    return os.open(path, os.O_RDONLY), False
-
-
 def read_file(path: str, *, keep: bool = True) -> Tuple[Optional[mmap.mmap], int, int]:
-    """(buffer, size, crc32) of the whole file at `path`, read by parallel preads.
+    """(buffer, size, crc32) of the whole file at `path`, read once, front to back.
 
-    With `keep` the file lands in one anonymous mapping (the buffer); without, each thread
-    reads into its own reused chunk buffer and only the checksum is kept (buffer None).
-    Reads bypass the page cache (O_DIRECT) where the filesystem allows it: the disk then
-    writes straight into the buffer, and IO_THREADS requests are in flight at once.
+    One thread reads CHUNK_BYTES at a time in file order through the page cache, so that the
+    kernel's readahead (and a virtual disk's own) keeps the device streaming; each chunk's CRC-32
+    runs on IO_THREADS helper threads while the next chunk is read. With `keep` the file lands
+    in one anonymous mapping (the buffer); without, chunks cycle through IO_THREADS reused
+    buffers and only the checksum is kept (buffer None).
     """
-    fd, direct = _open_for_reading(path)
+    fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        chunk_bytes = _round_up(CHUNK_BYTES, ALIGN)
+        chunk_bytes = CHUNK_BYTES
         n_chunks = -(-size // chunk_bytes)
         threads = max(1, min(IO_THREADS, n_chunks))
         whole = anonymous_buffer(size) if keep else None
-        free: "queue.SimpleQueue[mmap.mmap]" = queue.SimpleQueue()
-        for _ in range(0 if keep else threads):
-            free.put(anonymous_buffer(chunk_bytes))
-        if not direct:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
-        def read_chunk(k: int) -> int:
-            start, end = k * chunk_bytes, min((k + 1) * chunk_bytes, size)
-            want = end - start
-            asked = _round_up(want, ALIGN) if direct else want   # the buffers have room for the padding
-            buf = whole if keep else free.get()
-            view = memoryview(buf)[start:start + asked] if keep else memoryview(buf)[:asked]
-            try:
+        ring = [] if keep else [anonymous_buffer(chunk_bytes) for _ in range(threads)]
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        checksums = []
+        with ThreadPoolExecutor(threads, thread_name_prefix="checkpoint-checksum") as pool:
+            for k in range(n_chunks):
+                start, end = k * chunk_bytes, min((k + 1) * chunk_bytes, size)
+                if keep:
+                    view = memoryview(whole)[start:end]
+                else:
+                    if k >= threads:
+                        checksums[k - threads].result()   # that chunk's buffer is free again
+                    view = memoryview(ring[k % threads])[:end - start]
                 pos = 0
-                while pos < want:
+                while pos < len(view):
                     n = os.preadv(fd, [view[pos:]], start + pos)
                     if n == 0:
                         raise EOFError(f"{path} became shorter while it was read ({start + pos} of {size} bytes); "
                                        f"something else is writing it")
                     pos += n
-                return zlib.crc32(view[:want])
-            finally:
-                view.release()
-                if not keep:
-                    free.put(buf)
-
-        with ThreadPoolExecutor(threads, thread_name_prefix="checkpoint-read") as pool:
-            crcs = list(pool.map(read_chunk, range(n_chunks)))
+                checksums.append(pool.submit(zlib.crc32, view))
+            crcs = [c.result() for c in checksums]
     finally:
         os.close(fd)
     return whole, size, combine_chunk_crcs(crcs, size, chunk_bytes)
