@@ -14,68 +14,37 @@ constexpr float kGeluK1 = 0.044715f;
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
 
-__device__ __forceinline__ float gelu_u(float z) { return kGeluK0 * (z + kGeluK1 * z * z * z); }
+__device__ __forceinline__ float gelu(float z) {
+  return 0.5f * z * (1.f + tanhf(kGeluK0 * (z + kGeluK1 * z * z * z)));
+}
 
-// The forward through the identity 0.5 (1 + tanh(u)) = sigmoid(2u): one __expf and one
-// reciprocal per element instead of tanhf's branchy polynomial (the same function; its float32
-// error against a float64 reference stays at the 1e-7 level of the tanhf form).
-__device__ __forceinline__ float gelu(float z) { return z * sigmoid(2.f * gelu_u(z)); }
-
-// d/dz with t = tanh(u). The backward keeps tanhf: the sigmoid form of this expression took the
-// bias-GeLU backward kernel from 48 to 55 registers (five to four blocks per SM).
 __device__ __forceinline__ float gelu_grad(float z) {
-  const float t = tanhf(gelu_u(z));
+  const float t = tanhf(kGeluK0 * (z + kGeluK1 * z * z * z));
   return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * kGeluK0 * (1.f + 3.f * kGeluK1 * z * z);
 }
 
-// The elementwise kernels are persistent: the grid is one resident wave (resident_blocks), with
-// no partial last wave running the SMs at a fraction of their occupancy, and each thread takes
-// `items` vectors a grid stride apart per step, issuing all their 16-byte loads before any math,
-// so an SM keeps `items` times the bytes in flight of one vector per thread.
-template <typename Kernel>
-unsigned elementwise_wave(Kernel kernel, int64_t vectors, int items) {
-  const int64_t per_block = int64_t{kThreads} * items;
-  return static_cast<unsigned>(resident_blocks(kernel, kThreads, (vectors + per_block - 1) / per_block));
+int64_t elementwise_blocks(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, static_cast<int64_t>(sm_count()) * 16));
 }
 
-// x [rows, 2f] = [gate | up] -> y [rows, f] = silu(gate) * up. Two vectors per thread per step:
-// four 16-byte loads (gate and up of each) in flight.
-constexpr int kSwigluFwdItems = 2;
-
+// x [rows, 2f] = [gate | up] -> y [rows, f] = silu(gate) * up
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    swiglu_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t f) {
-  constexpr int U = kSwigluFwdItems;
+__global__ void swiglu_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t f) {
   const int64_t fv = f / VEC, n = rows * fv;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; base < n; base += U * stride) {
-    Pack<T, VEC> g[U], u[U];
-    int64_t yo[U];
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / fv, j = (i - r * fv) * VEC;
+    float g[VEC], u[VEC], out[VEC];
+    load_floats<VEC>(x + r * 2 * f + j, g);
+    load_floats<VEC>(x + r * 2 * f + f + j, u);
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
-      const int64_t i = base + k * stride;
-      if (i < n) {
-        const int64_t r = i / fv, j = (i - r * fv) * VEC;
-        yo[k] = r * f + j;
-        g[k] = *reinterpret_cast<const Pack<T, VEC>*>(x + r * 2 * f + j);
-        u[k] = *reinterpret_cast<const Pack<T, VEC>*>(x + r * 2 * f + f + j);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      if (base + k * stride < n) {
-        float gv[VEC], uv[VEC], out[VEC];
-        unpack_floats(g[k], gv);
-        unpack_floats(u[k], uv);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) out[v] = gv[v] * sigmoid(gv[v]) * uv[v];
-        store_floats<VEC>(y + yo[k], out);
-      }
-    }
+    for (int v = 0; v < VEC; ++v) out[v] = g[v] * sigmoid(g[v]) * u[v];
+    store_floats<VEC>(y + r * f + j, out);
   }
 }
 
-// Two vectors per thread per step: six 16-byte loads (gate, up and dy of each) in flight.
+// Each thread takes kSwigluBwdItems vectors a grid stride apart per step and issues all their
+// loads (three 16-byte loads each) before any math, so more bytes are in flight per thread.
 constexpr int kSwigluBwdItems = 2;
 
 template <typename T, int VEC>
@@ -116,41 +85,24 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ dy, const T* __restrict_
   }
 }
 
-// y = gelu(x + bias). Four vectors per thread per step: four 16-byte loads of x in flight (the
-// bias vectors are L1 hits).
-constexpr int kBiasGeluFwdItems = 4;
-
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    bias_gelu_fwd_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, int64_t rows,
-                         int64_t cols) {
-  constexpr int U = kBiasGeluFwdItems;
+__global__ void bias_gelu_fwd_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
+                                     int64_t rows, int64_t cols) {
   const int64_t cv = cols / VEC, n = rows * cv;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; base < n; base += U * stride) {
-    Pack<T, VEC> xp[U];
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = (i % cv) * VEC;
+    float z[VEC], out[VEC];
+    load_floats<VEC>(x + i * VEC, z);
+    if (bias != nullptr) {
+      float b[VEC];
+      load_floats<VEC>(bias + j, b);
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
-      const int64_t i = base + k * stride;
-      if (i < n) xp[k] = *reinterpret_cast<const Pack<T, VEC>*>(x + i * VEC);
+      for (int v = 0; v < VEC; ++v) z[v] += b[v];
     }
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
-      const int64_t i = base + k * stride;
-      if (i < n) {
-        float z[VEC], b[VEC], out[VEC];
-        unpack_floats(xp[k], z);
-        if (bias != nullptr) {
-          load_floats<VEC>(bias + (i % cv) * VEC, b);
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) b[v] = 0.f;
-        }
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) out[v] = gelu(z[v] + b[v]);
-        store_floats<VEC>(y + i * VEC, out);
-      }
-    }
+    for (int v = 0; v < VEC; ++v) out[v] = gelu(z[v]);
+    store_floats<VEC>(y + i * VEC, out);
   }
 }
 
@@ -213,8 +165,7 @@ at::Tensor swiglu_fwd(const at::Tensor& x) {
   MLITE_DISPATCH_TYPES(x.scalar_type(), "swiglu_fwd", [&] {
     dispatch_vec<scalar_t>(vectorizable({&x, &y}, f), [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
-      auto kernel = swiglu_fwd_kernel<scalar_t, VEC>;
-      kernel<<<elementwise_wave(kernel, rows * f / VEC, kSwigluFwdItems), kThreads, 0, stream>>>(
+      swiglu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(rows * f / VEC), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, f);
     });
   });
@@ -235,8 +186,7 @@ at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x) {
   MLITE_DISPATCH_TYPES(x.scalar_type(), "swiglu_bwd", [&] {
     dispatch_vec<scalar_t>(vectorizable({&x, &dy}, f), [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
-      auto kernel = swiglu_bwd_kernel<scalar_t, VEC>;
-      kernel<<<elementwise_wave(kernel, rows * f / VEC, kSwigluBwdItems), kThreads, 0, stream>>>(
+      swiglu_bwd_kernel<scalar_t, VEC><<<elementwise_blocks(rows * f / VEC), kThreads, 0, stream>>>(
           dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), rows, f);
     });
   });
@@ -256,8 +206,7 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& b
   MLITE_DISPATCH_TYPES(x.scalar_type(), "bias_gelu_fwd", [&] {
     dispatch_vec<scalar_t>(vec, [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
-      auto kernel = bias_gelu_fwd_kernel<scalar_t, VEC>;
-      kernel<<<elementwise_wave(kernel, rows * cols / VEC, kBiasGeluFwdItems), kThreads, 0, stream>>>(
+      bias_gelu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(rows * cols / VEC), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
           rows, cols);
     });

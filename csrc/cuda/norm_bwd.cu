@@ -12,19 +12,12 @@ namespace {
 // RMS and BETA are compile-time so that RMSNorm and bias-free LayerNorm carry neither the mean
 // nor the dbeta accumulators in registers. The weight is re-read per row (an L1 hit) rather than
 // held across rows: holding it costs 8-16 registers and pushed the kernel into spills.
-//
-// PREFETCH (two 16-byte vectors per thread): a row's x and dy loads are issued one iteration
-// early, so they are in flight while the previous row does its block reductions and writes dx;
-// without it each row waits out the full load latency between two barrier-bound phases. It
-// costs one more row's packs in registers (16 for 16-bit types), so the four-vector and
-// unvectorised variants, already near the 128-register cap, load in place.
 template <typename T, typename W, int VEC, int K, bool RMS, bool BETA>
 __global__ void __launch_bounds__(kRowThreads)
     norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ gamma,
                     const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
                     T* __restrict__ dx, float* __restrict__ dgamma_part, float* __restrict__ dbeta_part,
                     int64_t rows, int cols) {
-  constexpr bool PREFETCH = VEC > 1 && K == 2;
   __shared__ float smem[kReduceSmemFloats];
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
@@ -41,81 +34,55 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc_b[k][i] = 0.f;
   }
-  // This thread's slice of `row` (nothing past the last row) and the row's statistics.
-  auto load_row = [&](int64_t row, Pack<T, VEC>(&xs)[K], Pack<T, VEC>(&ds)[K], float& mu, float& rs) {
-    const bool ok = row < rows;
-    mu = (!RMS && ok) ? mean_in[row] : 0.f;
-    rs = ok ? rstd_in[row] : 0.f;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int c = (threadIdx.x + k * blockDim.x) * VEC;
-      if (ok && c < cols) {
-        xs[k] = *reinterpret_cast<const Pack<T, VEC>*>(x + row * cols + c);
-        ds[k] = *reinterpret_cast<const Pack<T, VEC>*>(dy + row * cols + c);
-      }
-    }
-  };
-  Pack<T, VEC> xp[K], dyp[K];
-  float mean = 0.f, rstd = 0.f;
-  if constexpr (PREFETCH) load_row(group, xp, dyp, mean, rstd);
   for (int64_t it = 0; it < iters; ++it) {
     const int64_t row = it * groups + group;
     const bool valid = row < rows;
-    Pack<T, VEC> x_next[K], dy_next[K];
-    float mean_next = 0.f, rstd_next = 0.f;
-    if constexpr (PREFETCH) {
-      load_row(row + groups, x_next, dy_next, mean_next, rstd_next);
-    } else {
-      load_row(row, xp, dyp, mean, rstd);
+    const float mean = (!RMS && valid) ? mean_in[row] : 0.f;
+    const float rstd = valid ? rstd_in[row] : 0.f;
+    Pack<T, VEC> xp[K], dyp[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = (threadIdx.x + k * blockDim.x) * VEC;
+      if (valid && c < cols) {
+        xp[k] = *reinterpret_cast<const Pack<T, VEC>*>(x + row * cols + c);
+        dyp[k] = *reinterpret_cast<const Pack<T, VEC>*>(dy + row * cols + c);
+      }
     }
     float s_dyg = 0.f, s_dyg_xhat = 0.f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int c = (threadIdx.x + k * blockDim.x) * VEC;
       if (valid && c < cols) {
-        float g[VEC], xf[VEC], d[VEC];
+        float g[VEC];
         load_floats<VEC>(gamma + c, g);
-        unpack_floats(xp[k], xf);
-        unpack_floats(dyp[k], d);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float xhat = (xf[i] - mean) * rstd;
-          const float dg = d[i] * g[i];
+          const float xhat = (static_cast<float>(xp[k].v[i]) - mean) * rstd;
+          const float d = static_cast<float>(dyp[k].v[i]);
+          const float dg = d * g[i];
           s_dyg += dg;
           s_dyg_xhat += dg * xhat;
-          acc_g[k][i] += d[i] * xhat;
-          if constexpr (BETA) acc_b[k][i] += d[i];
+          acc_g[k][i] += d * xhat;
+          if constexpr (BETA) acc_b[k][i] += d;
         }
       }
     }
     const float mean_dyg = RMS ? 0.f : row_reduce(s_dyg, SumOp{}, smem) / cols;
     const float mean_dyg_xhat = row_reduce(s_dyg_xhat, SumOp{}, smem) / cols;
-    if (valid) {
+    if (!valid) continue;
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int c = (threadIdx.x + k * blockDim.x) * VEC;
-        if (c < cols) {
-          float g[VEC], xf[VEC], d[VEC], out[VEC];
-          load_floats<VEC>(gamma + c, g);
-          unpack_floats(xp[k], xf);
-          unpack_floats(dyp[k], d);
+    for (int k = 0; k < K; ++k) {
+      const int c = (threadIdx.x + k * blockDim.x) * VEC;
+      if (c < cols) {
+        float g[VEC], out[VEC];
+        load_floats<VEC>(gamma + c, g);
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            const float xhat = (xf[i] - mean) * rstd;
-            out[i] = rstd * (d[i] * g[i] - mean_dyg - xhat * mean_dyg_xhat);
-          }
-          store_floats<VEC>(dx + row * cols + c, out);
+        for (int i = 0; i < VEC; ++i) {
+          const float xhat = (static_cast<float>(xp[k].v[i]) - mean) * rstd;
+          out[i] = rstd * (static_cast<float>(dyp[k].v[i]) * g[i] - mean_dyg - xhat * mean_dyg_xhat);
         }
+        store_floats<VEC>(dx + row * cols + c, out);
       }
-    }
-    if constexpr (PREFETCH) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        xp[k] = x_next[k];
-        dyp[k] = dy_next[k];
-      }
-      mean = mean_next;
-      rstd = rstd_next;
     }
   }
 #pragma unroll
@@ -160,7 +127,10 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
         constexpr int VEC = decltype(vc)::value, K = decltype(kc)::value;
         auto launch = [&](auto kernel) {
           // One resident wave: as many blocks as the SMs hold at this kernel's register count.
-          const int64_t blocks = resident_blocks(kernel, threads, row_blocks);
+          int per_sm = 0;
+          C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+          const int64_t blocks =
+              std::min<int64_t>(row_blocks, static_cast<int64_t>(sm_count()) * std::max(1, per_sm));
           const int64_t groups = blocks * s.block.y;
           auto partial_opts = x.options().dtype(at::kFloat);
           auto dgamma_part = at::empty({groups, cols}, partial_opts);

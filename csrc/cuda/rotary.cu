@@ -5,22 +5,16 @@
 //   forward:  y1 = x1 c1 - x2 s1,   y2 = x2 c2 + x1 s2
 //   backward: dx1 = dy1 c1 + dy2 s2,   dx2 = dy2 c2 - dy1 s1   (the transposed rotation)
 // where c1 = cos[i], c2 = cos[i + h] (equal in the usual tables, not assumed); dims past rot
-// pass through. One block per token; its threads walk (head group, pair vector) items, each
-// rotating the same pair vector of kHeadsPerThread heads: the cos/sin vectors (float32, two
-// 16-byte loads each) are loaded once per item and reused across its heads, and all the heads'
-// loads are issued before the math (4 x 32 bytes of t in flight per thread instead of 32).
+// pass through. One block per token; its threads walk (head, pair vector) items.
 #include "common.cuh"
 
 namespace mlite {
 namespace {
 
-constexpr int kHeadsPerThread = 4;
-
 template <typename T, int VEC, bool BACKWARD>
 __global__ void rotary_kernel(const T* __restrict__ t, const float* __restrict__ cos, const float* __restrict__ sin,
                               T* __restrict__ out, int64_t batch, int heads, int d, int rot, int64_t stride_s,
                               int64_t stride_b, int64_t stride_h) {
-  constexpr int H = kHeadsPerThread;
   const int64_t token = blockIdx.x;
   const int64_t si = token / batch, bi = token % batch;
   const T* tt = t + si * stride_s + bi * stride_b;
@@ -29,42 +23,27 @@ __global__ void rotary_kernel(const T* __restrict__ t, const float* __restrict__
   const float* sn = sin + si * rot;
   const int half = rot / 2;
   const int pair_vecs = half / VEC;
-  const int head_groups = (heads + H - 1) / H;
-  for (int w = threadIdx.x; w < head_groups * pair_vecs; w += blockDim.x) {
-    const int head0 = (w / pair_vecs) * H, i = (w % pair_vecs) * VEC;
-    Pack<T, VEC> p1[H], p2[H];
-#pragma unroll
-    for (int j = 0; j < H; ++j) {
-      if (head0 + j < heads) {
-        p1[j] = *reinterpret_cast<const Pack<T, VEC>*>(tt + (head0 + j) * stride_h + i);
-        p2[j] = *reinterpret_cast<const Pack<T, VEC>*>(tt + (head0 + j) * stride_h + half + i);
-      }
-    }
-    float c1[VEC], c2[VEC], s1[VEC], s2[VEC];
+  for (int w = threadIdx.x; w < heads * pair_vecs; w += blockDim.x) {
+    const int head = w / pair_vecs, i = (w % pair_vecs) * VEC;
+    float x1[VEC], x2[VEC], c1[VEC], c2[VEC], s1[VEC], s2[VEC], y1[VEC], y2[VEC];
+    load_floats<VEC>(tt + head * stride_h + i, x1);
+    load_floats<VEC>(tt + head * stride_h + half + i, x2);
     load_floats<VEC>(cs + i, c1);
     load_floats<VEC>(cs + half + i, c2);
     load_floats<VEC>(sn + i, s1);
     load_floats<VEC>(sn + half + i, s2);
 #pragma unroll
-    for (int j = 0; j < H; ++j) {
-      if (head0 + j < heads) {
-        float x1[VEC], x2[VEC], y1[VEC], y2[VEC];
-        unpack_floats(p1[j], x1);
-        unpack_floats(p2[j], x2);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          if (BACKWARD) {
-            y1[v] = x1[v] * c1[v] + x2[v] * s2[v];
-            y2[v] = x2[v] * c2[v] - x1[v] * s1[v];
-          } else {
-            y1[v] = x1[v] * c1[v] - x2[v] * s1[v];
-            y2[v] = x2[v] * c2[v] + x1[v] * s2[v];
-          }
-        }
-        store_floats<VEC>(ot + (head0 + j) * d + i, y1);
-        store_floats<VEC>(ot + (head0 + j) * d + half + i, y2);
+    for (int v = 0; v < VEC; ++v) {
+      if (BACKWARD) {
+        y1[v] = x1[v] * c1[v] + x2[v] * s2[v];
+        y2[v] = x2[v] * c2[v] - x1[v] * s1[v];
+      } else {
+        y1[v] = x1[v] * c1[v] - x2[v] * s1[v];
+        y2[v] = x2[v] * c2[v] + x1[v] * s2[v];
       }
     }
+    store_floats<VEC>(ot + head * d + i, y1);
+    store_floats<VEC>(ot + head * d + half + i, y2);
   }
   const int pass_vecs = (d - rot) / VEC;
   for (int w = threadIdx.x; w < heads * pass_vecs; w += blockDim.x) {
@@ -100,7 +79,7 @@ at::Tensor rotary(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& 
   MLITE_DISPATCH_TYPES(t.scalar_type(), "rotary", [&] {
     dispatch_vec<scalar_t>(vectorize, [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
-      const int items = static_cast<int>((heads + kHeadsPerThread - 1) / kHeadsPerThread * (rot / 2) / VEC);
+      const int items = static_cast<int>(heads * (rot / 2) / VEC);
       const int threads = std::min(256, std::max(32, (items + 31) / 32 * 32));
       auto launch = [&](auto kernel) {
         kernel<<<static_cast<unsigned>(s * b), threads, 0, stream>>>(
