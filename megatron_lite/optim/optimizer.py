@@ -241,7 +241,10 @@ class MegatronOptimizer:
         torch_state = {}
         for index, m in enumerate(ordered):
             saved = sd["params"][m.name]
-            state = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved.items() if k != "main_param"}
+            # straight to the parameter's device (a copy: the caller's tensors stay untouched);
+            # "step" stays where torch's optimizer keeps it
+            state = {k: (v.to(m.main_param.device, copy=True) if k != "step" else v.clone()) if torch.is_tensor(v)
+                     else v for k, v in saved.items() if k != "main_param"}
             if state:
                 torch_state[index] = state
             if m.is_copy:
