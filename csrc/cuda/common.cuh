@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -25,19 +27,60 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// Pack <-> float32. 16-bit types go through 32-bit words holding two elements: bfloat16 widens
+// by a shift or a mask (exact), half by one cvt per pair, and both narrow by one cvt.rn.*x2.f32
+// per pair (round to nearest even, the rounding of a scalar conversion). Element by element,
+// each 16-bit value would sit in a register of its own, which cost the bf16 norm backward about
+// 20 registers per thread.
+template <typename T, int N>
+__device__ __forceinline__ void unpack_floats(const Pack<T, N>& pk, float (&out)[N]) {
+  if constexpr (std::is_same_v<T, at::BFloat16> && N % 2 == 0) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(&pk);
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else if constexpr (std::is_same_v<T, at::Half> && N % 2 == 0) {
+    const __half2* w = reinterpret_cast<const __half2*>(&pk);
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const float2 f = __half22float2(w[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = static_cast<float>(pk.v[i]);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> pack_floats(const float (&in)[N]) {
+  Pack<T, N> pk;
+  if constexpr (std::is_same_v<T, at::BFloat16> && N % 2 == 0) {
+    __nv_bfloat162* w = reinterpret_cast<__nv_bfloat162*>(&pk);
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) w[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+  } else if constexpr (std::is_same_v<T, at::Half> && N % 2 == 0) {
+    __half2* w = reinterpret_cast<__half2*>(&pk);
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) w[i] = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) pk.v[i] = static_cast<T>(in[i]);
+  }
+  return pk;
+}
+
 template <int N, typename T>
 __device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = static_cast<float>(pk.v[i]);
+  unpack_floats(*reinterpret_cast<const Pack<T, N>*>(p), out);
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int i = 0; i < N; ++i) pk.v[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
+  *reinterpret_cast<Pack<T, N>*>(p) = pack_floats<T, N>(in);
 }
 
 struct SumOp {
@@ -120,6 +163,16 @@ inline bool aligned_rows(const void* ptr, int64_t row_stride, int64_t cols, int 
 }
 
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Blocks of `threads` threads that all SMs hold at once for this kernel (as its register and
+// shared memory use allow), capped at `wanted`: the grid of a persistent kernel that runs as one
+// resident wave, with no second wave starting behind the first and no drain between them.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int threads, int64_t wanted) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  return std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(sm_count()) * std::max(1, per_sm)));
+}
 
 // Calls f with std::integral_constant<int, VEC>: the 16-byte width of T, or 1.
 template <typename T, typename F>

@@ -10,34 +10,62 @@
 namespace mlite {
 namespace {
 
+// Vectors per thread per step of the forward: all their 16-byte loads are issued before the
+// math (64 bytes in flight per thread, not 16), and the running sum is rescaled once per step.
+constexpr int kXentFwdItems = 4;
+// Threads per row of the forward: 256 (not 512) so that an SM holds four row blocks and one
+// block's closing reductions leave three others streaming.
+constexpr int kXentFwdThreads = 256;
+
 template <typename T, int VEC>
-__global__ void xent_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target,
-                                float* __restrict__ stats, int64_t rows, int64_t vocab, int64_t vocab_start) {
+__global__ void __launch_bounds__(kXentFwdThreads)
+    xent_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target, float* __restrict__ stats,
+                    int64_t rows, int64_t vocab, int64_t vocab_start) {
+  constexpr int U = kXentFwdItems;
   __shared__ float smem[kReduceSmemFloats];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < rows;
   const int64_t t = valid ? target[row] - vocab_start : -1;  // index in this shard, or outside [0, vocab)
   const T* xr = logits + row * vocab;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;  // between a thread's vectors
   float m = -INFINITY, s = 0.f, picked = 0.f;
   if (valid) {
-    for (int64_t c = threadIdx.x * VEC; c < vocab; c += static_cast<int64_t>(blockDim.x) * VEC) {
-      float v[VEC];
-      load_floats<VEC>(xr + c, v);
-      float vm = v[0];
+    for (int64_t c0 = threadIdx.x * VEC; c0 < vocab; c0 += U * step) {
+      Pack<T, VEC> p[U];
 #pragma unroll
-      for (int i = 1; i < VEC; ++i) vm = fmaxf(vm, v[i]);
+      for (int k = 0; k < U; ++k) {
+        if (c0 + k * step < vocab) p[k] = *reinterpret_cast<const Pack<T, VEC>*>(xr + c0 + k * step);
+      }
+      float vm = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < U; ++k) {
+        if (c0 + k * step < vocab) {
+          float v[VEC];
+          unpack_floats(p[k], v);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) vm = fmaxf(vm, v[i]);
+        }
+      }
       const float nm = fmaxf(m, vm);
       float add = 0.f;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) add += __expf(v[i] - nm);
-      s = s * __expf(m - nm) + add;
-      m = nm;
-      if (t >= c && t < c + VEC) {
+      for (int k = 0; k < U; ++k) {
+        const int64_t c = c0 + k * step;
+        if (c < vocab) {
+          float v[VEC];
+          unpack_floats(p[k], v);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          if (t == c + i) picked = v[i];
+          for (int i = 0; i < VEC; ++i) add += __expf(v[i] - nm);
+          if (t >= c && t < c + VEC) {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+              if (t == c + i) picked = v[i];
+            }
+          }
         }
       }
+      s = s * __expf(m - nm) + add;
+      m = nm;
     }
   }
   const float row_max = row_reduce(m, MaxOp{}, smem);
@@ -70,8 +98,9 @@ __global__ void xent_bwd_kernel(const T* __restrict__ logits, const int64_t* __r
   }
 }
 
-dim3 xent_block(int64_t vocab, int vec) {
-  const int threads = std::min<int64_t>(512, next_pow2((vocab + vec - 1) / vec));
+// max_threads (a power of two) threads per row, fewer for a short row; small rows share a block.
+dim3 xent_block(int64_t vocab, int vec, int max_threads) {
+  const int threads = std::min<int64_t>(max_threads, next_pow2((vocab + vec - 1) / vec));
   return dim3(threads, std::max(1, 128 / threads));
 }
 
@@ -100,7 +129,7 @@ at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& t
   MLITE_DISPATCH_TYPES(logits.scalar_type(), "xent_fwd", [&] {
     dispatch_vec<scalar_t>(vectorize, [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
-      const dim3 block = xent_block(vocab, VEC);
+      const dim3 block = xent_block(vocab, VEC, kXentFwdThreads);
       const dim3 grid(static_cast<unsigned>((rows + block.y - 1) / block.y));
       xent_fwd_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
           logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), stats.data_ptr<float>(), rows, vocab, vocab_start);
@@ -128,7 +157,7 @@ at::Tensor vocab_parallel_xent_bwd(const at::Tensor& logits, const at::Tensor& t
   MLITE_DISPATCH_TYPES(logits.scalar_type(), "xent_bwd", [&] {
     dispatch_vec<scalar_t>(vectorize, [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
-      const dim3 block = xent_block(vocab, VEC);
+      const dim3 block = xent_block(vocab, VEC, 512);
       const dim3 grid(static_cast<unsigned>((rows + block.y - 1) / block.y));
       xent_bwd_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
           logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<float>(),
