@@ -49,14 +49,15 @@ def global_grad_norm_tensor(grads: List[torch.Tensor], group: Optional[dist.Proc
     return total_sq.sqrt()
 
 
-def clip_coefficient(max_norm: float, total_norm: float) -> Optional[float]:
-    """max_norm / (total_norm + 1e-6) when that is below 1 (Megatron's rule), else None (no clipping)."""
+def clip_coefficient(max_norm: float, total_norm):
+    """Megatron's rule, max_norm / (total_norm + 1e-6) capped at 1 (1: no clipping). `total_norm`
+    is a float, or a 0-dim device tensor, and then so is the result (no host sync)."""
     coeff = max_norm / (total_norm + 1.0e-6)
-    return coeff if coeff < 1.0 else None
+    return torch.clamp(coeff, max=1.0) if torch.is_tensor(coeff) else min(coeff, 1.0)
 
 
 def clip_grads_by_total_norm(grads: List[torch.Tensor], max_norm: float, total_norm: float) -> None:
     """Scale `grads` in place by `clip_coefficient` when clipping applies."""
     coeff = clip_coefficient(max_norm, total_norm)
-    if coeff is not None:
+    if coeff < 1.0:
         torch._foreach_mul_(grads, coeff)

@@ -18,8 +18,8 @@ import torch
 
 from megatron_lite.config import OptimizerConfig, ParallelConfig
 from megatron_lite.optim.adamw import DTYPES, AdamW, fused_adamw_available
-from megatron_lite.optim.clip_grads import (clip_grads_by_total_norm, counts_in_grad_norm, global_grad_norm,
-                                            global_grad_norm_tensor)
+from megatron_lite.optim.clip_grads import (clip_coefficient, clip_grads_by_total_norm, counts_in_grad_norm,
+                                            global_grad_norm, global_grad_norm_tensor)
 from megatron_lite.optim.grad_scaler import GradScaler, build_grad_scaler
 from megatron_lite.parallel.data import DistributedDataParallel, all_reduce, world_group
 from megatron_lite.parallel.state import ParallelState
@@ -164,7 +164,7 @@ class MegatronOptimizer:
                 # the update is queued before the host waits for the norm.
                 norm = global_grad_norm_tensor(norm_grads, norm_group, self.state.device)
                 if self.cfg.clip_grad > 0.0:
-                    self.optimizer.grad_scale = torch.clamp(self.cfg.clip_grad / (norm + 1.0e-6), max=1.0).reciprocal()
+                    self.optimizer.grad_scale = clip_coefficient(self.cfg.clip_grad, norm).reciprocal()
                 self.optimizer.step()
                 grad_norm = norm.item()
             else:
