@@ -7,8 +7,9 @@ is forward + cross entropy + backward + gradient clipping to --clip-grad (1.0, M
 default; 0 turns it off everywhere) + an AdamW update:
 
     megatron_lite   pretrain_gpt.py's own step: parse_args -> setup_parallel -> build_run, then
-                    megatron_lite.training.train_step (bf16 weights; fp32 main grads, main
-                    params and Adam moments)
+                    megatron_lite.training.queue_train_step, each step's numbers read once the
+                    next step is queued, as the training loop does (bf16 weights; fp32 main
+                    grads, main params and Adam moments)
     torch_eager     PlainGPT below: bf16 parameters, SDPA (causal, GQA), fused torch AdamW
     torch_compile   the same module under torch.compile (forward and loss; backward through AOT
                     autograd); the optimizer step stays eager
@@ -167,11 +168,20 @@ class Built:
 
 
 def build_megatron_lite(ctx: Context) -> Built:
-    from megatron_lite.training import train_step
+    from megatron_lite.training import queue_train_step
 
     run = build_megatron_lite_run(ctx.megatron_lite_flags)
     batches = itertools.cycle(ctx.batches)
-    return Built(step=lambda: train_step(run, batches)["lm loss"],
+    pending = []
+
+    def step():
+        # as megatron_lite.training.train does: a step's numbers are read once the next is queued
+        values = queue_train_step(run, batches)
+        loss = pending.pop().read()["lm loss"] if pending else None
+        pending.append(values)
+        return loss
+
+    return Built(step=step,
                  params=sum(p.numel() for p in run.module.parameters()), detail=run.ops.describe())
 
 

@@ -58,27 +58,62 @@ def _activation_shape(run: Run):
     return (seq, t.micro_batch_size, m.hidden_size)
 
 
-def _average_reported(run: Run, reported: List[dict]) -> dict:
-    """Mean of each reported value over microbatches and DP ranks, known on every rank."""
+def _average_reported(run: Run, reported: List[dict]) -> torch.Tensor:
+    """Mean lm loss over microbatches and DP ranks, a float64 0-dim tensor on every rank (on the
+    device when distributed); nothing here waits for the GPU."""
     s = run.state
-    keys = ["lm loss"]
-    values = torch.zeros(len(keys), dtype=torch.float64)
+    value = torch.zeros((), dtype=torch.float64)
     if s.is_last_stage and reported:
-        values = torch.tensor([sum(float(r[k]) for r in reported) / len(reported) for k in keys],
-                              dtype=torch.float64)
+        value = torch.stack([r["lm loss"].reshape(()) for r in reported]).double().mean()
     if s.is_distributed:
-        values = values.to(s.device)
+        value = value.to(s.device)
         if s.is_last_stage and s.dp_size > 1:
-            dist.all_reduce(values, group=s.dp_group)
-            values /= s.dp_size
+            dist.all_reduce(value, group=s.dp_group)
+            value /= s.dp_size
         if s.pp_size > 1:
-            dist.broadcast(values, src=s.pp_ranks[-1], group=s.pp_group)
-        values = values.cpu()
-    return dict(zip(keys, values.tolist()))
+            dist.broadcast(value, src=s.pp_ranks[-1], group=s.pp_group)
+    return value
 
 
-def train_step(run: Run, batches: Iterator) -> dict:
-    """Forward and backward over the global batch, then one optimizer step."""
+class StepValues:
+    """One step's reported numbers (lm loss, grad norm, loss scale, skipped) on their way to the host.
+
+    When the step has been queued its loss and gradient norm are device tensors; they are copied
+    to pinned host memory behind the step's kernels, and `read()` waits for that copy alone. The
+    loop reads a step's numbers after queuing the next step, so the GPU does not sit idle while
+    the host starts each step from a standstill (the numbers are the same either way).
+    """
+
+    def __init__(self, loss: torch.Tensor, grad_norm, loss_scale: float, skipped: bool):
+        self._norm_on_device = isinstance(grad_norm, torch.Tensor)
+        parts = [loss.reshape(())]
+        if self._norm_on_device:
+            parts.append(grad_norm.reshape(()).to(loss.device))
+        packed = torch.stack([t.double() for t in parts])
+        self._ready = None
+        if packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = packed
+        self._fixed = {"grad_norm": grad_norm, "loss_scale": loss_scale, "skipped": skipped}
+
+    def read(self) -> dict:
+        if self._ready is not None:
+            self._ready.synchronize()
+        values = self._host.tolist()
+        out = dict(self._fixed, **{"lm loss": values[0]})
+        if self._norm_on_device:
+            out["grad_norm"] = values[1]
+        return out
+
+
+def queue_train_step(run: Run, batches: Iterator) -> StepValues:
+    """Forward and backward over the global batch, then one optimizer step, queued on the device
+    without waiting for it (except where the step itself needs a number on the host: the fp16
+    overflow check, the unfused clipping path)."""
     from megatron_lite.parallel.data import finalize_model_grads
 
     run.optimizer.zero_grad()
@@ -87,11 +122,14 @@ def train_step(run: Run, batches: Iterator) -> dict:
                         tensor_shape=_activation_shape(run), dtype=model_dtype(run.cfg), loss_scale=run.optimizer.get_loss_scale())
     finalize_model_grads([run.model], run.state)
     loss_scale = run.optimizer.get_loss_scale()
-    ok, grad_norm, _ = run.optimizer.step()
+    ok, grad_norm, _ = run.optimizer.step(sync=False)
     run.scheduler.step(increment=run.cfg.train.global_batch_size)
-    out = _average_reported(run, reported)
-    out.update(skipped=not ok, grad_norm=grad_norm, loss_scale=loss_scale)
-    return out
+    return StepValues(_average_reported(run, reported), grad_norm if ok else None, loss_scale, not ok)
+
+
+def train_step(run: Run, batches: Iterator) -> dict:
+    """One training step, waited for: {lm loss, grad_norm, loss_scale, skipped} as numbers."""
+    return queue_train_step(run, batches).read()
 
 
 @torch.no_grad()
@@ -104,7 +142,7 @@ def evaluate(run: Run, valid_iter: Iterator) -> Optional[float]:
     for _ in range(run.cfg.train.eval_iters):
         reported = schedule(forward_step, valid_iter, run.model, run.state, num_microbatches=num_microbatches(run),
                             tensor_shape=_activation_shape(run), dtype=model_dtype(run.cfg), forward_only=True)
-        losses.append(_average_reported(run, reported)["lm loss"])
+        losses.append(_average_reported(run, reported).item())
         run.progress.consumed_valid_samples += run.cfg.train.global_batch_size
     run.model.train()
     return sum(losses) / len(losses)
@@ -153,39 +191,63 @@ def _tensorboard(run: Run):
     return SummaryWriter(log_dir=run.cfg.train.tensorboard_dir)
 
 
+def _save_due(run: Run, it: int) -> bool:
+    """Whether maybe_save_checkpoint saves at iteration `it` (its interval rules)."""
+    c = run.cfg.checkpoint
+    return bool(c.save) and any(n and it % n == 0 for n in (c.save_interval, c.save_weights_only_interval))
+
+
 def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None, save_fn=None,
           exit_signal: Optional["ExitSignal"] = None) -> List[dict]:
     """Train from run.progress.iteration to the last iteration; returns one record per iteration
-    (iteration, lm loss, lr, grad norm, loss scale, skipped) as every rank saw it."""
+    (iteration, lm loss, lr, grad norm, loss scale, skipped) as every rank saw it.
+
+    Each step's numbers are read once the next step is queued (StepValues), and at once where
+    something in this iteration needs them: an evaluation or a save (its counters include the
+    skipped and nan iterations), or an exit check that asks all ranks every iteration anyway."""
     t, p = run.cfg.train, run.progress
     total = total_train_iters(run)
     exit_signal = exit_signal or ExitSignal(t.exit_signal_handler)
     writer = _tensorboard(run)
     start = time.time()
     run.model.train()
-    interval_start = time.time()
-    while p.iteration < total:
-        lr = run.scheduler.get_lr()
-        step = train_step(run, train_iter)
-        p.iteration += 1
-        p.consumed_train_samples += t.global_batch_size
+    timing = {"interval_start": time.time()}
+    pending = None   # (iteration, lr, StepValues) of the last step, its numbers not read yet
+
+    def finish(it: int, lr: float, values: StepValues) -> None:
+        step = values.read()
         if step["skipped"]:
             p.skipped_iterations += 1
         if not math.isfinite(step["lm loss"]):
             p.nan_iterations += 1
-        record = {"iteration": p.iteration, "lm loss": step["lm loss"], "lr": lr, "grad_norm": step["grad_norm"],
+        record = {"iteration": it, "lm loss": step["lm loss"], "lr": lr, "grad_norm": step["grad_norm"],
                   "loss_scale": step["loss_scale"], "skipped": step["skipped"]}
         run.history.append(record)
-        if p.iteration % t.log_interval == 0:   # time per iteration averaged over the interval
-            elapsed_ms = (time.time() - interval_start) * 1000.0 / t.log_interval
-            print_rank0(format_log_line(run, p.iteration, total, step, elapsed_ms, lr), run.state)
-            interval_start = time.time()
+        if it % t.log_interval == 0:   # time per iteration averaged over the interval
+            elapsed_ms = (time.time() - timing["interval_start"]) * 1000.0 / t.log_interval
+            print_rank0(format_log_line(run, it, total, step, elapsed_ms, lr), run.state)
+            timing["interval_start"] = time.time()
         if writer is not None:
             for k in ("lm loss", "lr", "loss_scale"):
-                writer.add_scalar(k.replace(" ", "_"), record[k], p.iteration)
+                writer.add_scalar(k.replace(" ", "_"), record[k], it)
             if step["grad_norm"] is not None:
-                writer.add_scalar("grad_norm", step["grad_norm"], p.iteration)
-        if valid_iter is not None and t.eval_interval and p.iteration % t.eval_interval == 0:
+                writer.add_scalar("grad_norm", step["grad_norm"], it)
+
+    checks_every_iteration = bool(t.exit_duration_in_mins or t.exit_signal_handler)
+    while p.iteration < total:
+        lr = run.scheduler.get_lr()
+        values = queue_train_step(run, train_iter)
+        p.iteration += 1
+        p.consumed_train_samples += t.global_batch_size
+        if pending is not None:
+            finish(*pending)
+        pending = (p.iteration, lr, values)
+        eval_due = valid_iter is not None and t.eval_interval and p.iteration % t.eval_interval == 0
+        exit_due = t.exit_interval and p.iteration % t.exit_interval == 0
+        if eval_due or exit_due or checks_every_iteration or (save_fn is not None and _save_due(run, p.iteration)):
+            finish(*pending)
+            pending = None
+        if eval_due:
             val = evaluate(run, valid_iter)
             print_rank0(f" validation loss at iteration {p.iteration} | lm loss value: {val:.6E} | "
                         f"lm loss PPL: {math.exp(min(val, 700)):.6E} |", run.state)
@@ -195,6 +257,8 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
             save_fn(run, reason="interval")
         if _should_exit(run, exit_signal, start):
             break
+    if pending is not None:
+        finish(*pending)
     if save_fn is not None:
         save_fn(run, reason="end")
     if writer is not None:

@@ -12,7 +12,7 @@ and, with ZeRO-1, all-gathered over DP.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -140,11 +140,13 @@ class MegatronOptimizer:
         return bool(found_inf.item())
 
     @torch.no_grad()
-    def step(self) -> Tuple[bool, Optional[float], Optional[int]]:
+    def step(self, *, sync: bool = True) -> Tuple[bool, Optional[Union[float, torch.Tensor]], Optional[int]]:
         """Unscale, skip on overflow, clip to --clip-grad by the global norm, update, copy back.
 
         Returns (update_successful, grad_norm, num_zeros_in_grad); grad_norm is None for a
-        skipped step, num_zeros_in_grad is always None (not counted).
+        skipped step, num_zeros_in_grad is always None (not counted). With `sync=False` the
+        fused path returns grad_norm as a 0-dim device tensor instead of waiting for the step to
+        finish to read it (the training loop reads it while the next step runs).
         """
         grads = []
         for m in self.main_params:
@@ -166,7 +168,7 @@ class MegatronOptimizer:
                 if self.cfg.clip_grad > 0.0:
                     self.optimizer.grad_scale = clip_coefficient(self.cfg.clip_grad, norm).reciprocal()
                 self.optimizer.step()
-                grad_norm = norm.item()
+                grad_norm = norm.item() if sync else norm
             else:
                 grad_norm = global_grad_norm(norm_grads, norm_group, self.state.device)
                 if self.cfg.clip_grad > 0.0:

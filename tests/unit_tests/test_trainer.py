@@ -16,3 +16,34 @@ def test_trainer_resumes_where_it_stopped(tmp_path):
     assert [h["lm loss"] for h in first.history + second.history] == [h["lm loss"] for h in straight.history]
     fresh = Trainer(FLAGS + ["--train-iters", "4", "--save", ck, "--load", ck]).train(resume_training=False)
     assert fresh.loaded_iteration is None and len(fresh.history) == 4
+
+
+def test_loop_reads_each_step_as_train_step_returns_it(capsys):
+    """train() reads a step's numbers after queuing the next one; every record and log line must
+    still be that iteration's own (same loss, grad norm and lr as waiting for each step)."""
+    from megatron_lite.arguments import parse_args
+    from megatron_lite.initialize import build_run, setup_parallel
+    from megatron_lite.parallel.random import preserved_rng
+    from megatron_lite.training import build_data, train_step
+
+    flags = [f for f in FLAGS if f != "100"]
+    flags[flags.index("--log-interval") + 1:flags.index("--log-interval") + 1] = ["1"]
+    flags += ["--train-iters", "5", "--clip-grad", "1.0"]
+    looped = Trainer(flags).train(resume_training=False)
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" iteration")]
+
+    cfg = parse_args(flags)
+    run = build_run(cfg, setup_parallel(cfg))
+    with preserved_rng(run.state.rng):   # as pretrain() builds the data
+        train_iter = build_data(run)[0]
+    waited = []
+    for _ in range(5):
+        lr = run.scheduler.get_lr()
+        step = train_step(run, train_iter)
+        waited.append((step["lm loss"], step["grad_norm"], lr))
+
+    assert [(h["lm loss"], h["grad_norm"], h["lr"]) for h in looped.history] == waited
+    assert all(isinstance(g, float) for _, g, _ in waited)
+    assert [int(line.split()[1].split("/")[0]) for line in logged] == [1, 2, 3, 4, 5]
+    for line, (loss, norm, _) in zip(logged, waited):
+        assert f"lm loss: {loss:.6E}" in line and f"grad norm: {norm:.6f}" in line
