@@ -16,7 +16,7 @@ import sys
 import typing
 from typing import List, Optional, Sequence
 
-from megatron_lite.config import SECTIONS, RunConfig
+from megatron_lite.config import SECTIONS, SELECTIVE_RECOMPUTE_MODULES, RunConfig
 
 
 class ConfigError(ValueError):
@@ -164,6 +164,19 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
                               "--use-precision-aware-optimizer")
         if o.optimizer != "adam":
             raise ConfigError(f"--exp-avg-dtype / --exp-avg-sq-dtype apply to --optimizer adam, not {o.optimizer}")
+    if m.recompute_granularity == "full":
+        m.recompute_activations = True
+    if m.recompute_modules and m.recompute_granularity != "selective":
+        raise ConfigError("--recompute-modules needs --recompute-granularity selective")
+    if m.recompute_granularity == "selective":
+        if m.recompute_activations:
+            raise ConfigError("--recompute-activations recomputes whole layers; it does not combine with "
+                              "--recompute-granularity selective (drop one of them)")
+        unknown = sorted(set(m.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES))
+        if unknown or not m.recompute_modules:
+            raise ConfigError(f"--recompute-modules takes {' '.join(SELECTIVE_RECOMPUTE_MODULES)}"
+                              + (f", not {' '.join(unknown)}" if unknown else " (none given)")
+                              + "; attention runs in SDPA, which keeps no score matrix (no core_attn)")
     if p.sequence_parallel and tp == 1:
         p.sequence_parallel = False
     if m.max_position_embeddings is None:

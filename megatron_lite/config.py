@@ -23,6 +23,9 @@ def flag(default, help: str = "", *, name: Optional[str] = None, store_false: bo
     return field(default=default, metadata=meta)
 
 
+SELECTIVE_RECOMPUTE_MODULES = ("layernorm", "mlp_act")   # --recompute-modules choices
+
+
 @dataclass
 class ModelConfig:
     num_layers: int = flag(2, "number of transformer layers")
@@ -53,6 +56,13 @@ class ModelConfig:
     attention_dropout: float = flag(0.1, "dropout on attention probabilities")
     init_method_std: float = flag(0.02, "std of the normal initialisation")
     recompute_activations: bool = flag(False, "recompute each layer in backward (activation checkpointing)")
+    recompute_granularity: Optional[str] = flag(
+        None, "full: as --recompute-activations; selective: recompute only --recompute-modules",
+        choices=["full", "selective"])
+    recompute_modules: List[str] = flag(
+        [], "with --recompute-granularity selective: layernorm (both norms' outputs), mlp_act (the MLP "
+        "activation's output); each is freed after its consumer's forward and recomputed in backward",
+        nargs="*")
     transformer_impl: str = flag("local", "layer implementation", choices=["local", "transformer_engine"])
     fused_kernels: bool = flag(True, "force plain torch ops", name="--no-fused-kernels", store_false=True)
 

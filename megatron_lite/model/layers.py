@@ -16,8 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.model.recompute import discard_until_backward
 from megatron_lite.parallel.state import ParallelState
 from megatron_lite.parallel.tensor import ColumnParallelLinear, RowParallelLinear, set_partition
+
+
+def _selective(cfg: ModelConfig, module: str) -> bool:
+    """Whether --recompute-granularity selective recomputes `module` (a --recompute-modules name)."""
+    return cfg.recompute_granularity == "selective" and module in cfg.recompute_modules
 
 
 class Norm(nn.Module):
@@ -128,6 +134,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
         super().__init__()
         self.ops, self.swiglu = ops, cfg.swiglu
+        self.recompute_activation = _selective(cfg, "mlp_act")
         ffn = cfg.ffn_size
         self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if cfg.swiglu else ffn, state,
                                                bias=cfg.add_bias_linear, skip_bias_add=True,
@@ -135,13 +142,20 @@ class MLP(nn.Module):
         self.linear_fc2 = RowParallelLinear(ffn, cfg.hidden_size, state, bias=cfg.add_bias_linear,
                                             skip_bias_add=True, dtype=dtype)
 
+    def _activation(self, h, bias):
+        if self.swiglu:
+            return self.ops.swiglu(h if bias is None else h + bias)
+        return self.ops.bias_gelu(h, bias)
+
     def forward(self, x):
         h, bias = self.linear_fc1(x)
-        if self.swiglu:
-            h = self.ops.swiglu(h if bias is None else h + bias)
-        else:
-            h = self.ops.bias_gelu(h, bias)
-        return self.linear_fc2(h)
+        if self.swiglu and bias is not None:
+            h, bias = h + bias, None
+        act = self._activation(h, bias)
+        out = self.linear_fc2(act)
+        if self.recompute_activation:   # fc2 keeps `act` for its weight gradient: recomputed there
+            discard_until_backward(act, out[0], lambda: self._activation(h, bias))
+        return out
 
 
 class TransformerLayer(nn.Module):
@@ -150,6 +164,7 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
         super().__init__()
         self.cfg, self.state = cfg, state
+        self.recompute_norms = _selective(cfg, "layernorm")
         self.input_layernorm = Norm(cfg, state, ops, dtype)
         self.self_attention = SelfAttention(cfg, state, ops, dtype)
         self.pre_mlp_layernorm = Norm(cfg, state, ops, dtype)
@@ -167,6 +182,16 @@ class TransformerLayer(nn.Module):
                 out = F.dropout(out, p=p, training=True)
         return residual + out
 
+    def _norm_then(self, norm, x, block, *args):
+        """block(norm(x), *args); with selective "layernorm" recompute the norm's output is freed
+        after the block's forward and recomputed when the backward reaches the block's output."""
+        normed = norm(x)
+        out = block(normed, *args)
+        if self.recompute_norms:
+            discard_until_backward(normed, out[0], lambda: norm(x))
+        return out
+
     def forward(self, x, rotary=None, attention_mask=None):
-        x = self._bias_dropout_add(self.self_attention(self.input_layernorm(x), rotary, attention_mask), x)
-        return self._bias_dropout_add(self.mlp(self.pre_mlp_layernorm(x)), x)
+        x = self._bias_dropout_add(self._norm_then(self.input_layernorm, x, self.self_attention, rotary,
+                                                   attention_mask), x)
+        return self._bias_dropout_add(self._norm_then(self.pre_mlp_layernorm, x, self.mlp), x)

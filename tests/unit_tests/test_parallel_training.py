@@ -4,7 +4,8 @@ Each layout trains the same tiny model on the same mock data for 5 iterations (f
 dropout) and must match the single-process run's per-iteration losses and its parameters
 after the last step to a relative 1e-5. GPT-2 style (tied embeddings, learned positions,
 biases) and Llama style (RMSNorm, SwiGLU, RoPE, GQA, untied, no biases) both run, with and
-without the distributed optimizer and sequence parallelism.
+without the distributed optimizer and sequence parallelism; the two TP=2 layouts also recompute
+the norms' and the MLP activation's outputs (--recompute-granularity selective).
 
 Adam's epsilon is 1e-6 rather than 1e-8: the gradient of the key bias is mathematically zero
 (softmax ignores a per-query constant), so what the runs compute there is rounding noise, and
@@ -67,8 +68,11 @@ def _baseline(arch):
 
 LAYOUTS = [
     # (id, world size, arch, flags)
-    ("tp2", 2, "llama", ["--tensor-model-parallel-size", "2"]),
-    ("tp2-sp", 2, "gpt2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    ("tp2-recompute", 2, "llama", ["--tensor-model-parallel-size", "2", "--recompute-granularity", "selective",
+                                   "--recompute-modules", "layernorm", "mlp_act"]),
+    ("tp2-sp-recompute", 2, "gpt2", ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                     "--recompute-granularity", "selective", "--recompute-modules", "layernorm",
+                                     "mlp_act"]),
     ("pp2", 2, "gpt2", ["--pipeline-model-parallel-size", "2"]),
     ("dp2", 2, "llama", []),
     ("dp2-distopt", 2, "gpt2", ["--use-distributed-optimizer"]),

@@ -1,0 +1,73 @@
+"""--recompute-granularity selective: the same numbers as no recomputation, with the discarded
+outputs' memory freed until the backward needs it; its flag errors."""
+
+import pytest
+import torch
+
+from megatron_lite.arguments import ConfigError, parse_args
+from megatron_lite.initialize import build_run, setup_parallel
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--micro-batch-size", "2", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "63",
+        "--train-iters", "1", "--hidden-dropout", "0", "--attention-dropout", "0"]
+ARCH = {
+    "gpt2": [],
+    "llama": ["--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+              "--disable-bias-linear", "--untie-embeddings-and-output-weights"],
+}
+SELECTIVE = ["--recompute-granularity", "selective", "--recompute-modules"]
+
+
+def _forward_backward(argv):
+    """(loss, parameter gradients, bytes held by the tensors the backward keeps, model config)
+    for one batch; the bytes are counted after the forward, when the discarded outputs are freed."""
+    cfg = parse_args(argv)
+    run = build_run(cfg, setup_parallel(cfg))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 63, (2, 16), generator=gen)
+    positions = torch.arange(16).expand(2, 16)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run.module(tokens, positions, labels=tokens.roll(-1, 1)).mean()
+    held = sum(s.nbytes() for s in saved.values())
+    loss.backward()
+    grads = {n: p.main_grad.clone() if getattr(p, "main_grad", None) is not None else p.grad.clone()
+             for n, p in run.module.named_parameters()}
+    return loss.item(), grads, held, run.cfg.model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_selective_recompute_same_numbers_less_memory(arch):
+    loss, grads, held, m = _forward_backward(TINY + ARCH[arch])
+    tokens, bytes_per = 2 * 16, 4   # fp32
+    freed = {"layernorm": m.num_layers * 2 * tokens * m.hidden_size * bytes_per,
+             "mlp_act": m.num_layers * tokens * m.ffn_size * bytes_per}
+    for modules in (["layernorm"], ["mlp_act"], ["layernorm", "mlp_act"]):
+        r_loss, r_grads, r_held, _ = _forward_backward(TINY + ARCH[arch] + SELECTIVE + modules)
+        assert r_loss == loss
+        assert r_grads.keys() == grads.keys()
+        for name in grads:
+            assert torch.equal(r_grads[name], grads[name]), (modules, name)
+        assert held - r_held == sum(freed[mod] for mod in modules), modules
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--recompute-modules", "layernorm"], "--recompute-modules needs --recompute-granularity selective"),
+    (SELECTIVE + ["core_attn"], "--recompute-modules takes layernorm mlp_act, not core_attn"),
+    (["--recompute-granularity", "selective"], "--recompute-modules takes layernorm mlp_act (none given)"),
+    (SELECTIVE + ["layernorm", "--recompute-activations"], "does not combine with --recompute-granularity"),
+])
+def test_recompute_flag_errors(extra, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        setup_parallel(parse_args(TINY + extra))
+
+
+def test_full_granularity_is_recompute_activations():
+    cfg = parse_args(TINY + ["--recompute-granularity", "full"])
+    setup_parallel(cfg)
+    assert cfg.model.recompute_activations
