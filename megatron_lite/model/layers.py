@@ -112,6 +112,9 @@ class SelfAttention(nn.Module):
         if rotary is not None:
             cos, sin = rotary
             q, k = self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
+            # attention keeps v for its backward; as a view it would keep the whole QKV output
+            # ((heads per group + 2) times its size) alive after q and k have been copied out
+            v = v.contiguous()
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))      # [b, heads, s, d]
         p = self.cfg.attention_dropout if self.training else 0.0
         # heads are split over TP ranks, so their dropout masks must differ: tracker fork

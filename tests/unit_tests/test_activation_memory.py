@@ -1,5 +1,6 @@
-"""--recompute-granularity selective: the same numbers as no recomputation, with the discarded
-outputs' memory freed until the backward needs it; its flag errors."""
+"""What the backward keeps: --recompute-granularity selective gives the same numbers as no
+recomputation with the discarded outputs' memory freed until the backward needs it (and its flag
+errors); attention with RoPE does not keep the fused QKV output alive."""
 
 import pytest
 import torch
@@ -19,36 +20,40 @@ SELECTIVE = ["--recompute-granularity", "selective", "--recompute-modules"]
 
 
 def _forward_backward(argv):
-    """(loss, parameter gradients, bytes held by the tensors the backward keeps, model config)
-    for one batch; the bytes are counted after the forward, when the discarded outputs are freed."""
+    """(loss, parameter gradients, bytes held by the tensors the backward keeps, model config, the
+    sizes of those tensors' storages) for one batch; parameters do not count, and the bytes are
+    counted after the forward, when the discarded outputs are freed."""
     cfg = parse_args(argv)
     run = build_run(cfg, setup_parallel(cfg))
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 63, (2, 16), generator=gen)
     positions = torch.arange(16).expand(2, 16)
+    params = {p.untyped_storage().data_ptr() for p in run.module.parameters()}
     saved = {}
 
     def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage()
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = run.module(tokens, positions, labels=tokens.roll(-1, 1)).mean()
     held = sum(s.nbytes() for s in saved.values())
+    sizes = sorted(s.nbytes() for s in saved.values())
     loss.backward()
     grads = {n: p.main_grad.clone() if getattr(p, "main_grad", None) is not None else p.grad.clone()
              for n, p in run.module.named_parameters()}
-    return loss.item(), grads, held, run.cfg.model
+    return loss.item(), grads, held, run.cfg.model, sizes
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_selective_recompute_same_numbers_less_memory(arch):
-    loss, grads, held, m = _forward_backward(TINY + ARCH[arch])
+    loss, grads, held, m, _ = _forward_backward(TINY + ARCH[arch])
     tokens, bytes_per = 2 * 16, 4   # fp32
     freed = {"layernorm": m.num_layers * 2 * tokens * m.hidden_size * bytes_per,
              "mlp_act": m.num_layers * tokens * m.ffn_size * bytes_per}
     for modules in (["layernorm"], ["mlp_act"], ["layernorm", "mlp_act"]):
-        r_loss, r_grads, r_held, _ = _forward_backward(TINY + ARCH[arch] + SELECTIVE + modules)
+        r_loss, r_grads, r_held, _, _ = _forward_backward(TINY + ARCH[arch] + SELECTIVE + modules)
         assert r_loss == loss
         assert r_grads.keys() == grads.keys()
         for name in grads:
@@ -71,3 +76,12 @@ def test_full_granularity_is_recompute_activations():
     cfg = parse_args(TINY + ["--recompute-granularity", "full"])
     setup_parallel(cfg)
     assert cfg.model.recompute_activations
+
+
+def test_rope_attention_keeps_v_not_the_qkv_output():
+    _, _, _, m, sizes = _forward_backward(TINY + ARCH["llama"])
+    tokens, bytes_per = 2 * 16, 4
+    qkv = tokens * (m.num_attention_heads + 2 * m.query_groups) * m.head_dim * bytes_per
+    v = tokens * m.query_groups * m.head_dim * bytes_per
+    assert qkv not in sizes
+    assert sizes.count(v) >= m.num_layers   # v itself (and k after RoPE: the same size)
