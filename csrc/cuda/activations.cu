@@ -3,7 +3,13 @@
 // Both are elementwise, read in 16-byte vectors when the feature count allows. The bias-GeLU
 // backward tiles the matrix: each thread owns one column vector and walks a slice of rows,
 // keeping its dbias share in registers, written as a partial row that reduce_column_partials sums.
+// The forwards have three launch variants (see kActFwdVariants); swiglu_fwd can write into the
+// caller's `out`.
+#include <ATen/MemoryOverlap.h>
+
 #include "common.cuh"
+// After common.cuh: this header uses c10's macros without including them.
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 
 namespace mlite {
 namespace {
@@ -23,6 +29,31 @@ __device__ __forceinline__ float gelu_grad(float z) {
   return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * kGeluK0 * (1.f + 3.f * kGeluK1 * z * z);
 }
 
+// Forward launch variants of SwiGLU and bias-GeLU:
+//   0: a grid-stride loop over 16 blocks per SM, 64-bit index math (a 64-bit division per vector);
+//   1: one vector per thread and as many blocks as that takes (the layout torch.compile
+//      generates), 32-bit indices split into (row, column) by a multiply-shift divider;
+//   2: as 1 with two vectors per thread, a block apart, both loaded before the math.
+// 1 and 2 need fewer than 2^31 vectors; larger inputs take 0.
+constexpr int kActFwdVariants = 3;
+using RowDivider = at::cuda::detail::IntDivider<unsigned int>;
+
+// Vectors per thread of a flat (variant 1 or 2) launch.
+inline int flat_vectors(int64_t variant) { return variant == 2 ? 2 : 1; }
+
+bool flat_launch(int64_t variant, int64_t n_vectors) {
+  TORCH_CHECK(variant >= 0 && variant < kActFwdVariants, "activation forward variant must be 0 (grid-stride "
+              "loop), 1 (one vector per thread) or 2 (two vectors per thread), got ", variant);
+  return variant > 0 && n_vectors < (int64_t{1} << 31);
+}
+
+// Index of the k-th of a flat thread's U vectors: vectors of one block are contiguous, so each
+// warp's loads cover consecutive 16-byte vectors.
+template <int U>
+__device__ __forceinline__ uint32_t flat_index(int k) {
+  return (blockIdx.x * static_cast<uint32_t>(U) + k) * blockDim.x + threadIdx.x;
+}
+
 int64_t elementwise_blocks(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, static_cast<int64_t>(sm_count()) * 16));
 }
@@ -40,6 +71,32 @@ __global__ void swiglu_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, in
 #pragma unroll
     for (int v = 0; v < VEC; ++v) out[v] = g[v] * sigmoid(g[v]) * u[v];
     store_floats<VEC>(y + r * f + j, out);
+  }
+}
+
+// Flat form of swiglu_fwd_kernel: n = rows * f / VEC vectors, per_row divides by f / VEC.
+template <typename T, int VEC, int U>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_fwd_flat_kernel(const T* __restrict__ x, T* __restrict__ y, uint32_t n, RowDivider per_row, int64_t f) {
+  float g[U][VEC], u[U][VEC];
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    const uint32_t i = flat_index<U>(k);
+    if (i < n) {
+      const int64_t xo = static_cast<int64_t>(i) * VEC + static_cast<int64_t>(per_row.divmod(i).div) * f;
+      load_floats<VEC>(x + xo, g[k]);
+      load_floats<VEC>(x + xo + f, u[k]);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    const uint32_t i = flat_index<U>(k);
+    if (i < n) {
+      float out[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) out[v] = g[k][v] * sigmoid(g[k][v]) * u[k][v];
+      store_floats<VEC>(y + static_cast<int64_t>(i) * VEC, out);
+    }
   }
 }
 
@@ -106,6 +163,37 @@ __global__ void bias_gelu_fwd_kernel(const T* __restrict__ x, const T* __restric
   }
 }
 
+// Flat form of bias_gelu_fwd_kernel: n = rows * cols / VEC vectors, per_row divides by cols / VEC.
+template <typename T, int VEC, int U>
+__global__ void __launch_bounds__(kThreads)
+    bias_gelu_fwd_flat_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, uint32_t n,
+                              RowDivider per_row) {
+  float z[U][VEC];
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    const uint32_t i = flat_index<U>(k);
+    if (i < n) {
+      load_floats<VEC>(x + static_cast<int64_t>(i) * VEC, z[k]);
+      if (bias != nullptr) {
+        float b[VEC];
+        load_floats<VEC>(bias + per_row.divmod(i).mod * VEC, b);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) z[k][v] += b[v];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    const uint32_t i = flat_index<U>(k);
+    if (i < n) {
+      float out[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) out[v] = gelu(z[k][v]);
+      store_floats<VEC>(y + static_cast<int64_t>(i) * VEC, out);
+    }
+  }
+}
+
 // block (32 column vectors, 8 rows); grid (column tiles, row groups). dbias_part [gridDim.y * 8, cols].
 template <typename T, int VEC>
 __global__ void bias_gelu_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ bias,
@@ -154,19 +242,41 @@ void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
 
 }  // namespace
 
-at::Tensor swiglu_fwd(const at::Tensor& x) {
+at::Tensor swiglu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& out, int64_t variant) {
   check_2d(x, "swiglu input");
   TORCH_CHECK(x.size(1) % 2 == 0, "swiglu input needs an even last dim [gate | up], got ", x.size(1));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), f = x.size(1) / 2;
-  auto y = at::empty({rows, f}, x.options());
+  if (out.has_value()) {
+    TORCH_CHECK(out->device() == x.device() && out->scalar_type() == x.scalar_type() && out->dim() == 2 &&
+                    out->size(0) == rows && out->size(1) == f && out->is_contiguous(),
+                "swiglu_fwd out must be a contiguous [", rows, ", ", f, "] ", x.scalar_type(), " tensor on ",
+                x.device(), " (the input's rows, half its features, its dtype and device), got ", out->sizes(), " ",
+                out->scalar_type(), " on ", out->device(), out->is_contiguous() ? "" : " (not contiguous)");
+    at::assert_no_overlap(*out, x);
+  }
+  auto y = out.has_value() ? *out : at::empty({rows, f}, x.options());
   if (y.numel() == 0) return y;
   auto stream = at::cuda::getCurrentCUDAStream();
   MLITE_DISPATCH_TYPES(x.scalar_type(), "swiglu_fwd", [&] {
     dispatch_vec<scalar_t>(vectorizable({&x, &y}, f), [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
-      swiglu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(rows * f / VEC), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, f);
+      const int64_t n = rows * f / VEC;
+      if (!flat_launch(variant, n)) {
+        swiglu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, f);
+        return;
+      }
+      const int u = flat_vectors(variant);
+      const auto blocks = static_cast<unsigned>((n + kThreads * u - 1) / (kThreads * u));
+      const RowDivider per_row(static_cast<unsigned>(f / VEC));
+      if (u == 1) {
+        swiglu_fwd_flat_kernel<scalar_t, VEC, 1><<<blocks, kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row, f);
+      } else {
+        swiglu_fwd_flat_kernel<scalar_t, VEC, 2><<<blocks, kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row, f);
+      }
     });
   });
   check_launch();
@@ -194,7 +304,7 @@ at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x) {
   return dx;
 }
 
-at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t variant) {
   check_2d(x, "bias-GeLU input");
   check_bias(bias, x);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -206,9 +316,23 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& b
   MLITE_DISPATCH_TYPES(x.scalar_type(), "bias_gelu_fwd", [&] {
     dispatch_vec<scalar_t>(vec, [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
-      bias_gelu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(rows * cols / VEC), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-          rows, cols);
+      const int64_t n = rows * cols / VEC;
+      const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+      if (!flat_launch(variant, n)) {
+        bias_gelu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), rows, cols);
+        return;
+      }
+      const int u = flat_vectors(variant);
+      const auto blocks = static_cast<unsigned>((n + kThreads * u - 1) / (kThreads * u));
+      const RowDivider per_row(static_cast<unsigned>(cols / VEC));
+      if (u == 1) {
+        bias_gelu_fwd_flat_kernel<scalar_t, VEC, 1><<<blocks, kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row);
+      } else {
+        bias_gelu_fwd_flat_kernel<scalar_t, VEC, 2><<<blocks, kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row);
+      }
     });
   });
   check_launch();

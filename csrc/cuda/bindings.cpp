@@ -8,13 +8,13 @@
 namespace mlite {
 
 std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& beta,
-                                 double eps, bool rms);
+                                 double eps, bool rms, const c10::optional<at::Tensor>& out);
 std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gamma,
                                  const c10::optional<at::Tensor>& mean, const at::Tensor& rstd, bool rms,
-                                 bool has_beta);
-at::Tensor swiglu_fwd(const at::Tensor& x);
+                                 bool has_beta, int64_t variant);
+at::Tensor swiglu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& out, int64_t variant);
 at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x);
-at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias);
+at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t variant);
 std::vector<at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at::Tensor& x,
                                       const c10::optional<at::Tensor>& bias);
 at::Tensor rotary(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, bool backward);
@@ -23,7 +23,8 @@ at::Tensor scaled_masked_softmax_bwd(const at::Tensor& dy, const at::Tensor& pro
                                      const c10::optional<at::Tensor>& mask, double scale);
 at::Tensor scaled_upper_triang_softmax_fwd(const at::Tensor& scores, double scale);
 at::Tensor scaled_upper_triang_softmax_bwd(const at::Tensor& dy, const at::Tensor& probs, double scale);
-at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start);
+at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
+                                   int64_t variant);
 at::Tensor vocab_parallel_xent_bwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
                                    const at::Tensor& lse, const at::Tensor& grad_loss);
 
@@ -31,13 +32,19 @@ at::Tensor vocab_parallel_xent_bwd(const at::Tensor& logits, const at::Tensor& t
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megatron_lite fused CUDA kernels (float32 accumulation; fp32/fp16/bf16 storage)";
+  // `variant` picks one of a kernel's launch designs (each documented at its kernel); 0 is the
+  // default. `out`, when given, receives the result instead of a new tensor.
   m.def("norm_fwd", &mlite::norm_fwd, "RMSNorm/LayerNorm forward -> (y, mean or None, rstd)", py::arg("x"),
-        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"), py::kw_only(),
+        py::arg("out") = py::none());
   m.def("norm_bwd", &mlite::norm_bwd, "RMSNorm/LayerNorm backward -> (dx, dweight, dbias or None)", py::arg("dy"),
-        py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rms"), py::arg("has_bias"));
-  m.def("swiglu_fwd", &mlite::swiglu_fwd, "silu(gate) * up of x = [gate | up]", py::arg("x"));
+        py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rms"), py::arg("has_bias"),
+        py::kw_only(), py::arg("variant") = 0);
+  m.def("swiglu_fwd", &mlite::swiglu_fwd, "silu(gate) * up of x = [gate | up]", py::arg("x"), py::kw_only(),
+        py::arg("out") = py::none(), py::arg("variant") = 0);
   m.def("swiglu_bwd", &mlite::swiglu_bwd, "SwiGLU backward -> dx", py::arg("dy"), py::arg("x"));
-  m.def("bias_gelu_fwd", &mlite::bias_gelu_fwd, "gelu_tanh(x + bias)", py::arg("x"), py::arg("bias"));
+  m.def("bias_gelu_fwd", &mlite::bias_gelu_fwd, "gelu_tanh(x + bias)", py::arg("x"), py::arg("bias"), py::kw_only(),
+        py::arg("variant") = 0);
   m.def("bias_gelu_bwd", &mlite::bias_gelu_bwd, "bias-GeLU backward -> (dx, dbias or None)", py::arg("dy"),
         py::arg("x"), py::arg("bias"));
   m.def("rotary", &mlite::rotary, "rotary embedding (backward=True: transposed rotation)", py::arg("t"),
@@ -52,7 +59,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("probs"), py::arg("scale"));
   m.def("vocab_parallel_xent_fwd", &mlite::vocab_parallel_xent_fwd,
         "per-token [max, sum exp(x - max), target logit] of a vocab shard -> [3, tokens] float32",
-        py::arg("logits"), py::arg("target"), py::arg("vocab_start"));
+        py::arg("logits"), py::arg("target"), py::arg("vocab_start"), py::kw_only(), py::arg("variant") = 0);
   m.def("vocab_parallel_xent_bwd", &mlite::vocab_parallel_xent_bwd,
         "(exp(x - lse) - onehot(target)) * grad_loss", py::arg("logits"), py::arg("target"),
         py::arg("vocab_start"), py::arg("lse"), py::arg("grad_loss"));

@@ -90,26 +90,47 @@ struct MaxOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
-// Floats of shared memory row_reduce needs per block.
+// Floats of shared memory row_reduce needs per block (row_reduce_n: N times this).
 constexpr int kReduceSmemFloats = 32;
 
-// Reduce v over the blockDim.x threads that share this thread's row (threadIdx.y picks the row).
-// blockDim.x is a power of two; blockDim.x * blockDim.y is a multiple of 32 (whole warps), so a
-// row narrower than a warp is an aligned group of lanes. Every thread of the block must call it
-// (it synchronises when a row spans several warps). smem holds kReduceSmemFloats floats.
+// Reduce each of v[0..N) over the blockDim.x threads that share this thread's row (threadIdx.y
+// picks the row), in place. blockDim.x is a power of two; blockDim.x * blockDim.y is a multiple
+// of 32 (whole warps), so a row narrower than a warp is an aligned group of lanes. Every thread
+// of the block must call it. When a row spans several warps it goes through smem
+// (N * kReduceSmemFloats floats) behind one barrier: the caller guarantees that no thread still
+// reads an earlier reduction's result from the same smem, e.g. by alternating two buffers
+// between consecutive calls (the barrier of the call in between orders them).
+template <int N, typename Op>
+__device__ __forceinline__ void row_reduce_n(float (&v)[N], Op op, float* smem) {
+  const int width = blockDim.x < 32 ? blockDim.x : 32;
+  for (int off = width / 2; off > 0; off /= 2) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) v[n] = op(v[n], __shfl_xor_sync(0xffffffffu, v[n], off));
+  }
+  if (blockDim.x <= 32) return;
+  const int warps = blockDim.x / 32;
+  float* row_smem = smem + threadIdx.y * warps * N;
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) row_smem[(threadIdx.x / 32) * N + n] = v[n];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    float r = row_smem[n];
+    for (int w = 1; w < warps; ++w) r = op(r, row_smem[w * N + n]);
+    v[n] = r;
+  }
+}
+
+// One value, reusable smem (kReduceSmemFloats floats): a leading barrier lets an earlier
+// reduction finish reading it.
 template <typename Op>
 __device__ __forceinline__ float row_reduce(float v, Op op, float* smem) {
-  const int width = blockDim.x < 32 ? blockDim.x : 32;
-  for (int off = width / 2; off > 0; off /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
-  if (blockDim.x <= 32) return v;
-  const int warps = blockDim.x / 32;
-  float* row_smem = smem + threadIdx.y * warps;
-  __syncthreads();  // an earlier reduction may still be reading smem
-  if (threadIdx.x % 32 == 0) row_smem[threadIdx.x / 32] = v;
-  __syncthreads();
-  float r = row_smem[0];
-  for (int w = 1; w < warps; ++w) r = op(r, row_smem[w]);
-  return r;
+  float a[1] = {v};
+  if (blockDim.x > 32) __syncthreads();
+  row_reduce_n<1>(a, op, smem);
+  return a[0];
 }
 
 // Launch shape of a row kernel: rows of `cols` elements read in vectors of `vec`, each of the

@@ -16,13 +16,52 @@ constexpr int kXentFwdItems = 4;
 // Threads per row of the forward: 256 (not 512) so that an SM holds four row blocks and one
 // block's closing reductions leave three others streaming.
 constexpr int kXentFwdThreads = 256;
+// Forward variants: 0 reduces the row's max, then its rescaled sum, then the target logit (three
+// block reductions, six barriers); 1 merges (max, sum) pairs and the target logit in one
+// reduction (one barrier).
+constexpr int kXentFwdVariants = 2;
 
-template <typename T, int VEC>
+// (max, sum of exp(x - max)) of the union of two sets of logits; an empty set is (-inf, 0).
+__device__ __forceinline__ void merge_max_sum(float& m, float& s, float m2, float s2) {
+  const float nm = fmaxf(m, m2);
+  if (nm == -INFINITY) return;  // both empty
+  s = s * __expf(m - nm) + s2 * __expf(m2 - nm);
+  m = nm;
+}
+
+// Variant 1's closing reduction over the row's threads (the contract of row_reduce_n): every
+// thread gets the row's (max, sum, target logit). smem: 3 * kReduceSmemFloats floats.
+__device__ __forceinline__ void row_reduce_xent(float& m, float& s, float& picked, float* smem) {
+  const int width = blockDim.x < 32 ? blockDim.x : 32;
+  for (int off = width / 2; off > 0; off /= 2) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    picked += __shfl_xor_sync(0xffffffffu, picked, off);
+    merge_max_sum(m, s, m2, s2);
+  }
+  if (blockDim.x <= 32) return;
+  const int warps = blockDim.x / 32;
+  float* row_smem = smem + threadIdx.y * warps * 3;
+  if (threadIdx.x % 32 == 0) {
+    row_smem[(threadIdx.x / 32) * 3] = m;
+    row_smem[(threadIdx.x / 32) * 3 + 1] = s;
+    row_smem[(threadIdx.x / 32) * 3 + 2] = picked;
+  }
+  __syncthreads();
+  m = row_smem[0];
+  s = row_smem[1];
+  picked = row_smem[2];
+  for (int w = 1; w < warps; ++w) {
+    merge_max_sum(m, s, row_smem[3 * w], row_smem[3 * w + 1]);
+    picked += row_smem[3 * w + 2];
+  }
+}
+
+template <typename T, int VEC, bool FUSED_REDUCE>
 __global__ void __launch_bounds__(kXentFwdThreads)
     xent_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target, float* __restrict__ stats,
                     int64_t rows, int64_t vocab, int64_t vocab_start) {
   constexpr int U = kXentFwdItems;
-  __shared__ float smem[kReduceSmemFloats];
+  __shared__ float smem[3 * kReduceSmemFloats];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < rows;
   const int64_t t = valid ? target[row] - vocab_start : -1;  // index in this shard, or outside [0, vocab)
@@ -68,13 +107,17 @@ __global__ void __launch_bounds__(kXentFwdThreads)
       m = nm;
     }
   }
-  const float row_max = row_reduce(m, MaxOp{}, smem);
-  s = (m == -INFINITY) ? 0.f : s * __expf(m - row_max);
-  const float row_sum = row_reduce(s, SumOp{}, smem);
-  picked = row_reduce(picked, SumOp{}, smem);
+  if constexpr (FUSED_REDUCE) {
+    row_reduce_xent(m, s, picked, smem);
+  } else {
+    const float row_max = row_reduce(m, MaxOp{}, smem);
+    s = row_reduce((m == -INFINITY) ? 0.f : s * __expf(m - row_max), SumOp{}, smem);
+    m = row_max;
+    picked = row_reduce(picked, SumOp{}, smem);
+  }
   if (valid && threadIdx.x == 0) {
-    stats[row] = row_max;
-    stats[rows + row] = row_sum;
+    stats[row] = m;
+    stats[rows + row] = s;
     stats[2 * rows + row] = picked;
   }
 }
@@ -116,8 +159,11 @@ void check_xent_inputs(const at::Tensor& logits, const at::Tensor& target) {
 
 // stats [3, tokens] float32: per-token max, sum of exp(x - max), and the target's logit (0 when
 // the target id is outside [vocab_start, vocab_start + vocab)).
-at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start) {
+at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
+                                   int64_t variant) {
   check_xent_inputs(logits, target);
+  TORCH_CHECK(variant >= 0 && variant < kXentFwdVariants, "cross-entropy forward variant must be 0 (three "
+              "reductions) or 1 (one merged reduction), got ", variant);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab > 0, "cross-entropy logits have an empty vocabulary dim");
@@ -131,8 +177,15 @@ at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& t
       constexpr int VEC = decltype(vc)::value;
       const dim3 block = xent_block(vocab, VEC, kXentFwdThreads);
       const dim3 grid(static_cast<unsigned>((rows + block.y - 1) / block.y));
-      xent_fwd_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), stats.data_ptr<float>(), rows, vocab, vocab_start);
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, block, 0, stream>>>(logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(),
+                                           stats.data_ptr<float>(), rows, vocab, vocab_start);
+      };
+      if (variant == 1) {
+        launch(xent_fwd_kernel<scalar_t, VEC, true>);
+      } else {
+        launch(xent_fwd_kernel<scalar_t, VEC, false>);
+      }
     });
   });
   check_launch();

@@ -1,27 +1,38 @@
 // RMSNorm and LayerNorm backward.
 //
-// A persistent grid: each thread group walks rows, writes dx, and keeps its share of dgamma and
-// dbeta in registers, written once as a partial row; reduce_column_partials then sums the
-// partial rows (deterministic, no atomics).
+// A persistent grid (one resident wave): each thread group walks rows, one or two per step, writes
+// dx, and keeps its share of dgamma and dbeta in registers, written once as a partial row;
+// reduce_column_partials then sums the partial rows (deterministic, no atomics).
 #include "norm.cuh"
 
 namespace mlite {
 namespace {
 
+// Rows each thread group takes per step, by variant: 0 -> one, 1 -> two. With two, the x and dy
+// loads of both rows are issued before any math (twice the bytes in flight per thread), and the
+// rows' sums share one block reduction (one barrier per two rows instead of one per row). Two rows
+// only where a thread holds two 16-byte vectors of a row (16-bit rows up to 8192, fp32 up to
+// 4096); with four, or sixteen single elements, ptxas spills at 128 registers, so those rows
+// take one per step in either variant.
+constexpr int kNormBwdVariants = 2;
+
 // dx = rstd * (dy*g - mean(dy*g) - xhat * mean(dy*g * xhat)); RMSNorm drops the mean(dy*g) term.
 // RMS and BETA are compile-time so that RMSNorm and bias-free LayerNorm carry neither the mean
-// nor the dbeta accumulators in registers. The weight is re-read per row (an L1 hit) rather than
-// held across rows: holding it costs 8-16 registers and pushed the kernel into spills.
-template <typename T, typename W, int VEC, int K, bool RMS, bool BETA>
+// nor the dbeta accumulators in registers. The weight is re-read per step (an L1 hit) rather
+// than held across steps: holding it costs 8-16 registers and pushed the kernel into spills.
+// Group g takes rows (it * R + j) * groups + g, so neighbouring groups read neighbouring rows.
+template <typename T, typename W, int VEC, int K, int R, bool RMS, bool BETA>
 __global__ void __launch_bounds__(kRowThreads)
     norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ gamma,
                     const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
                     T* __restrict__ dx, float* __restrict__ dgamma_part, float* __restrict__ dbeta_part,
                     int64_t rows, int cols) {
-  __shared__ float smem[kReduceSmemFloats];
+  constexpr int S = RMS ? 1 : 2;  // sums per row: dy*g*xhat, and dy*g for LayerNorm
+  __shared__ float smem[2][R * S * kReduceSmemFloats];  // alternated between steps: one barrier each
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  const int64_t iters = (rows + groups - 1) / groups;  // the same for every thread: reductions synchronise
+  // The same for every thread: the reductions synchronise the block.
+  const int64_t iters = (rows + groups * R - 1) / (groups * R);
   constexpr int KB = BETA ? K : 1;  // dbeta accumulators only when there is a beta
   float acc_g[K][VEC], acc_b[KB][VEC];
 #pragma unroll
@@ -35,53 +46,72 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int i = 0; i < VEC; ++i) acc_b[k][i] = 0.f;
   }
   for (int64_t it = 0; it < iters; ++it) {
-    const int64_t row = it * groups + group;
-    const bool valid = row < rows;
-    const float mean = (!RMS && valid) ? mean_in[row] : 0.f;
-    const float rstd = valid ? rstd_in[row] : 0.f;
-    Pack<T, VEC> xp[K], dyp[K];
+    int64_t row[R];
+    bool valid[R];
+    float mean[R], rstd[R];
+    Pack<T, VEC> xp[R][K], dyp[R][K];
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int c = (threadIdx.x + k * blockDim.x) * VEC;
-      if (valid && c < cols) {
-        xp[k] = *reinterpret_cast<const Pack<T, VEC>*>(x + row * cols + c);
-        dyp[k] = *reinterpret_cast<const Pack<T, VEC>*>(dy + row * cols + c);
-      }
-    }
-    float s_dyg = 0.f, s_dyg_xhat = 0.f;
+    for (int j = 0; j < R; ++j) {
+      row[j] = (it * R + j) * groups + group;
+      valid[j] = row[j] < rows;
+      mean[j] = (!RMS && valid[j]) ? mean_in[row[j]] : 0.f;
+      rstd[j] = valid[j] ? rstd_in[row[j]] : 0.f;
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int c = (threadIdx.x + k * blockDim.x) * VEC;
-      if (valid && c < cols) {
-        float g[VEC];
-        load_floats<VEC>(gamma + c, g);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          const float xhat = (static_cast<float>(xp[k].v[i]) - mean) * rstd;
-          const float d = static_cast<float>(dyp[k].v[i]);
-          const float dg = d * g[i];
-          s_dyg += dg;
-          s_dyg_xhat += dg * xhat;
-          acc_g[k][i] += d * xhat;
-          if constexpr (BETA) acc_b[k][i] += d;
+      for (int k = 0; k < K; ++k) {
+        const int c = (threadIdx.x + k * blockDim.x) * VEC;
+        if (valid[j] && c < cols) {
+          xp[j][k] = *reinterpret_cast<const Pack<T, VEC>*>(x + row[j] * cols + c);
+          dyp[j][k] = *reinterpret_cast<const Pack<T, VEC>*>(dy + row[j] * cols + c);
         }
       }
     }
-    const float mean_dyg = RMS ? 0.f : row_reduce(s_dyg, SumOp{}, smem) / cols;
-    const float mean_dyg_xhat = row_reduce(s_dyg_xhat, SumOp{}, smem) / cols;
-    if (!valid) continue;
+    float sums[R * S];  // row j: [j * S] sum(dy*g*xhat), [j * S + 1] sum(dy*g)
+#pragma unroll
+    for (int n = 0; n < R * S; ++n) sums[n] = 0.f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int c = (threadIdx.x + k * blockDim.x) * VEC;
-      if (c < cols) {
-        float g[VEC], out[VEC];
-        load_floats<VEC>(gamma + c, g);
+      if (c >= cols) continue;
+      float g[VEC];
+      load_floats<VEC>(gamma + c, g);
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        if (!valid[j]) continue;
+        float xv[VEC], dv[VEC];
+        unpack_floats(xp[j][k], xv);
+        unpack_floats(dyp[j][k], dv);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float xhat = (static_cast<float>(xp[k].v[i]) - mean) * rstd;
-          out[i] = rstd * (static_cast<float>(dyp[k].v[i]) * g[i] - mean_dyg - xhat * mean_dyg_xhat);
+          const float xhat = (xv[i] - mean[j]) * rstd[j];
+          const float dg = dv[i] * g[i];
+          sums[j * S] += dg * xhat;
+          if constexpr (!RMS) sums[j * S + 1] += dg;
+          acc_g[k][i] += dv[i] * xhat;
+          if constexpr (BETA) acc_b[k][i] += dv[i];
         }
-        store_floats<VEC>(dx + row * cols + c, out);
+      }
+    }
+    row_reduce_n<R * S>(sums, SumOp{}, smem[it & 1]);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = (threadIdx.x + k * blockDim.x) * VEC;
+      if (c >= cols) continue;
+      float g[VEC];
+      load_floats<VEC>(gamma + c, g);
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        if (!valid[j]) continue;
+        const float mean_dyg_xhat = sums[j * S] / cols;
+        const float mean_dyg = RMS ? 0.f : sums[j * S + 1] / cols;
+        float xv[VEC], dv[VEC], out[VEC];
+        unpack_floats(xp[j][k], xv);
+        unpack_floats(dyp[j][k], dv);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float xhat = (xv[i] - mean[j]) * rstd[j];
+          out[i] = rstd[j] * (dv[i] * g[i] - mean_dyg - xhat * mean_dyg_xhat);
+        }
+        store_floats<VEC>(dx + row[j] * cols + c, out);
       }
     }
   }
@@ -99,8 +129,10 @@ __global__ void __launch_bounds__(kRowThreads)
 
 std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gamma,
                                  const c10::optional<at::Tensor>& mean, const at::Tensor& rstd, bool rms,
-                                 bool has_beta) {
+                                 bool has_beta, int64_t variant) {
   check_norm_input(x, gamma);
+  TORCH_CHECK(variant >= 0 && variant < kNormBwdVariants, "norm_bwd variant must be 0 (one row per thread group "
+              "per step) or 1 (two rows per step), got ", variant);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(),
               "norm grad must be contiguous with the input's shape and dtype");
   TORCH_CHECK(!(rms && has_beta), "RMSNorm has no bias: call norm_bwd with has_bias=False when rms=True");
@@ -117,7 +149,6 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   }
   const RowShape s = norm_shape(x, gamma, c10::nullopt, false);
   const int threads = static_cast<int>(s.block.x * s.block.y);
-  const int64_t row_blocks = (rows + s.block.y - 1) / s.block.y;
   auto stream = at::cuda::getCurrentCUDAStream();
   MLITE_DISPATCH_TYPES(x.scalar_type(), "norm_bwd", [&] {
     using T = scalar_t;
@@ -125,6 +156,10 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
       using W = std::remove_pointer_t<decltype(wtag)>;
       dispatch_row<T>(s, [&](auto vc, auto kc) {
         constexpr int VEC = decltype(vc)::value, K = decltype(kc)::value;
+        constexpr bool kTwoRowsFit = VEC > 1 && K == 2;
+        const int rows_per_step = kTwoRowsFit && variant == 1 ? 2 : 1;
+        // Enough blocks that each group has rows_per_step rows, at most one resident wave.
+        const int64_t row_blocks = (rows + s.block.y * rows_per_step - 1) / (s.block.y * rows_per_step);
         auto launch = [&](auto kernel) {
           // One resident wave: as many blocks as the SMs hold at this kernel's register count.
           int per_sm = 0;
@@ -143,13 +178,23 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
           reduce_column_partials(dgamma_part, dgamma);
           if (has_beta) reduce_column_partials(dbeta_part, dbeta);
         };
-        if (rms) {
-          launch(norm_bwd_kernel<T, W, VEC, K, true, false>);
-        } else if (has_beta) {
-          launch(norm_bwd_kernel<T, W, VEC, K, false, true>);
-        } else {
-          launch(norm_bwd_kernel<T, W, VEC, K, false, false>);
+        auto pick = [&](auto rc) {
+          constexpr int R = decltype(rc)::value;
+          if (rms) {
+            launch(norm_bwd_kernel<T, W, VEC, K, R, true, false>);
+          } else if (has_beta) {
+            launch(norm_bwd_kernel<T, W, VEC, K, R, false, true>);
+          } else {
+            launch(norm_bwd_kernel<T, W, VEC, K, R, false, false>);
+          }
+        };
+        if constexpr (kTwoRowsFit) {
+          if (rows_per_step == 2) {
+            pick(std::integral_constant<int, 2>{});
+            return;
+          }
         }
+        pick(std::integral_constant<int, 1>{});
       });
     });
   });

@@ -2,7 +2,9 @@
 //
 // One thread group per row holds the row in registers (k vectors per thread), reduces mean and
 // variance in float32 (two passes over the registers, not sum-of-squares), and writes y plus the
-// per-row mean and 1/std that the backward needs.
+// per-row mean and 1/std that the backward needs. y goes to a new tensor or to the caller's `out`.
+#include <ATen/MemoryOverlap.h>
+
 #include "norm.cuh"
 
 namespace mlite {
@@ -70,11 +72,19 @@ __global__ void __launch_bounds__(kRowThreads)
 }  // namespace
 
 std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& beta,
-                                 double eps, bool rms) {
+                                 double eps, bool rms, const c10::optional<at::Tensor>& out) {
   check_norm_input(x, gamma);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), cols = x.size(1);
-  auto y = at::empty_like(x);
+  if (out.has_value()) {
+    TORCH_CHECK(out->device() == x.device() && out->scalar_type() == x.scalar_type() && out->sizes() == x.sizes() &&
+                    out->is_contiguous(),
+                "norm_fwd out must be a contiguous ", x.sizes(), " ", x.scalar_type(), " tensor on ", x.device(),
+                " (the input's shape, dtype and device), got ", out->sizes(), " ", out->scalar_type(), " on ",
+                out->device(), out->is_contiguous() ? "" : " (not contiguous)");
+    at::assert_no_overlap(*out, x);  // the kernel reads x through a read-only (__restrict__) path
+  }
+  auto y = out.has_value() ? *out : at::empty_like(x);
   auto stats = x.options().dtype(at::kFloat);
   auto rstd = at::empty({rows}, stats);
   auto mean = rms ? at::Tensor() : at::empty({rows}, stats);

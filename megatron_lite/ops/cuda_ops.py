@@ -3,6 +3,10 @@
 Each op reshapes to the 2-D / 4-D layout its kernel takes and wraps forward and backward in an
 autograd.Function. Inputs a kernel does not take (a dtype mix it was not built for, a row
 longer than its register budget) go to the torch form of the same op.
+
+Some kernels have several launch designs, picked by an integer `variant` (each documented at its
+kernel in csrc/cuda); CudaOps uses DEFAULT_VARIANTS unless given others, so that one benchmark
+run can time every design (bench/kernels.py) and the faster becomes the default here.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from megatron_lite.ops.cuda_build import load_extension
 # Longest row the row kernels (norms, softmax) take: 512 threads x 4 vectors of 16 bytes when
 # the row is 16-byte aligned, 512 x 16 elements otherwise (csrc/cuda/common.cuh, row_shape).
 ROW_THREADS = 512
+
+# Kernel launch variant per entry point that has several, and how many it has.
+DEFAULT_VARIANTS = {"norm_bwd": 0, "swiglu_fwd": 0, "bias_gelu_fwd": 0, "xent_fwd": 0}
+VARIANT_COUNTS = {"norm_bwd": 2, "swiglu_fwd": 3, "bias_gelu_fwd": 3, "xent_fwd": 2}
 
 
 def row_fits(cols: int, *tensors: torch.Tensor, mask: Optional[torch.Tensor] = None) -> bool:
@@ -39,49 +47,50 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 class _Norm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ext, x, weight, bias, eps, rms):
+    def forward(ctx, ext, x, weight, bias, eps, rms, bwd_variant):
         x2 = as_rows(x)
         y, mean, rstd = ext.norm_fwd(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps, rms)
-        ctx.ext, ctx.rms, ctx.has_bias = ext, rms, bias is not None
+        ctx.ext, ctx.rms, ctx.has_bias, ctx.bwd_variant = ext, rms, bias is not None, bwd_variant
         ctx.save_for_backward(x2, weight, mean, rstd)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = ctx.ext.norm_bwd(as_rows(dy), x2, weight.contiguous(), mean, rstd, ctx.rms, ctx.has_bias)
-        return None, dx.view(dy.shape), dweight, dbias, None, None
+        dx, dweight, dbias = ctx.ext.norm_bwd(as_rows(dy), x2, weight.contiguous(), mean, rstd, ctx.rms, ctx.has_bias,
+                                              variant=ctx.bwd_variant)
+        return None, dx.view(dy.shape), dweight, dbias, None, None, None
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ext, x):
+    def forward(ctx, ext, x, fwd_variant):
         x2 = as_rows(x)
         ctx.ext = ext
         ctx.save_for_backward(x2)
-        return ext.swiglu_fwd(x2).view(*x.shape[:-1], x.shape[-1] // 2)
+        return ext.swiglu_fwd(x2, variant=fwd_variant).view(*x.shape[:-1], x.shape[-1] // 2)
 
     @staticmethod
     def backward(ctx, dy):
         (x2,) = ctx.saved_tensors
         dx = ctx.ext.swiglu_bwd(as_rows(dy), x2)
-        return None, dx.view(*dy.shape[:-1], dy.shape[-1] * 2)
+        return None, dx.view(*dy.shape[:-1], dy.shape[-1] * 2), None
 
 
 class _BiasGeLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ext, x, bias):
+    def forward(ctx, ext, x, bias, fwd_variant):
         x2 = as_rows(x)
         bias = None if bias is None else bias.contiguous()
         ctx.ext = ext
         ctx.save_for_backward(x2, bias)
-        return ext.bias_gelu_fwd(x2, bias).view(x.shape)
+        return ext.bias_gelu_fwd(x2, bias, variant=fwd_variant).view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, bias = ctx.saved_tensors
         dx, dbias = ctx.ext.bias_gelu_bwd(as_rows(dy), x2, bias)
-        return None, dx.view(dy.shape), dbias
+        return None, dx.view(dy.shape), dbias, None
 
 
 class _Rotary(torch.autograd.Function):
@@ -148,9 +157,9 @@ def merge_shard_stats(stats: torch.Tensor, group: Optional[dist.ProcessGroup]):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ext, logits, target, vocab_start, group):
+    def forward(ctx, ext, logits, target, vocab_start, group, fwd_variant):
         logits2, target1 = as_rows(logits), target.reshape(-1).long().contiguous()
-        stats = ext.vocab_parallel_xent_fwd(logits2, target1, vocab_start)
+        stats = ext.vocab_parallel_xent_fwd(logits2, target1, vocab_start, variant=fwd_variant)
         lse, target_logit = merge_shard_stats(stats, group)
         ctx.ext, ctx.vocab_start = ext, vocab_start
         ctx.save_for_backward(logits2, target1, lse)
@@ -161,21 +170,32 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits2, target1, lse = ctx.saved_tensors
         grad = ctx.ext.vocab_parallel_xent_bwd(logits2, target1, ctx.vocab_start, lse,
                                                grad_loss.reshape(-1).float().contiguous())
-        return None, grad.view(*grad_loss.shape, logits2.shape[-1]), None, None, None
+        return None, grad.view(*grad_loss.shape, logits2.shape[-1]), None, None, None, None
 
 
 class CudaOps:
-    """The ops on the compiled kernels; each falls back to torch_ops for inputs its kernel does not take."""
+    """The ops on the compiled kernels; each falls back to torch_ops for inputs its kernel does not take.
 
-    def __init__(self, ext):
+    `variants` overrides DEFAULT_VARIANTS for some entry points, e.g. {"norm_bwd": 1}.
+    """
+
+    def __init__(self, ext, variants: Optional[Dict[str, int]] = None):
         self.ext = ext
+        self.variants = dict(DEFAULT_VARIANTS)
+        for name, v in (variants or {}).items():
+            if name not in VARIANT_COUNTS:
+                raise ValueError(f"no kernel variants for {name!r}; the kernels with variants are "
+                                 f"{sorted(VARIANT_COUNTS)}")
+            if not 0 <= v < VARIANT_COUNTS[name]:
+                raise ValueError(f"{name} has variants 0..{VARIANT_COUNTS[name] - 1}, got {v}")
+            self.variants[name] = v
 
     def _norm(self, x, weight, bias, eps, rms):
         fallback = torch_ops.rms_norm if rms else torch_ops.layer_norm
         weight_ok = weight.dtype in (x.dtype, torch.float32) and (bias is None or bias.dtype == weight.dtype)
         if not weight_ok or x.dtype == torch.float64 or not row_fits(x.shape[-1], x, weight):
             return fallback(x, weight, eps) if rms else fallback(x, weight, bias, eps)
-        return _Norm.apply(self.ext, x, weight, bias, eps, rms)
+        return _Norm.apply(self.ext, x, weight, bias, eps, rms, self.variants["norm_bwd"])
 
     def rms_norm(self, x, weight, eps):
         return self._norm(x, weight, None, eps, True)
@@ -187,12 +207,12 @@ class CudaOps:
         torch_ops.check_swiglu_input(x)
         if x.dtype == torch.float64:
             return torch_ops.swiglu(x)
-        return _SwiGLU.apply(self.ext, x)
+        return _SwiGLU.apply(self.ext, x, self.variants["swiglu_fwd"])
 
     def bias_gelu(self, x, bias):
         if x.dtype == torch.float64 or (bias is not None and bias.dtype != x.dtype):
             return torch_ops.bias_gelu(x, bias)
-        return _BiasGeLU.apply(self.ext, x, bias)
+        return _BiasGeLU.apply(self.ext, x, bias, self.variants["bias_gelu_fwd"])
 
     def rotary(self, t, cos, sin):
         rot_dim = torch_ops.check_rotary_input(t, cos, sin)
@@ -222,7 +242,8 @@ class CudaOps:
         torch_ops.check_cross_entropy_input(logits, target)
         if logits.dtype == torch.float64:
             return torch_ops.vocab_parallel_cross_entropy(logits, target, vocab_start, tp_group)
-        return _VocabParallelCrossEntropy.apply(self.ext, logits, target, int(vocab_start), tp_group)
+        return _VocabParallelCrossEntropy.apply(self.ext, logits, target, int(vocab_start), tp_group,
+                                                self.variants["xent_fwd"])
 
     def as_dict(self) -> Dict[str, object]:
         return {op: getattr(self, op) for op in torch_ops.TORCH_OPS}

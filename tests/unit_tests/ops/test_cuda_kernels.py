@@ -1,5 +1,6 @@
 """megatron_lite's CUDA kernels against float64 references: forward and every gradient, over odd and
-realistic shapes (rows 1 to 65536, hidden 1000 to 8192), fp32/bf16/fp16.
+realistic shapes (rows 1 to 65536, hidden 1000 to 8192), fp32/bf16/fp16, and every launch variant
+of the kernels that have several (cuda_ops.VARIANT_COUNTS).
 
 Every allocation is NaN-filled while these tests run (torch's deterministic mode fills
 uninitialised memory, the kernels' outputs and workspaces included), so an element a kernel
@@ -48,6 +49,12 @@ def poisoned_allocations():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
+def with_variant(ops, entry, variant):
+    """ops whose `entry` kernel runs launch variant `variant`."""
+    from megatron_lite.ops.cuda_ops import CudaOps
+    return CudaOps(ops.ext, {entry: variant})
+
+
 def randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     return (scale * torch.randn(*shape, generator=g, device=DEVICE)).to(dtype)
@@ -58,22 +65,30 @@ def test_allocations_are_poisoned():
     assert torch.empty(1000, device=DEVICE, dtype=torch.bfloat16).isnan().all()
 
 
+NORM_BWD_VARIANTS = pytest.mark.parametrize("variant", [0, 1], ids=["bwd-v0", "bwd-v1"])
+ACT_FWD_VARIANTS = pytest.mark.parametrize("variant", [0, 1, 2], ids=["fwd-v0", "fwd-v1", "fwd-v2"])
+
+
+@NORM_BWD_VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROW_SHAPES, ids=shape_id)
-def test_rms_norm_kernel(ops, shape, dtype):
+def test_rms_norm_kernel(ops, shape, dtype, variant):
     rows, hidden = shape
     x, w = randn(rows, hidden, dtype=dtype), (1 + randn(hidden, seed=1, scale=0.1)).to(dtype)
-    ref.assert_within(ref.compare(ops.rms_norm, ref.rms_norm, [x, w, 1e-5], dtype), dtype)
+    impl = with_variant(ops, "norm_bwd", variant).rms_norm
+    ref.assert_within(ref.compare(impl, ref.rms_norm, [x, w, 1e-5], dtype), dtype)
 
 
+@NORM_BWD_VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROW_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_layer_norm_kernel(ops, shape, dtype, with_bias):
+def test_layer_norm_kernel(ops, shape, dtype, with_bias, variant):
     rows, hidden = shape
     x, w = randn(rows, hidden, dtype=dtype, scale=2.0) + 0.5, (1 + randn(hidden, seed=1, scale=0.1)).to(dtype)
     b = randn(hidden, dtype=dtype, seed=2) if with_bias else None
-    ref.assert_within(ref.compare(ops.layer_norm, ref.layer_norm, [x, w, b, 1e-5], dtype), dtype)
+    impl = with_variant(ops, "norm_bwd", variant).layer_norm
+    ref.assert_within(ref.compare(impl, ref.layer_norm, [x, w, b, 1e-5], dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype, hidden", [(torch.bfloat16, 16384), (torch.float32, 8192), (torch.float16, 8191)],
@@ -89,34 +104,88 @@ def test_the_longest_rows_the_row_kernels_take(ops, dtype, hidden):
                                   [x.view(1, 1, 7, hidden), None, 0.5], dtype), dtype)
 
 
+@NORM_BWD_VARIANTS
 @pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
-def test_norm_kernels_take_float32_weights_with_bf16_input(ops, norm):
+def test_norm_kernels_take_float32_weights_with_bf16_input(ops, norm, variant):
     x, w, b = randn(4096, 4096, dtype=torch.bfloat16), 1 + randn(4096, seed=1, scale=0.1), randn(4096, seed=2)
-    impl, reference = getattr(ops, norm), getattr(ref, norm)
+    impl, reference = getattr(with_variant(ops, "norm_bwd", variant), norm), getattr(ref, norm)
     args = [x, w, 1e-5] if norm == "rms_norm" else [x, w, b, 1e-5]
     ref.assert_within(ref.compare(impl, reference, args, torch.bfloat16), torch.bfloat16)
 
 
+@ACT_FWD_VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROW_SHAPES, ids=shape_id)
-def test_swiglu_kernel(ops, shape, dtype):
+def test_swiglu_kernel(ops, shape, dtype, variant):
     rows, ffn = shape
-    ref.assert_within(ref.compare(ops.swiglu, ref.swiglu, [randn(rows, 2 * ffn, dtype=dtype, scale=2.0)], dtype),
-                      dtype)
+    x = randn(rows, 2 * ffn, dtype=dtype, scale=2.0)
+    ref.assert_within(ref.compare(with_variant(ops, "swiglu_fwd", variant).swiglu, ref.swiglu, [x], dtype), dtype)
+    # every variant evaluates the same expression per element: bitwise the same result
+    assert torch.equal(ops.ext.swiglu_fwd(x, variant=variant), ops.ext.swiglu_fwd(x, variant=0))
 
 
+@ACT_FWD_VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROW_SHAPES, ids=shape_id)
-def test_bias_gelu_kernel(ops, shape, dtype):
+def test_bias_gelu_kernel(ops, shape, dtype, variant):
     rows, cols = shape
     x, b = randn(rows, cols, dtype=dtype, scale=2.0), randn(cols, dtype=dtype, seed=1)
-    ref.assert_within(ref.compare(ops.bias_gelu, ref.bias_gelu, [x, b], dtype), dtype)
+    ref.assert_within(ref.compare(with_variant(ops, "bias_gelu_fwd", variant).bias_gelu, ref.bias_gelu, [x, b],
+                                  dtype), dtype)
+    assert torch.equal(ops.ext.bias_gelu_fwd(x, b, variant=variant), ops.ext.bias_gelu_fwd(x, b, variant=0))
 
 
+@ACT_FWD_VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bias_gelu_kernel_without_bias(ops, dtype):
-    ref.assert_within(ref.compare(ops.bias_gelu, ref.bias_gelu, [randn(4096, 1000, dtype=dtype), None], dtype),
-                      dtype)
+def test_bias_gelu_kernel_without_bias(ops, dtype, variant):
+    ref.assert_within(ref.compare(with_variant(ops, "bias_gelu_fwd", variant).bias_gelu, ref.bias_gelu,
+                                  [randn(4096, 1000, dtype=dtype), None], dtype), dtype)
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_swiglu_and_norm_forward_write_into_out(ops, variant):
+    x = randn(7, 2 * 1000, dtype=torch.bfloat16)
+    out = torch.empty(7, 1000, dtype=torch.bfloat16, device=DEVICE)
+    assert ops.ext.swiglu_fwd(x, out=out, variant=variant).data_ptr() == out.data_ptr()
+    assert torch.equal(out, ops.ext.swiglu_fwd(x))
+    h, w, b = randn(7, 1000, dtype=torch.bfloat16), randn(1000, dtype=torch.bfloat16, seed=1), None
+    y = torch.empty_like(h)
+    got, mean, rstd = ops.ext.norm_fwd(h, w, b, 1e-5, True, out=y)
+    assert got.data_ptr() == y.data_ptr() and mean is None
+    assert torch.equal(y, ops.ext.norm_fwd(h, w, b, 1e-5, True)[0])
+
+
+def test_forward_out_of_the_wrong_shape_dtype_layout_or_overlapping_the_input_is_refused(ops):
+    x = randn(8, 2 * 64, dtype=torch.bfloat16)
+    for bad, what in [(torch.empty(8, 2 * 64, dtype=torch.bfloat16, device=DEVICE), "got \\[8, 128\\] BFloat16"),
+                      (torch.empty(8, 64, device=DEVICE), "got \\[8, 64\\] Float"),
+                      (torch.empty(64, 8, dtype=torch.bfloat16, device=DEVICE).t(), "\\(not contiguous\\)")]:
+        with pytest.raises(RuntimeError, match="swiglu_fwd out must be a contiguous \\[8, 64\\] BFloat16") as e:
+            ops.ext.swiglu_fwd(x, out=bad)
+        assert e.match(what)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        ops.ext.swiglu_fwd(x, out=x.view(-1)[:8 * 64].view(8, 64))
+    h, w = randn(8, 64, dtype=torch.bfloat16), randn(64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="norm_fwd out must be a contiguous"):
+        ops.ext.norm_fwd(h, w, None, 1e-5, True, out=torch.empty(8, 32, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(RuntimeError, match="single memory location"):
+        ops.ext.norm_fwd(h, w, None, 1e-5, True, out=h)
+
+
+def test_unknown_kernel_variants_are_refused(ops):
+    from megatron_lite.ops.cuda_ops import CudaOps
+
+    x = randn(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="norm_bwd variant must be 0 .* or 1"):
+        ops.ext.norm_bwd(x, x, x[0].contiguous(), None, torch.ones(8, device=DEVICE), True, False, variant=2)
+    with pytest.raises(RuntimeError, match="activation forward variant must be 0"):
+        ops.ext.swiglu_fwd(x, variant=3)
+    with pytest.raises(RuntimeError, match="cross-entropy forward variant must be 0"):
+        ops.ext.vocab_parallel_xent_fwd(x, torch.zeros(8, dtype=torch.long, device=DEVICE), 0, variant=-1)
+    with pytest.raises(ValueError, match="norm_bwd has variants 0..1, got 2"):
+        CudaOps(ops.ext, {"norm_bwd": 2})
+    with pytest.raises(ValueError, match="no kernel variants for 'rotary'"):
+        CudaOps(ops.ext, {"rotary": 1})
 
 
 def rope_tables(s, rot_dim):
@@ -197,23 +266,27 @@ def xent_problem(tokens, vocab, dtype, seed=0):
     return logits, target
 
 
+@pytest.mark.parametrize("variant", [0, 1], ids=["fwd-v0", "fwd-v1"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", XENT_SHAPES, ids=shape_id)
-def test_cross_entropy_kernel_single_shard(ops, shape, dtype):
+def test_cross_entropy_kernel_single_shard(ops, shape, dtype, variant):
     logits, target = xent_problem(*shape, dtype)
-    errors = ref.compare(lambda x: ops.vocab_parallel_cross_entropy(x, target, 0, None),
+    impl = with_variant(ops, "xent_fwd", variant)
+    errors = ref.compare(lambda x: impl.vocab_parallel_cross_entropy(x, target, 0, None),
                          lambda x: ref.cross_entropy(x, target), [logits], dtype, out_dtype=torch.float32)
     ref.assert_within(errors, dtype)
 
 
+@pytest.mark.parametrize("variant", [0, 1], ids=["fwd-v0", "fwd-v1"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cross_entropy_kernels_over_uneven_shards_merge_to_the_full_vocabulary(ops, dtype):
+def test_cross_entropy_kernels_over_uneven_shards_merge_to_the_full_vocabulary(ops, dtype, variant):
     from megatron_lite.ops.cuda_ops import combine_shard_stats
 
     logits, target = xent_problem(4096, 32000, dtype)
     logits2, target1 = logits.view(-1, 32000), target.view(-1)
     bounds = [(0, 12000), (12000, 12001), (12001, 32000)]
-    stats = [ops.ext.vocab_parallel_xent_fwd(logits2[:, a:b].contiguous(), target1, a) for a, b in bounds]
+    stats = [ops.ext.vocab_parallel_xent_fwd(logits2[:, a:b].contiguous(), target1, a, variant=variant)
+             for a, b in bounds]
     lse, target_logit = combine_shard_stats(torch.stack(stats))
     grad_loss = randn(4096, seed=5)
     grads = [ops.ext.vocab_parallel_xent_bwd(logits2[:, a:b].contiguous(), target1, a, lse, grad_loss)
