@@ -15,10 +15,22 @@ closing fsync then writes at disk speed, so the two times add up. Where O_DIRECT
 started at once (posix_fadvise DONTNEED) so that it overlaps the next chunks. Either way the
 file is fsynced before `write_segments` returns.
 
-Reads are the opposite: one stream front to back through the page cache, each chunk
-checksummed on a helper thread as the next one is read. That is torch.load's access pattern,
-which read at 1.41 GB/s on the GPU machine's virtual disk against 0.86 GB/s for
-`dd iflag=direct`; on the CI machine's disk, parallel and O_DIRECT reads did not beat it.
+Reads come in three strategies, chosen with the environment variable MEGATRON_LITE_CKPT_READ
+(and MEGATRON_LITE_CKPT_READ_THREADS, default IO_THREADS) or `read_strategy`:
+
+    direct      (default) IO_THREADS threads each take the next CHUNK_BYTES of the file and pread
+                them with O_DIRECT straight into their place in the destination, CRC-32 on the
+                same thread. Several large requests stay in flight, which is what a virtual disk
+                scales with (the writes above reach 1.4x dd's single stream on the GPU machine),
+                and no byte passes through the page cache. Buffered where the filesystem refuses
+                O_DIRECT (tmpfs, some network filesystems).
+    parallel    the same threads and chunks through the page cache.
+    sequential  one thread reads front to back through the page cache (torch.load's access
+                pattern, which the kernel's readahead streams), the chunks' CRC-32s on helper
+                threads.
+
+bench/checkpoint_io.py measures every strategy on the same shard, so the default can follow the
+disk.
 """
 
 from __future__ import annotations
@@ -27,8 +39,8 @@ import bisect
 import ctypes
 import errno
 import mmap
-import os
 import functools
+import os
 import queue
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -218,43 +230,125 @@ def combine_chunk_crcs(crcs: List[int], size: int, chunk_bytes: int) -> int:
     return total
 
 
-def read_file(path: str, *, keep: bool = True) -> Tuple[Optional[mmap.mmap], int, int]:
-    """(buffer, size, crc32) of the whole file at `path`, read once, front to back.
+READ_STRATEGY_ENV = "MEGATRON_LITE_CKPT_READ"
+READ_THREADS_ENV = "MEGATRON_LITE_CKPT_READ_THREADS"
+READ_STRATEGIES = ("direct", "parallel", "sequential")
 
-    One thread reads CHUNK_BYTES at a time in file order through the page cache, so that the
-    kernel's readahead (and a virtual disk's own) keeps the device streaming; each chunk's CRC-32
-    runs on IO_THREADS helper threads while the next chunk is read. With `keep` the file lands
-    in one anonymous mapping (the buffer); without, chunks cycle through IO_THREADS reused
-    buffers and only the checksum is kept (buffer None).
+
+@dataclass(frozen=True)
+class ReadStrategy:
+    """How `read_file` reads: `mode` one of READ_STRATEGIES, with `threads` readers (sequential: checksummers)."""
+    mode: str
+    threads: int
+
+
+def read_strategy(mode: Optional[str] = None, threads: Optional[int] = None) -> ReadStrategy:
+    """The strategy given, else the one the environment names, else direct with IO_THREADS threads."""
+    mode = mode or os.environ.get(READ_STRATEGY_ENV) or READ_STRATEGIES[0]
+    if mode not in READ_STRATEGIES:
+        raise ValueError(f"{READ_STRATEGY_ENV}={mode!r} is not a checkpoint read strategy; use one of "
+                         f"{', '.join(READ_STRATEGIES)}")
+    if threads is None:
+        text = os.environ.get(READ_THREADS_ENV) or str(IO_THREADS)
+        if not text.isdigit():
+            raise ValueError(f"{READ_THREADS_ENV}={text!r} is not a thread count; set a positive integer such as 8")
+        threads = int(text)
+    if threads < 1:
+        raise ValueError(f"checkpoint reads need at least one thread, got {threads}; set {READ_THREADS_ENV} to "
+                         f"a positive integer such as 8")
+    return ReadStrategy(mode, threads)
+
+
+def _open_for_reading(path: str, direct: bool) -> Tuple[int, bool]:
+    """(fd, direct): O_DIRECT when asked for and the filesystem takes an aligned read, else a buffered fd."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                os.preadv(fd, [memoryview(anonymous_buffer(ALIGN))], 0)
+                return fd, True
+            except OSError as e:
+                os.close(fd)
+                if e.errno != errno.EINVAL:
+                    raise
+    return os.open(path, os.O_RDONLY), False
+
+
+def _pread_exactly(fd: int, view: memoryview, offset: int, nbytes: int, direct: bool, path: str, size: int) -> None:
+    """Fill view[:nbytes] with the file's bytes at `offset`; with O_DIRECT every request is whole
+    ALIGN blocks (the view reaches to the next multiple of ALIGN), and only the end of the file
+    returns less."""
+    pos = 0
+    while pos < nbytes:
+        want = view[pos:_round_up(nbytes, ALIGN)] if direct else view[pos:nbytes]
+        n = os.preadv(fd, [want], offset + pos)
+        pos += n
+        if n == 0 or (pos < nbytes and direct and pos % ALIGN):
+            raise EOFError(f"{path} became shorter while it was read ({offset + min(pos, nbytes)} of {size} bytes); "
+                           f"something else is writing it")
+
+
+def read_file(path: str, *, keep: bool = True,
+              strategy: Optional[ReadStrategy] = None) -> Tuple[Optional[mmap.mmap], int, int]:
+    """(buffer, size, crc32) of the whole file at `path`, each byte read once (see the module docstring
+    for the strategies; `strategy` None: `read_strategy()`, from the environment).
+
+    With `keep` the file lands in one page-aligned anonymous mapping (the buffer); without,
+    chunks cycle through one reused buffer per thread and only the checksum is kept (buffer None).
     """
-    fd = os.open(path, os.O_RDONLY)
+    strategy = strategy or read_strategy()
+    fd, direct = _open_for_reading(path, strategy.mode == "direct")
     try:
         size = os.fstat(fd).st_size
-        chunk_bytes = CHUNK_BYTES
+        chunk_bytes = _round_up(CHUNK_BYTES, ALIGN)
         n_chunks = -(-size // chunk_bytes)
-        threads = max(1, min(IO_THREADS, n_chunks))
+        threads = max(1, min(strategy.threads, n_chunks))
         whole = anonymous_buffer(size) if keep else None
-        ring = [] if keep else [anonymous_buffer(chunk_bytes) for _ in range(threads)]
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        checksums = []
-        with ThreadPoolExecutor(threads, thread_name_prefix="checkpoint-checksum") as pool:
-            for k in range(n_chunks):
-                start, end = k * chunk_bytes, min((k + 1) * chunk_bytes, size)
-                if keep:
-                    view = memoryview(whole)[start:end]
-                else:
-                    if k >= threads:
-                        checksums[k - threads].result()   # that chunk's buffer is free again
-                    view = memoryview(ring[k % threads])[:end - start]
-                pos = 0
-                while pos < len(view):
-                    n = os.preadv(fd, [view[pos:]], start + pos)
-                    if n == 0:
-                        raise EOFError(f"{path} became shorter while it was read ({start + pos} of {size} bytes); "
-                                       f"something else is writing it")
-                    pos += n
-                checksums.append(pool.submit(zlib.crc32, view))
-            crcs = [c.result() for c in checksums]
+        free: "queue.SimpleQueue[mmap.mmap]" = queue.SimpleQueue()
+        for _ in range(0 if keep else threads):
+            free.put(anonymous_buffer(chunk_bytes))
+
+        def chunk_view(k: int) -> Tuple[memoryview, Optional[mmap.mmap]]:
+            """Where chunk k goes, and the reused buffer to give back after its checksum (None with keep)."""
+            if keep:
+                return memoryview(whole)[k * chunk_bytes:], None
+            buf = free.get()
+            return memoryview(buf), buf
+
+        def checksum(view: memoryview, nbytes: int, buf: Optional[mmap.mmap]) -> int:
+            try:
+                return zlib.crc32(view[:nbytes])
+            finally:
+                if buf is not None:
+                    free.put(buf)
+
+        def read_chunk(k: int) -> int:
+            start, end = k * chunk_bytes, min((k + 1) * chunk_bytes, size)
+            view, buf = chunk_view(k)
+            try:
+                _pread_exactly(fd, view, start, end - start, direct, path, size)
+            except BaseException:
+                if buf is not None:
+                    free.put(buf)
+                raise
+            return checksum(view, end - start, buf)
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="checkpoint-read") as pool:
+            if strategy.mode != "sequential":
+                crcs = list(pool.map(read_chunk, range(n_chunks)))
+            else:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                pending = []
+                for k in range(n_chunks):
+                    start, end = k * chunk_bytes, min((k + 1) * chunk_bytes, size)
+                    view, buf = chunk_view(k)
+                    _pread_exactly(fd, view, start, end - start, False, path, size)
+                    pending.append(pool.submit(checksum, view, end - start, buf))
+                crcs = [c.result() for c in pending]
     finally:
         os.close(fd)
     return whole, size, combine_chunk_crcs(crcs, size, chunk_bytes)
