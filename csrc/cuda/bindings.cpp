@@ -26,7 +26,7 @@ at::Tensor scaled_upper_triang_softmax_bwd(const at::Tensor& dy, const at::Tenso
 at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
                                    int64_t variant);
 at::Tensor vocab_parallel_xent_bwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
-                                   const at::Tensor& lse, const at::Tensor& grad_loss);
+                                   const at::Tensor& lse, const at::Tensor& grad_loss, bool inplace);
 
 }  // namespace mlite
 
@@ -61,6 +61,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "per-token [max, sum exp(x - max), target logit] of a vocab shard -> [3, tokens] float32",
         py::arg("logits"), py::arg("target"), py::arg("vocab_start"), py::kw_only(), py::arg("variant") = 0);
   m.def("vocab_parallel_xent_bwd", &mlite::vocab_parallel_xent_bwd,
-        "(exp(x - lse) - onehot(target)) * grad_loss", py::arg("logits"), py::arg("target"),
-        py::arg("vocab_start"), py::arg("lse"), py::arg("grad_loss"));
+        "(exp(x - lse) - onehot(target)) * grad_loss (inplace=True: written over logits)", py::arg("logits"),
+        py::arg("target"), py::arg("vocab_start"), py::arg("lse"), py::arg("grad_loss"), py::kw_only(),
+        py::arg("inplace") = false);
 }

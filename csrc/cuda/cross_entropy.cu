@@ -123,9 +123,10 @@ __global__ void __launch_bounds__(kXentFwdThreads)
 }
 
 template <typename T, int VEC>
-__global__ void xent_bwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target,
+// `grad` may be `logits` itself (in-place backward): each element is read, then written, by one thread.
+__global__ void xent_bwd_kernel(const T* logits, const int64_t* __restrict__ target,
                                 const float* __restrict__ lse, const float* __restrict__ grad_loss,
-                                T* __restrict__ grad, int64_t rows, int64_t vocab, int64_t vocab_start) {
+                                T* grad, int64_t rows, int64_t vocab, int64_t vocab_start) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   const int64_t t = target[row] - vocab_start;
@@ -192,8 +193,10 @@ at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& t
   return stats;
 }
 
+// With `inplace` the gradient is written over `logits` (which is returned): one logits-sized
+// buffer less at the loss's backward, where a training step's memory peaks.
 at::Tensor vocab_parallel_xent_bwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
-                                   const at::Tensor& lse, const at::Tensor& grad_loss) {
+                                   const at::Tensor& lse, const at::Tensor& grad_loss, bool inplace) {
   check_xent_inputs(logits, target);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   for (const at::Tensor* t : {&lse, &grad_loss}) {
@@ -202,7 +205,7 @@ at::Tensor vocab_parallel_xent_bwd(const at::Tensor& logits, const at::Tensor& t
                 "cross-entropy lse and grad_loss must be contiguous float32 [tokens] tensors");
   }
   const c10::cuda::CUDAGuard guard(logits.device());
-  auto grad = at::empty_like(logits);
+  auto grad = inplace ? logits : at::empty_like(logits);
   if (grad.numel() == 0) return grad;
   const int vec = kVecBytes / static_cast<int>(logits.element_size());
   const bool vectorize = aligned_rows(logits.data_ptr(), vocab, vocab, vec, logits.element_size());

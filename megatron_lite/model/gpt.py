@@ -159,9 +159,11 @@ class GPTModel(nn.Module):
         logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits
-        # the loss ops compute in fp32 from bf16/fp16 logits: no fp32 copy of the logits is made
+        # the loss ops compute in fp32 from bf16/fp16 logits: no fp32 copy of the logits is made;
+        # nothing reads the logits after the loss, so its backward may write their gradient over them
         loss = self.ops.vocab_parallel_cross_entropy(logits, labels.t(), self._vocab_start(),
-                                                     self.state.tp_group if self.state.tp_size > 1 else None)
+                                                     self.state.tp_group if self.state.tp_size > 1 else None,
+                                                     inplace_backward=True)
         return loss.t().contiguous()                               # [b, s]
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:

@@ -157,11 +157,11 @@ def merge_shard_stats(stats: torch.Tensor, group: Optional[dist.ProcessGroup]):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ext, logits, target, vocab_start, group, fwd_variant):
+    def forward(ctx, ext, logits, target, vocab_start, group, fwd_variant, inplace_backward):
         logits2, target1 = as_rows(logits), target.reshape(-1).long().contiguous()
         stats = ext.vocab_parallel_xent_fwd(logits2, target1, vocab_start, variant=fwd_variant)
         lse, target_logit = merge_shard_stats(stats, group)
-        ctx.ext, ctx.vocab_start = ext, vocab_start
+        ctx.ext, ctx.vocab_start, ctx.inplace = ext, vocab_start, inplace_backward
         ctx.save_for_backward(logits2, target1, lse)
         return (lse - target_logit).view(target.shape)
 
@@ -169,8 +169,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits2, target1, lse = ctx.saved_tensors
         grad = ctx.ext.vocab_parallel_xent_bwd(logits2, target1, ctx.vocab_start, lse,
-                                               grad_loss.reshape(-1).float().contiguous())
-        return None, grad.view(*grad_loss.shape, logits2.shape[-1]), None, None, None, None
+                                               grad_loss.reshape(-1).float().contiguous(), inplace=ctx.inplace)
+        return None, grad.view(*grad_loss.shape, logits2.shape[-1]), None, None, None, None, None
 
 
 class CudaOps:
@@ -238,12 +238,12 @@ class CudaOps:
         probs = _CausalSoftmax.apply(self.ext, scores.reshape(1, -1, sq, sq), float(scale))
         return probs.view(scores.shape)
 
-    def vocab_parallel_cross_entropy(self, logits, target, vocab_start, tp_group):
+    def vocab_parallel_cross_entropy(self, logits, target, vocab_start, tp_group, inplace_backward=False):
         torch_ops.check_cross_entropy_input(logits, target)
         if logits.dtype == torch.float64:
             return torch_ops.vocab_parallel_cross_entropy(logits, target, vocab_start, tp_group)
         return _VocabParallelCrossEntropy.apply(self.ext, logits, target, int(vocab_start), tp_group,
-                                                self.variants["xent_fwd"])
+                                                self.variants["xent_fwd"], inplace_backward)
 
     def as_dict(self) -> Dict[str, object]:
         return {op: getattr(self, op) for op in torch_ops.TORCH_OPS}

@@ -70,8 +70,9 @@ class FusedOps:
     def scaled_upper_triang_softmax(self, scores, scale: float):
         return self._impl("scaled_upper_triang_softmax", scores)(scores, scale)
 
-    def vocab_parallel_cross_entropy(self, logits, target, vocab_start: int, tp_group):
-        return self._impl("vocab_parallel_cross_entropy", logits)(logits, target, vocab_start, tp_group)
+    def vocab_parallel_cross_entropy(self, logits, target, vocab_start: int, tp_group, inplace_backward=False):
+        return self._impl("vocab_parallel_cross_entropy", logits)(logits, target, vocab_start, tp_group,
+                                                                  inplace_backward=inplace_backward)
 
 
 def _probe_inputs(op: str, device: torch.device) -> tuple:

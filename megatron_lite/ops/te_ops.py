@@ -37,7 +37,7 @@ def load(device: torch.device) -> Dict[str, object]:
         freqs = torch.atan2(sin.float(), cos.float())
         return apply_rotary_pos_emb(t, freqs, tensor_format="sbhd", fused=True)
 
-    def vocab_parallel_cross_entropy(logits, target, vocab_start, tp_group):
+    def vocab_parallel_cross_entropy(logits, target, vocab_start, tp_group, inplace_backward=False):
         torch_ops.check_cross_entropy_input(logits, target)
         tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
         if logits.dtype not in (torch.bfloat16, torch.float32) or vocab_start != tp_rank * logits.shape[-1]:

@@ -157,8 +157,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
-                                 tp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """Per-token loss [s, b] (float32) from this rank's vocab shard logits [s, b, v_local]."""
+                                 tp_group: Optional[dist.ProcessGroup], inplace_backward: bool = False) -> torch.Tensor:
+    """Per-token loss [s, b] (float32) from this rank's vocab shard logits [s, b, v_local].
+
+    `inplace_backward=True` allows a backend to write the logits' gradient over the logits (one
+    logits-sized buffer less; the caller must not read the logits after the backward, nor run
+    the backward twice). This torch form computes in fp32 and ignores it."""
     check_cross_entropy_input(logits, target)
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, tp_group)
 

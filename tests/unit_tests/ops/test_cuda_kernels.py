@@ -277,6 +277,21 @@ def test_cross_entropy_kernel_single_shard(ops, shape, dtype, variant):
     ref.assert_within(errors, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 999), (4096, 32000)], ids=shape_id)
+def test_cross_entropy_inplace_backward_writes_the_same_gradient_over_the_logits(ops, shape, dtype):
+    logits, target = xent_problem(*shape, dtype)
+    grad_loss = randn(shape[0], 1, seed=3)
+    grads = {}
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+        loss = ops.vocab_parallel_cross_entropy(x, target, 0, None, inplace_backward=inplace)
+        (grad,) = torch.autograd.grad(loss, x, grad_loss)
+        grads[inplace] = (grad, grad.data_ptr() == x.data_ptr())
+    assert torch.equal(grads[True][0], grads[False][0])
+    assert grads[True][1] and not grads[False][1]
+
+
 @pytest.mark.parametrize("variant", [0, 1], ids=["fwd-v0", "fwd-v1"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_kernels_over_uneven_shards_merge_to_the_full_vocabulary(ops, dtype, variant):
