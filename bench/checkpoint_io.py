@@ -16,9 +16,13 @@ the files read; the output says which, or "page cache not dropped").
                                      parallel, fsync, commit)
     megatron_lite decide_load + restore   the load of pretrain_gpt.py: choose the checkpoint, read
                                      and checksum this rank's shard once, then weights and
-                                     optimizer state into the GPU run
+                                     optimizer state into the GPU run (the note splits the time)
     megatron_lite load_file          the raw read: storage.load_file of the shard to CPU (read once
                                      with its checksum, tensors built on the read memory)
+    megatron_lite read_file MODE xN  fastio.read_file of the same shard with each read strategy
+                                     (MEGATRON_LITE_CKPT_READ=sequential|parallel|direct) and N
+                                     threads (--read-threads): the bytes and their CRC-32, nothing
+                                     else, so the fastest row names the default for this disk
     megatron_lite async save (1st, 2nd)   --async-save (AsyncSaver): "blocked" until save_checkpoint
                                      returns and training may go on, "committed" until finalize() has
                                      the checkpoint on disk; the first save also allocates the pinned
@@ -31,6 +35,7 @@ The measurements run in this order; with --budget-s those that would start after
 spent are reported as skipped.
 
     python bench/checkpoint_io.py [--dir PARENT] [--budget-s 270] [--page-cache drop|fadvise|keep]
+                                  [--read-threads 4,8,16]
     python bench/checkpoint_io.py --tiny        # 2-layer model on a CPU
     python bench/checkpoint_io.py --num-layers 1 --seq-length 256   # the reference width, ~2.5 GB of state
 
@@ -64,7 +69,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from bench.common import (REFERENCE, TINY, ModelDims, bench_device, build_megatron_lite_run, environment,  # noqa: E402
                           format_number, format_table, megatron_lite_flags, mock_batches, synchronize, write_json)
-from megatron_lite.checkpoint import layout  # noqa: E402
+from megatron_lite.checkpoint import fastio, layout  # noqa: E402
 from megatron_lite.checkpoint.async_save import AsyncSaver  # noqa: E402
 from megatron_lite.checkpoint.checkpointing import (decide_load, finish_async_save, restore,  # noqa: E402
                                                     save_checkpoint)
@@ -254,20 +259,33 @@ def measure_megatron_lite(results: Results, run, work: str, nbytes: int, cache: 
     results.measure("megatron_lite save_checkpoint", "write", nbytes, lambda: save_checkpoint(run))
     cfg.checkpoint.save, cfg.checkpoint.load = None, directory
 
-    def load_as_pretrain():
-        restore(run, decide_load(cfg, run.state))
+    def load_as_pretrain() -> str:
+        start = time.perf_counter()
+        decision = decide_load(cfg, run.state)
+        chosen = time.perf_counter()
+        restore(run, decision)
         synchronize(run.state.device)
+        return f"decide_load {chosen - start:.2f} s (reads and verifies the shard), " \
+               f"restore {time.perf_counter() - chosen:.2f} s"
 
     results.measure("megatron_lite decide_load + restore", "read", nbytes, load_as_pretrain, cache(directory))
     return directory
 
 
-def measure_load_file(results: Results, run, directory: str, nbytes: int, cache: Callable[[str], str]) -> None:
-    """The raw read of the shard that measure_megatron_lite saved; the directory is removed after."""
+def measure_load_file(results: Results, run, directory: str, nbytes: int, cache: Callable[[str], str],
+                      read_threads: List[int]) -> None:
+    """The raw read of the shard that measure_megatron_lite saved, by load_file and then by each read
+    strategy with each of `read_threads`; the directory is removed after."""
     if os.path.isdir(directory):
+        shard = layout.model_shard_path(0, 0)
         results.measure("megatron_lite load_file", "read", nbytes,
-                        lambda: load_file(directory, run.progress.iteration, layout.model_shard_path(0, 0)),
-                        cache(directory))
+                        lambda: load_file(directory, run.progress.iteration, shard), cache(directory))
+        path = os.path.join(layout.resolve_iteration_dir(directory, run.progress.iteration), shard)
+        strategies = ([fastio.ReadStrategy("sequential", fastio.IO_THREADS)] if read_threads else []) + [
+            fastio.ReadStrategy(mode, n) for mode in ("parallel", "direct") for n in read_threads]
+        for strategy in strategies:
+            results.measure(f"megatron_lite read_file {strategy.mode} x{strategy.threads}", "read", nbytes,
+                            lambda: fastio.read_file(path, strategy=strategy), cache(path))
     remove(directory)
 
 
@@ -343,7 +361,7 @@ def bench(args, work: str, results: Results, info: dict) -> None:
 
     measure_dd(results, work, nbytes, args.dd_bs_mib, cache)
     directory = measure_megatron_lite(results, run, work, nbytes, cache)
-    measure_load_file(results, run, directory, nbytes, cache)
+    measure_load_file(results, run, directory, nbytes, cache, args.read_threads)
     measure_async_saves(results, run, work, nbytes)
     measure_torch_and_dcp(results, training_state(run), work, nbytes, cache, device)
 
@@ -376,7 +394,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=None, help="fewer layers than the model's, for a smaller state")
     p.add_argument("--seq-length", type=int, default=None, help="a shorter sequence for the one training step")
     p.add_argument("--dd-bs-mib", type=int, default=None, help="dd block size in MiB (64; 1 with --tiny)")
+    p.add_argument("--read-threads", default=None,
+                   help="thread counts for the read_file rows of the parallel and direct strategies, e.g. 4,8,16 "
+                        "(the default; none with --tiny); an empty string leaves those rows out")
     args = p.parse_args(argv)
+    text = args.read_threads if args.read_threads is not None else ("" if args.tiny else "4,8,16")
+    try:
+        args.read_threads = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        p.error(f"--read-threads {text!r}: give thread counts separated by commas, e.g. 4,8,16")
+    if any(n < 1 for n in args.read_threads):
+        p.error(f"--read-threads {text!r}: thread counts must be positive")
     args.dd_bs_mib = args.dd_bs_mib or (1 if args.tiny else 64)
     return args
 
