@@ -36,6 +36,27 @@ def ops():
     return CudaOps(load_extension(DEVICE))
 
 
+@pytest.fixture(scope="module")
+def extension_errors_raise():
+    """Skip a test of the kernels' error messages where the torch build cannot raise them.
+
+    On some torch builds any C++ exception that leaves an extension function kills the process
+    (seen with torch 2.11+cu130: even a minimal torch.utils.cpp_extension module whose
+    TORCH_CHECK fails segfaults), so whether one raises is tried in a subprocess first."""
+    import subprocess
+    import sys
+
+    probe = ("import torch; from megatron_lite.ops.cuda_build import load_extension\n"
+             "ext = load_extension(torch.device('cuda'))\n"
+             "try:\n    ext.swiglu_fwd(torch.zeros(2, 3, device='cuda'))\n"
+             "except RuntimeError:\n    raise SystemExit(0)\nraise SystemExit(3)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    if done.returncode < 0:
+        pytest.skip(f"this torch build kills the process (signal {-done.returncode}) when an extension raises "
+                    f"a C++ exception, so the kernels' error messages cannot be checked here")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.fixture(autouse=True)
 def poisoned_allocations():
     """NaN-fill every new CUDA tensor (torch.empty in Python and at::empty in the kernels)."""
@@ -155,7 +176,7 @@ def test_swiglu_and_norm_forward_write_into_out(ops, variant):
     assert torch.equal(y, ops.ext.norm_fwd(h, w, b, 1e-5, True)[0])
 
 
-def test_forward_out_of_the_wrong_shape_dtype_layout_or_overlapping_the_input_is_refused(ops):
+def test_forward_out_of_the_wrong_shape_dtype_layout_or_overlapping_the_input_is_refused(ops, extension_errors_raise):
     x = randn(8, 2 * 64, dtype=torch.bfloat16)
     for bad, what in [(torch.empty(8, 2 * 64, dtype=torch.bfloat16, device=DEVICE), "got \\[8, 128\\] BFloat16"),
                       (torch.empty(8, 64, device=DEVICE), "got \\[8, 64\\] Float"),
@@ -172,7 +193,7 @@ def test_forward_out_of_the_wrong_shape_dtype_layout_or_overlapping_the_input_is
         ops.ext.norm_fwd(h, w, None, 1e-5, True, out=h)
 
 
-def test_unknown_kernel_variants_are_refused(ops):
+def test_unknown_kernel_variants_are_refused(ops, extension_errors_raise):
     from megatron_lite.ops.cuda_ops import CudaOps
 
     x = randn(8, 64, dtype=torch.bfloat16)
