@@ -23,8 +23,12 @@ from megatron_lite.ops.cuda_build import load_extension
 # the row is 16-byte aligned, 512 x 16 elements otherwise (csrc/cuda/common.cuh, row_shape).
 ROW_THREADS = 512
 
-# Kernel launch variant per entry point that has several, and how many it has.
-DEFAULT_VARIANTS = {"norm_bwd": 0, "swiglu_fwd": 0, "bias_gelu_fwd": 0, "xent_fwd": 0}
+# Kernel launch variant per entry point that has several, and how many it has. The defaults are
+# the faster of each in bench/kernels.py on an H100 (2026-11-22, GPU time by CUDA-graph replay):
+# norm backward two rows per step (LayerNorm fwd+bwd 0.133 vs 0.142 ms, RMSNorm equal), the flat
+# one-vector-per-thread SwiGLU / bias-GeLU forwards (0.180 vs 0.194, 0.124 vs 0.141 ms), and the
+# cross-entropy forward with three reductions (equal on the GPU, faster eagerly).
+DEFAULT_VARIANTS = {"norm_bwd": 1, "swiglu_fwd": 1, "bias_gelu_fwd": 1, "xent_fwd": 0}
 VARIANT_COUNTS = {"norm_bwd": 2, "swiglu_fwd": 3, "bias_gelu_fwd": 3, "xent_fwd": 2}
 
 
