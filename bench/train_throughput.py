@@ -25,7 +25,12 @@ candidate alone (the previous one is freed and the counter reset).
     python bench/train_throughput.py [--steps 20] [--warmup 5] [--only megatron_lite,torch_compile]
                                      [--compile-mode max-autotune-no-cudagraphs] [--clip-grad 1.0]
                                      [--megatron-lite-flags "--overlap-grad-reduce ..."]
+                                     [--megatron-lite-variant "LABEL=more flags" ...]
     python bench/train_throughput.py --tiny      # 2-layer model, a few steps, runs on a CPU
+
+Each --megatron-lite-variant adds a row megatron_lite[LABEL] (megatron_lite's flags plus its
+own), measured right after megatron_lite in the same process, with its own ratios table: a
+configuration compared with the baselines and with megatron_lite on the same GPU and clocks.
 
 Prints a table and the ratios megatron_lite / each baseline; writes train_throughput.json to
 $OUT when OUT is set. Exits 1 when megatron_lite or a plain-PyTorch candidate failed.
@@ -343,15 +348,21 @@ def measure(name: str, ctx: Context, flops_per_token: float, peak_flops: float) 
     return row
 
 
-def ratios(rows: List[dict]) -> Dict[str, dict]:
-    """megatron_lite / each baseline that ran: tokens/s and peak memory."""
+def ratios(rows: List[dict], ours_name: str = "megatron_lite") -> Dict[str, dict]:
+    """megatron_lite (or one of its variant rows) / each baseline that ran: tokens/s and peak memory."""
     by_name = {r["name"]: r for r in rows if r["status"] == "ok"}
-    ours = by_name.get("megatron_lite")
+    ours = by_name.get(ours_name)
     if ours is None:
         return {}
     return {name: {"tokens_per_s": ours["tokens_per_s"] / r["tokens_per_s"],
                    "peak_memory": ours["peak_memory_gib"] / r["peak_memory_gib"]}
-            for name, r in by_name.items() if name != "megatron_lite"}
+            for name, r in by_name.items() if not name.startswith("megatron_lite")}
+
+
+def variant_ratios(rows: List[dict]) -> Dict[str, Dict[str, dict]]:
+    """The ratios of each megatron_lite[LABEL] row, by row name."""
+    return {r["name"]: ratios(rows, r["name"]) for r in rows
+            if r["name"].startswith("megatron_lite[") and r["status"] == "ok"}
 
 
 def report(rows: List[dict], rel: Dict[str, dict]) -> str:
@@ -383,6 +394,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping for every candidate (0: off)")
     p.add_argument("--megatron-lite-flags", default="",
                    help="more pretrain_gpt.py flags for megatron_lite, e.g. '--no-fused-kernels --overlap-grad-reduce'")
+    p.add_argument("--megatron-lite-variant", action="append", default=[], metavar="LABEL=FLAGS",
+                   help="one more megatron_lite row, 'megatron_lite[LABEL]', with FLAGS added to megatron_lite's "
+                        "(repeatable), measured right after it in the same process, e.g. "
+                        "'recompute=--recompute-granularity selective --recompute-modules layernorm'")
     p.add_argument("--peak-size", type=int, default=None, help="n of the n^3 bf16 matmul peak (8192; 256 with --tiny)")
     args = p.parse_args(argv)
     chosen = [c.strip() for c in args.only.split(",") if c.strip()]
@@ -390,6 +405,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown or not chosen:
         p.error(f"--only {args.only!r}: unknown candidates {unknown}; choose from {', '.join(CANDIDATES)}")
     args.megatron_lite_flags = shlex.split(args.megatron_lite_flags)
+    variants = []
+    for spec in args.megatron_lite_variant:
+        label, sep, extra = spec.partition("=")
+        if not sep or not label.strip() or not extra.strip():
+            p.error(f"--megatron-lite-variant {spec!r}: give LABEL=FLAGS, e.g. 'bf16m=--exp-avg-dtype bf16'")
+        variants.append((label.strip(), shlex.split(extra)))
+    args.megatron_lite_variant = variants
     args.only = [c for c in CANDIDATES if c in chosen]   # fixed order: Megatron-Core's process group last
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 5)
@@ -422,16 +444,28 @@ def main(argv=None) -> int:
               "model_flops_per_token": flops_per_token, "peak_matmul_flops": peak, "peak_matmul_size": args.peak_size,
               "steps": args.steps, "warmup": args.warmup, "clip_grad": args.clip_grad,
               "compile_mode": args.compile_mode, "compile_backend": args.compile_backend, "megatron_lite_flags": flags}
-    rows = []
+    runs = []   # (row name, builder name, context)
     for name in args.only:
+        runs.append((name, name, ctx))
+        if name == "megatron_lite":
+            runs += [(f"megatron_lite[{label}]", name, dataclasses.replace(ctx, megatron_lite_flags=flags + extra))
+                     for label, extra in args.megatron_lite_variant]
+    header["megatron_lite_variants"] = {label: extra for label, extra in args.megatron_lite_variant}
+    rows = []
+    for name, builder, run_ctx in runs:
         print(f"--- {name}", flush=True)
-        rows.append(measure(name, ctx, flops_per_token, peak))
+        rows.append(dict(measure(builder, run_ctx, flops_per_token, peak), name=name))
         r = rows[-1]
         print(f"{name}: " + (f"{r['tokens_per_s']:.1f} tokens/s, peak {r['peak_memory_gib']:.2f} GiB"
                              if r["status"] == "ok" else f"{r['status']}: {r['reason']}"), flush=True)
         # after every candidate, so that a run stopped by a time limit keeps what it measured
-        path = write_json("train_throughput.json", {**header, "candidates": rows, "ratios": ratios(rows)})
+        path = write_json("train_throughput.json", {**header, "candidates": rows, "ratios": ratios(rows),
+                                                    "variant_ratios": variant_ratios(rows)})
     print("\n" + report(rows, ratios(rows)), flush=True)
+    for label, rel in variant_ratios(rows).items():
+        print("\n" + format_table([f"{label} vs", "tokens/s ratio", "peak memory ratio"],
+                                  [[n, f"{v['tokens_per_s']:.2f}x", f"{v['peak_memory']:.2f}x"]
+                                   for n, v in rel.items()]), flush=True)
     if path:
         print(f"wrote {path}")
     return 1 if any(r["status"] == "failed" for r in rows) else 0

@@ -50,10 +50,11 @@ def test_param_counts_match_the_plain_model_at_reference_size():
 
 
 def test_train_throughput_tiny_prints_every_candidate_with_positive_numbers(tmp_path):
-    out = run_bench("train_throughput.py", tmp_path, "--steps", "2", "--warmup", "1", "--compile-backend", "aot_eager")
+    out = run_bench("train_throughput.py", tmp_path, "--steps", "2", "--warmup", "1", "--compile-backend", "aot_eager",
+                    "--megatron-lite-variant", "sel=--recompute-granularity selective --recompute-modules layernorm")
     rows = {r[0]: r for r in table(out, "candidate")}
-    assert list(rows) == ["megatron_lite", "torch_eager", "torch_compile", "megatron_core"]
-    for name in ("megatron_lite", "torch_eager", "torch_compile"):
+    assert list(rows) == ["megatron_lite", "megatron_lite[sel]", "torch_eager", "torch_compile", "megatron_core"]
+    for name in ("megatron_lite", "megatron_lite[sel]", "torch_eager", "torch_compile"):
         tokens_per_s, mfu, memory, step_ms, params_m, loss = (number(c) for c in rows[name][1:])
         assert loss == pytest.approx(math.log(TINY.vocab_size), rel=0.1)   # random tokens: ~ln(V)
     core = rows["megatron_core"]
@@ -61,12 +62,16 @@ def test_train_throughput_tiny_prints_every_candidate_with_positive_numbers(tmp_
         assert len(core[1]) > len("skipped: ") and core[2:] == ["-"] * 5
     else:
         assert all(number(c) for c in core[1:])
-    ratios = {r[0]: r for r in table(out, "megatron_lite vs")}
-    assert {"torch_eager", "torch_compile"} <= set(ratios)
-    for r in ratios.values():
-        number(r[1]), number(r[2])
+    for first_header in ("megatron_lite vs", "megatron_lite[sel] vs"):
+        ratios = {r[0]: r for r in table(out, first_header)}
+        assert {"torch_eager", "torch_compile"} <= set(ratios) and not any(n.startswith("megatron") for n in ratios
+                                                                          if n != "megatron_core")
+        for r in ratios.values():
+            number(r[1]), number(r[2])
     saved = json.loads((tmp_path / "train_throughput.json").read_text())
     assert [c["name"] for c in saved["candidates"]] == list(rows)
+    assert saved["megatron_lite_variants"] == {"sel": ["--recompute-granularity", "selective", "--recompute-modules",
+                                                       "layernorm"]}
     # the same model everywhere, with the parameter count that the MFU formula uses
     assert {c["params"] for c in saved["candidates"] if c["status"] == "ok"} == {param_counts(TINY)["total"]}
     assert saved["peak_matmul_flops"] > 0 and saved["model"]["num_layers"] == TINY.num_layers
