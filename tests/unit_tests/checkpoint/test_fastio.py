@@ -146,8 +146,10 @@ def test_pinned_reads_register_every_chunk_and_unregister_when_the_last_tensor_i
         (0, CHUNK), (CHUNK, CHUNK), (2 * CHUNK, CHUNK), (3 * CHUNK, fastio.ALIGN)]
     tensor = torch.frombuffer(buffer, dtype=torch.uint8, count=10, offset=CHUNK)
     del buffer
+    fastio.wait_for_released_buffers()
     assert cudart.unregistered == [] and bytes(tensor.numpy()) == data[CHUNK:CHUNK + 10]
     del tensor
+    fastio.wait_for_released_buffers()
     assert sorted(cudart.unregistered) == sorted(cudart.registered)
 
 
@@ -169,7 +171,34 @@ def test_a_failed_registration_names_the_way_out_and_releases_what_was_registere
     import gc
 
     gc.collect()   # the traceback held the buffer
+    fastio.wait_for_released_buffers()
     assert len(cudart.registered) >= 2 and sorted(cudart.unregistered) == sorted(cudart.registered)
+
+
+def mapped(address: int) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(int(lo, 16) <= address < int(hi, 16)
+                   for lo, hi in (line.split()[0].split("-") for line in f))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings from /proc")
+def test_a_read_buffer_is_unmapped_in_the_background_once_its_last_tensor_is_freed(tmp_path, small_chunks):
+    import ctypes
+
+    import torch
+
+    data = write_random(tmp_path / "f", 3 * CHUNK + 5)
+    buffer, size, _ = fastio.read_file(str(tmp_path / "f"), strategy=fastio.ReadStrategy("direct", 2))
+    anchor = ctypes.c_char.from_buffer(buffer)
+    address = ctypes.addressof(anchor)
+    del anchor
+    tensor = torch.frombuffer(buffer, dtype=torch.uint8, count=size)
+    del buffer
+    fastio.wait_for_released_buffers()
+    assert mapped(address) and bytes(tensor.numpy()) == data
+    del tensor
+    fastio.wait_for_released_buffers()
+    assert not mapped(address)
 
 
 def test_read_strategy_comes_from_the_environment_and_bad_values_name_the_variable(monkeypatch):
