@@ -150,7 +150,7 @@ def build_cases(ours: CudaOps) -> List[Case]:
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos(), angles.sin()
     cases.append(Case("rotary", [q, cos, sin], [0], nbytes(q, cos, sin, q), nbytes(q, cos, sin, q),
-                      {"ours": ours.rotary, "torch": torch_ops.rotary}, "rotary"))
+                      {"ours": ours.rotary, "torch": torch_ops.rotary}, "rotary", "rotary"))
 
     b_attn, s_attn = TOKENS // 2048, 2048
     scores = randn(b_attn, HEADS, s_attn, s_attn, scale=3.0)

@@ -27,9 +27,10 @@ ROW_THREADS = 512
 # the faster of each in bench/kernels.py on an H100 (2026-11-22, GPU time by CUDA-graph replay):
 # norm backward two rows per step (LayerNorm fwd+bwd 0.133 vs 0.142 ms, RMSNorm equal), the flat
 # one-vector-per-thread SwiGLU / bias-GeLU forwards (0.180 vs 0.194, 0.124 vs 0.141 ms), and the
-# cross-entropy forward with three reductions (equal on the GPU, faster eagerly).
-DEFAULT_VARIANTS = {"norm_bwd": 1, "swiglu_fwd": 1, "bias_gelu_fwd": 1, "xent_fwd": 0}
-VARIANT_COUNTS = {"norm_bwd": 2, "swiglu_fwd": 3, "bias_gelu_fwd": 3, "xent_fwd": 2}
+# cross-entropy forward with three reductions (equal on the GPU, faster eagerly). Rotary keeps
+# variant 0 until its flat variant 1 is timed; its forward and backward run the same variant.
+DEFAULT_VARIANTS = {"norm_bwd": 1, "swiglu_fwd": 1, "bias_gelu_fwd": 1, "xent_fwd": 0, "rotary": 0}
+VARIANT_COUNTS = {"norm_bwd": 2, "swiglu_fwd": 3, "bias_gelu_fwd": 3, "xent_fwd": 2, "rotary": 2}
 
 
 def row_fits(cols: int, *tensors: torch.Tensor, mask: Optional[torch.Tensor] = None) -> bool:
@@ -99,15 +100,16 @@ class _BiasGeLU(torch.autograd.Function):
 
 class _Rotary(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ext, t, cos2, sin2):
-        ctx.ext = ext
+    def forward(ctx, ext, t, cos2, sin2, variant):
+        ctx.ext, ctx.variant = ext, variant
         ctx.save_for_backward(cos2, sin2)
-        return ext.rotary(t if t.stride(-1) == 1 else t.contiguous(), cos2, sin2, False)
+        return ext.rotary(t if t.stride(-1) == 1 else t.contiguous(), cos2, sin2, False, variant=variant)
 
     @staticmethod
     def backward(ctx, dy):
         cos2, sin2 = ctx.saved_tensors
-        return None, ctx.ext.rotary(dy if dy.stride(-1) == 1 else dy.contiguous(), cos2, sin2, True), None, None
+        dt = ctx.ext.rotary(dy if dy.stride(-1) == 1 else dy.contiguous(), cos2, sin2, True, variant=ctx.variant)
+        return None, dt, None, None, None
 
 
 class _MaskedSoftmax(torch.autograd.Function):
@@ -225,7 +227,7 @@ class CudaOps:
         s = t.shape[0]
         cos2 = cos.reshape(s, rot_dim).float().contiguous()
         sin2 = sin.reshape(s, rot_dim).float().contiguous()
-        return _Rotary.apply(self.ext, t, cos2, sin2)
+        return _Rotary.apply(self.ext, t, cos2, sin2, self.variants["rotary"])
 
     def scaled_masked_softmax(self, scores, mask, scale):
         if mask is not None and mask.dtype != torch.bool:

@@ -205,8 +205,11 @@ def test_unknown_kernel_variants_are_refused(ops, extension_errors_raise):
         ops.ext.vocab_parallel_xent_fwd(x, torch.zeros(8, dtype=torch.long, device=DEVICE), 0, variant=-1)
     with pytest.raises(ValueError, match="norm_bwd has variants 0..1, got 2"):
         CudaOps(ops.ext, {"norm_bwd": 2})
-    with pytest.raises(ValueError, match="no kernel variants for 'rotary'"):
-        CudaOps(ops.ext, {"rotary": 1})
+    with pytest.raises(RuntimeError, match="rotary variant must be 0 .* or 1 .*, got 2"):
+        ops.ext.rotary(x.view(8, 1, 1, 64), torch.ones(8, 64, device=DEVICE), torch.ones(8, 64, device=DEVICE), False,
+                       variant=2)
+    with pytest.raises(ValueError, match="no kernel variants for 'swiglu_bwd'"):
+        CudaOps(ops.ext, {"swiglu_bwd": 1})
 
 
 def rope_tables(s, rot_dim):
@@ -221,16 +224,33 @@ ROTARY_SHAPES = [(4096, 2, 32, 128, 128), (1024, 4, 8, 128, 64), (7, 3, 5, 80, 4
                  (513, 2, 4, 72, 36)]
 
 
+@pytest.mark.parametrize("variant", [0, 1], ids=["v0", "v1"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROTARY_SHAPES, ids=shape_id)
-def test_rotary_kernel_on_a_strided_qkv_slice(ops, shape, dtype):
+def test_rotary_kernel_on_a_strided_qkv_slice(ops, shape, dtype, variant):
     s, b, h, d, rot = shape
     qkv = randn(s, b, h, 3 * d, dtype=dtype)
     q = qkv[..., :d]  # a view into the fused projection's output, as the attention layer passes it
     cos, sin = rope_tables(s, rot)
-    errors = ref.compare(ops.rotary, ref.rotary, [q, cos, sin], dtype, grad_mask={1, 2})
+    errors = ref.compare(with_variant(ops, "rotary", variant).rotary, ref.rotary, [q, cos, sin], dtype,
+                         grad_mask={1, 2})
     assert set(errors) == {"out", "grad0"}
     ref.assert_within(errors, dtype)
+
+
+@pytest.mark.parametrize("variant", [1], ids=["v1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROTARY_SHAPES, ids=shape_id)
+def test_rotary_variants_are_bitwise_equal_to_variant_0(ops, shape, dtype, variant):
+    # every variant evaluates the same pinned expression per element, on strided or contiguous input
+    s, b, h, d, rot = shape
+    q = randn(s, b, h, 3 * d, dtype=dtype)[..., :d]
+    cos, sin = (table.view(s, rot) for table in rope_tables(s, rot))
+    for t in (q, q.contiguous()):
+        for backward in (False, True):
+            got = ops.ext.rotary(t, cos, sin, backward, variant=variant)
+            assert torch.equal(got, ops.ext.rotary(t, cos, sin, backward, variant=0))
+            assert torch.equal(got[..., rot:], t[..., rot:])
 
 
 # (batch, heads, sq, sk)
