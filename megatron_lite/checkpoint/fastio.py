@@ -282,6 +282,9 @@ def read_strategy(mode: Optional[str] = None, threads: Optional[int] = None,
     return ReadStrategy(mode, threads, pinned)
 
 
+_CUDA_HOST_REGISTER_PORTABLE = 1
+
+
 def _cudart():
     return torch.cuda.cudart()
 
@@ -292,15 +295,17 @@ def _check_cuda(status, call: str) -> None:
                            f"with {PIN_ENV}=0")
 
 
-_releases: "queue.Queue[Tuple[mmap.mmap, List[int]]]" = queue.Queue()
+_releases: "queue.Queue[Tuple[mmap.mmap, List[int], Optional[int]]]" = queue.Queue()
 _releaser_lock = threading.RLock()   # re-entrant: a release may be queued by garbage collection inside the lock
 _releaser: Optional[threading.Thread] = None
 
 
 def _release_forever() -> None:
     while True:
-        mapping, registered = _releases.get()
+        mapping, registered, device = _releases.get()
         try:
+            if registered:
+                _use_device(device)
             for address in registered:
                 _check_cuda(_cudart().cudaHostUnregister(address), "cudaHostUnregister")
             mapping.close()
@@ -308,14 +313,20 @@ def _release_forever() -> None:
             _releases.task_done()
 
 
-def _release_later(mapping: mmap.mmap, registered: List[int]) -> None:
+def _use_device(device: Optional[int]) -> None:
+    """Make `device` this thread's CUDA device, so that CUDA calls use its context (a new thread's is device 0)."""
+    if device is not None:
+        torch.cuda.set_device(device)
+
+
+def _release_later(mapping: mmap.mmap, registered: List[int], device: Optional[int]) -> None:
     """Unregister and unmap a read buffer on the release thread (started on first use, or again after a fork)."""
     global _releaser
     with _releaser_lock:
         if _releaser is None or not _releaser.is_alive():
             _releaser = threading.Thread(target=_release_forever, name="checkpoint-release", daemon=True)
             _releaser.start()
-    _releases.put((mapping, registered))
+    _releases.put((mapping, registered, device))
 
 
 def wait_for_released_buffers() -> None:
@@ -331,20 +342,24 @@ class _ReadBuffer:
     0.2 s per GB of 4 KiB pages, which the load that dropped the buffer should not wait for.
     """
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, pinned: bool) -> None:
         self._mapping = anonymous_buffer(nbytes)
+        # the reading thread's device, for the read and release threads' CUDA calls
+        self._device = torch.cuda.current_device() if pinned and torch.cuda.is_available() else None
         anchor = ctypes.c_char.from_buffer(self._mapping)
         self._address = ctypes.addressof(anchor)
         del anchor   # no export of the mapping is left: the release may close it
         array = (ctypes.c_ubyte * len(self._mapping)).from_address(self._address)
         self._registered: List[int] = []
         # at interpreter exit the process's memory goes anyway, and CUDA may be gone already
-        weakref.finalize(array, _release_later, self._mapping, self._registered).atexit = False
+        weakref.finalize(array, _release_later, self._mapping, self._registered, self._device).atexit = False
         self.view = memoryview(array).cast("B")
 
     def register(self, start: int, nbytes: int) -> None:
-        """Page-lock [start, start + nbytes) for CUDA (cudaHostRegister)."""
-        _check_cuda(_cudart().cudaHostRegister(self._address + start, nbytes, 0), "cudaHostRegister")
+        """Page-lock [start, start + nbytes) for CUDA (cudaHostRegister, portable: pinned for every context)."""
+        _use_device(self._device)
+        _check_cuda(_cudart().cudaHostRegister(self._address + start, nbytes, _CUDA_HOST_REGISTER_PORTABLE),
+                    "cudaHostRegister")
         self._registered.append(self._address + start)
 
 
@@ -398,7 +413,7 @@ def read_file(path: str, *, keep: bool = True,
         chunk_bytes = _round_up(CHUNK_BYTES, ALIGN)
         n_chunks = -(-size // chunk_bytes)
         threads = max(1, min(strategy.threads, n_chunks))
-        whole = _ReadBuffer(size) if keep else None
+        whole = _ReadBuffer(size, strategy.pinned) if keep else None
         free: "queue.SimpleQueue[mmap.mmap]" = queue.SimpleQueue()
         for _ in range(0 if keep else threads):
             free.put(anonymous_buffer(chunk_bytes))

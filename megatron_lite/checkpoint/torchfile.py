@@ -15,10 +15,10 @@ therefore share a storage again after loading, and a shard of a large flat buffe
 own bytes. Two tensors viewing the same bytes as different dtypes cannot be saved (as with
 torch.save).
 
-Loading (`load_torch_file`) reads the file once into memory with its checksum (fastio.read_file),
+Loading (storage.load_file) reads the file once into memory with its checksum (fastio.read_file),
 parses the zip's central directory and unpickles data.pkl with torch's weights-only unpickler;
 every storage is a window of that memory (torch.frombuffer), so no byte is copied again. The
-memory is freed when the last tensor of the file is.
+memory is freed (in the background) when the last tensor of the file is.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import pickle
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import torch
 from torch import _weights_only_unpickler
@@ -261,7 +261,7 @@ def zip_records(buf) -> Dict[str, Tuple[int, int]]:
     return records
 
 
-def unpickle_torch_file(buf: mmap.mmap) -> object:
+def unpickle_torch_file(buf: Union[mmap.mmap, memoryview]) -> object:
     """The object saved in the torch.save archive held in `buf`, every storage a window of `buf`.
 
     Uses torch's weights-only unpickler: a file that would run code is refused with
