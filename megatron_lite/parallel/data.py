@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -126,7 +127,17 @@ class DistributedDataParallel(torch.nn.Module):
             p.main_grad_is_stale = True        # main_grad holds nothing of this iteration yet
             p.grad_added_to_main_grad = False  # set by a linear that computed its wgrad into main_grad
             p.fuse_wgrad = parallel_cfg.gradient_accumulation_fusion
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._bucket_of]
+        # The parameters keep their hooks in C++, where the garbage collector does not see them:
+        # a hook holding this wrapper would keep it, the model and every gradient buffer alive
+        # forever (a reference cycle through C++). The hook holds a weak reference instead.
+        on_grad_ready = weakref.WeakMethod(self._on_grad_ready)
+
+        def hook(param: torch.Tensor) -> None:
+            method = on_grad_ready()
+            if method is not None:
+                method(param)
+
+        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self._bucket_of]
 
     def _make_buckets(self, bucket_size: int) -> List[GradBucket]:
         """Fill buckets with parameters in reverse order, closing one when it reaches `bucket_size`.

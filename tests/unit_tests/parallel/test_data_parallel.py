@@ -227,3 +227,26 @@ def test_wgrad_computed_into_main_grad_equals_the_hook_path():
             # the hook path rounds each microbatch's weight gradient to bf16 first
             torch.testing.assert_close(fused[it][name], g, rtol=1e-2, atol=1e-5)
     assert not torch.equal(fused[1]["fc1.weight"], hooked[1]["fc1.weight"])   # the fused path really ran
+
+
+def test_a_dropped_run_frees_its_model_and_gradient_buffers():
+    """The gradient hooks live in C++, out of the garbage collector's sight: if they held the DDP
+    wrapper, every run built in a process (tests, benchmarks, the Trainer API) would leak its
+    model and fp32 gradient buffers."""
+    import gc
+    import itertools
+    import weakref
+
+    from megatron_lite.arguments import parse_args
+    from megatron_lite.initialize import build_run, setup_parallel
+    from megatron_lite.training import build_data, train_step
+
+    cfg = parse_args(["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+                      "--micro-batch-size", "2", "--mock-data", "--tokenizer-type", "NullTokenizer",
+                      "--vocab-size", "63", "--train-iters", "2"])
+    run = build_run(cfg, setup_parallel(cfg))
+    train_step(run, itertools.islice(build_data(run)[0], 1))   # the hooks have fired
+    refs = [weakref.ref(run.model), weakref.ref(run.module)] + [weakref.ref(b.grad_data) for b in run.model.buckets]
+    del run
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
