@@ -110,6 +110,10 @@ class GPTDataset(torch.utils.data.Dataset):
         self.indexed = indexed
         self.settings = settings
         self.split = split
+        count = len(indexed.sequence_lengths)
+        if not 0 <= first <= last <= count:
+            raise ValueError(f"the {split} split asks for documents {first} to {last} of {indexed.path_prefix}, "
+                             f"which holds {count}; the split must lie within [0, {count}]")
         self.tokens_per_epoch = int(indexed.sequence_lengths[first:last].sum(dtype=np.int64))
         if self.tokens_per_epoch < 2:
             raise ValueError(f"the {split} split of {indexed.path_prefix} (documents {first} to "

@@ -45,11 +45,12 @@ def test_samples_are_windows_of_the_shuffled_document_stream(make_dataset, tmp_p
 
 def test_same_seed_rebuilds_identical_indices(make_dataset, tmp_path):
     indexed = IndexedDataset(make_dataset("d", random_documents(1, 50, eod=EOD)))
-    first = GPTDataset(indexed, "train", 0, 50, 300, settings(tmp_path / "a"))
-    rebuilt = GPTDataset(indexed, "train", 0, 50, 300, settings(tmp_path / "b"))
+    n = len(indexed.sequence_lengths)
+    first = GPTDataset(indexed, "train", 0, n, 300, settings(tmp_path / "a"))
+    rebuilt = GPTDataset(indexed, "train", 0, n, 300, settings(tmp_path / "b"))
     for a, b in zip(indices(first), indices(rebuilt)):
         np.testing.assert_array_equal(a, b)
-    other_seed = GPTDataset(indexed, "train", 0, 50, 300, settings(tmp_path / "a", seed=99))
+    other_seed = GPTDataset(indexed, "train", 0, n, 300, settings(tmp_path / "a", seed=99))
     assert not np.array_equal(indices(first)[2], indices(other_seed)[2])
 
 
@@ -153,3 +154,10 @@ def test_an_empty_split_of_too_little_data_is_reported(make_dataset, tmp_path):
     cfg = DataConfig(data_path=[prefix], split="90,10,0")
     with pytest.raises(ValueError, match="too few for a sample; change --split or add data"):
         build_gpt_datasets(cfg, None, settings(tmp_path), [10, 10, 0])
+
+
+def test_a_split_beyond_the_documents_is_refused(make_dataset, tmp_path):
+    indexed = IndexedDataset(make_dataset("d", random_documents(1, 10, eod=EOD)))
+    n = len(indexed.sequence_lengths)
+    with pytest.raises(ValueError, match=f"documents 0 to {n + 1} of .* which holds {n}"):
+        GPTDataset(indexed, "train", 0, n + 1, 10, settings(tmp_path))
