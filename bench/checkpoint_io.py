@@ -23,8 +23,7 @@ the files read; the output says which, or "page cache not dropped").
                                      (MEGATRON_LITE_CKPT_READ=sequential|parallel|direct) and N
                                      threads (--read-threads): the bytes and their CRC-32, nothing
                                      else, so the fastest row names the default for this disk; on a
-                                     GPU also direct x8 into page-locked memory, and the load above
-                                     again with MEGATRON_LITE_CKPT_PIN=0 ("(pageable)")
+                                     GPU also direct x8 into page-locked memory (MEGATRON_LITE_CKPT_PIN=1)
     megatron_lite async save (1st, 2nd)   --async-save (AsyncSaver): "blocked" until save_checkpoint
                                      returns and training may go on, "committed" until finalize() has
                                      the checkpoint on disk; the first save also allocates the pinned
@@ -271,13 +270,6 @@ def measure_megatron_lite(results: Results, run, work: str, nbytes: int, cache: 
                f"restore {time.perf_counter() - chosen:.2f} s"
 
     results.measure("megatron_lite decide_load + restore", "read", nbytes, load_as_pretrain, cache(directory))
-    if run.state.device.type == "cuda":   # the same into pageable memory: what the pinned read buffer saves
-        os.environ[fastio.PIN_ENV] = "0"
-        try:
-            results.measure("megatron_lite decide_load + restore (pageable)", "read", nbytes, load_as_pretrain,
-                            cache(directory))
-        finally:
-            del os.environ[fastio.PIN_ENV]
     return directory
 
 

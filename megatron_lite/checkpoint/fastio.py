@@ -32,11 +32,11 @@ Reads come in three strategies, chosen with the environment variable MEGATRON_LI
 bench/checkpoint_io.py measures every strategy on the same shard, so the default can follow the
 disk.
 
-Where CUDA is initialized (the tensors are headed for the GPU) the file is read into page-locked
-memory: each read thread registers its chunk with CUDA (cudaHostRegister) before reading into it,
-so the pinning runs in parallel with the disk, and the host-to-GPU copies of the restore are DMA
-at the link's speed instead of staged copies from pageable memory. MEGATRON_LITE_CKPT_PIN=0 or 1
-overrides that choice. When the last tensor on a read buffer is freed, a background thread undoes
+With MEGATRON_LITE_CKPT_PIN=1 the file is read into page-locked memory: each read thread
+registers its chunk with CUDA (cudaHostRegister) before reading into it, so the pinning runs in
+parallel with the disk, and the restore's host-to-GPU copies could be DMA at the link's speed.
+It is off by default: on the H100 machine the copy of every tensor that spans two chunks (two
+registrations) failed with "CUDA error: invalid argument". When the last tensor on a read buffer is freed, a background thread undoes
 the registration and unmaps the memory, so the load does not wait for that either.
 """
 
@@ -257,7 +257,7 @@ class ReadStrategy:
 def read_strategy(mode: Optional[str] = None, threads: Optional[int] = None,
                   pinned: Optional[bool] = None) -> ReadStrategy:
     """The strategy given, else the one the environment names, else direct with IO_THREADS threads,
-    pinned where CUDA is initialized."""
+    not pinned."""
     mode = mode or os.environ.get(READ_STRATEGY_ENV) or READ_STRATEGIES[0]
     if mode not in READ_STRATEGIES:
         raise ValueError(f"{READ_STRATEGY_ENV}={mode!r} is not a checkpoint read strategy; use one of "
@@ -273,9 +273,9 @@ def read_strategy(mode: Optional[str] = None, threads: Optional[int] = None,
     if pinned is None:
         text = os.environ.get(PIN_ENV, "")
         if text not in ("", "0", "1"):
-            raise ValueError(f"{PIN_ENV}={text!r}: set 1 to read checkpoints into page-locked memory, 0 not to, or "
-                             f"leave it unset (pinned where CUDA is initialized)")
-        pinned = torch.cuda.is_initialized() if text == "" else text == "1"
+            raise ValueError(f"{PIN_ENV}={text!r}: set 1 to read checkpoints into page-locked memory, 0 (the "
+                             f"default) not to")
+        pinned = text == "1"
     if pinned and not torch.cuda.is_available():
         raise ValueError(f"page-locked checkpoint reads need CUDA, which this process does not have; unset {PIN_ENV} "
                          f"or set it to 0")

@@ -205,7 +205,6 @@ def test_read_strategy_comes_from_the_environment_and_bad_values_name_the_variab
     monkeypatch.delenv(fastio.READ_STRATEGY_ENV, raising=False)
     monkeypatch.delenv(fastio.READ_THREADS_ENV, raising=False)
     monkeypatch.delenv(fastio.PIN_ENV, raising=False)
-    monkeypatch.setattr(fastio.torch.cuda, "is_initialized", lambda: False)
     assert fastio.read_strategy() == fastio.ReadStrategy("direct", fastio.IO_THREADS, pinned=False)
     monkeypatch.setenv(fastio.READ_STRATEGY_ENV, "sequential")
     monkeypatch.setenv(fastio.READ_THREADS_ENV, "16")
@@ -225,11 +224,11 @@ def test_read_strategy_comes_from_the_environment_and_bad_values_name_the_variab
     monkeypatch.setenv(fastio.PIN_ENV, "yes")
     with pytest.raises(ValueError, match="MEGATRON_LITE_CKPT_PIN='yes': set 1 to read checkpoints into page-locked"):
         fastio.read_strategy()
-    monkeypatch.setenv(fastio.PIN_ENV, "0")
     monkeypatch.setattr(fastio.torch.cuda, "is_initialized", lambda: True)   # as in a GPU run
-    assert fastio.read_strategy().pinned is False
-    monkeypatch.delenv(fastio.PIN_ENV)
     monkeypatch.setattr(fastio.torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(fastio.PIN_ENV)
+    assert fastio.read_strategy().pinned is False   # off unless asked for
+    monkeypatch.setenv(fastio.PIN_ENV, "1")
     assert fastio.read_strategy().pinned is True
 
 
