@@ -16,9 +16,9 @@ started at once (posix_fadvise DONTNEED) so that it overlaps the next chunks. Ei
 file is fsynced before `write_segments` returns.
 
 Reads come in three strategies, chosen with the environment variable MEGATRON_LITE_CKPT_READ
-(and MEGATRON_LITE_CKPT_READ_THREADS, default IO_THREADS) or `read_strategy`:
+(and MEGATRON_LITE_CKPT_READ_THREADS, default READ_THREADS) or `read_strategy`:
 
-    direct      (default) IO_THREADS threads each take the next CHUNK_BYTES of the file and pread
+    direct      (default) READ_THREADS threads each take the next CHUNK_BYTES of the file and pread
                 them with O_DIRECT straight into their place in the destination, CRC-32 on the
                 same thread. Several large requests stay in flight, which is what a virtual disk
                 scales with (the writes above reach 1.4x dd's single stream on the GPU machine),
@@ -59,6 +59,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 IO_THREADS = 8
+READ_THREADS = 16   # the GPU machine's disk: direct x16 read the 12.4 GB shard in 7.6 s, x8 in 8.2 s
 CHUNK_BYTES = 32 << 20
 ALIGN = 4096                  # O_DIRECT: buffer address, file offset and length are multiples of this
 
@@ -256,14 +257,14 @@ class ReadStrategy:
 
 def read_strategy(mode: Optional[str] = None, threads: Optional[int] = None,
                   pinned: Optional[bool] = None) -> ReadStrategy:
-    """The strategy given, else the one the environment names, else direct with IO_THREADS threads,
+    """The strategy given, else the one the environment names, else direct with READ_THREADS threads,
     not pinned."""
     mode = mode or os.environ.get(READ_STRATEGY_ENV) or READ_STRATEGIES[0]
     if mode not in READ_STRATEGIES:
         raise ValueError(f"{READ_STRATEGY_ENV}={mode!r} is not a checkpoint read strategy; use one of "
                          f"{', '.join(READ_STRATEGIES)}")
     if threads is None:
-        text = os.environ.get(READ_THREADS_ENV) or str(IO_THREADS)
+        text = os.environ.get(READ_THREADS_ENV) or str(READ_THREADS)
         if not text.isdigit():
             raise ValueError(f"{READ_THREADS_ENV}={text!r} is not a thread count; set a positive integer such as 8")
         threads = int(text)

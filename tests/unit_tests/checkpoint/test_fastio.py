@@ -205,7 +205,7 @@ def test_read_strategy_comes_from_the_environment_and_bad_values_name_the_variab
     monkeypatch.delenv(fastio.READ_STRATEGY_ENV, raising=False)
     monkeypatch.delenv(fastio.READ_THREADS_ENV, raising=False)
     monkeypatch.delenv(fastio.PIN_ENV, raising=False)
-    assert fastio.read_strategy() == fastio.ReadStrategy("direct", fastio.IO_THREADS, pinned=False)
+    assert fastio.read_strategy() == fastio.ReadStrategy("direct", fastio.READ_THREADS, pinned=False)
     monkeypatch.setenv(fastio.READ_STRATEGY_ENV, "sequential")
     monkeypatch.setenv(fastio.READ_THREADS_ENV, "16")
     assert fastio.read_strategy() == fastio.ReadStrategy("sequential", 16)
