@@ -75,6 +75,28 @@ def _average_reported(run: Run, reported: List[dict]) -> torch.Tensor:
     return value
 
 
+class StepMark:
+    """A point on the device's timeline: a CUDA event where the step runs on a GPU (so the time
+    between two marks is the GPU's, however far ahead the host is), the host's clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.time = time.perf_counter()
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def seconds_until(self, later: "StepMark") -> float:
+        if self.event is not None and later.event is not None:
+            later.wait()
+            return self.event.elapsed_time(later.event) / 1000.0
+        return later.time - self.time
+
+
 class StepValues:
     """One step's reported numbers (lm loss, grad norm, loss scale, skipped) on their way to the host.
 
@@ -90,19 +112,16 @@ class StepValues:
         if self._norm_on_device:
             parts.append(grad_norm.reshape(()).to(loss.device))
         packed = torch.stack([t.double() for t in parts])
-        self._ready = None
         if packed.is_cuda:
             self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self._host.copy_(packed, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
         else:
             self._host = packed
+        self.done = StepMark(packed.device)   # when the step (and the copy) has run
         self._fixed = {"grad_norm": grad_norm, "loss_scale": loss_scale, "skipped": skipped}
 
     def read(self) -> dict:
-        if self._ready is not None:
-            self._ready.synchronize()
+        self.done.wait()
         values = self._host.tolist()
         out = dict(self._fixed, **{"lm loss": values[0]})
         if self._norm_on_device:
@@ -211,7 +230,7 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
     writer = _tensorboard(run)
     start = time.time()
     run.model.train()
-    timing = {"interval_start": time.time()}
+    timing = {"interval_start": StepMark(run.state.device)}
     pending = None   # (iteration, lr, StepValues) of the last step, its numbers not read yet
 
     def finish(it: int, lr: float, values: StepValues) -> None:
@@ -224,9 +243,9 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
                   "loss_scale": step["loss_scale"], "skipped": step["skipped"]}
         run.history.append(record)
         if it % t.log_interval == 0:   # time per iteration averaged over the interval
-            elapsed_ms = (time.time() - timing["interval_start"]) * 1000.0 / t.log_interval
+            elapsed_ms = timing["interval_start"].seconds_until(values.done) * 1000.0 / t.log_interval
             print_rank0(format_log_line(run, it, total, step, elapsed_ms, lr), run.state)
-            timing["interval_start"] = time.time()
+            timing["interval_start"] = values.done
         if writer is not None:
             for k in ("lm loss", "lr", "loss_scale"):
                 writer.add_scalar(k.replace(" ", "_"), record[k], it)

@@ -47,3 +47,7 @@ def test_loop_reads_each_step_as_train_step_returns_it(capsys):
     assert [int(line.split()[1].split("/")[0]) for line in logged] == [1, 2, 3, 4, 5]
     for line, (loss, norm, _) in zip(logged, waited):
         assert f"lm loss: {loss:.6E}" in line and f"grad norm: {norm:.6f}" in line
+    # each line's time is that step's own (from the end of the previous step to the end of this
+    # one), not the gap between two reads of the numbers: the last step is no faster than the rest
+    ms = [float(line.split("elapsed time per iteration (ms):")[1].split("|")[0]) for line in logged]
+    assert min(ms[1:]) > 0.2 * max(ms[1:])
