@@ -210,12 +210,6 @@ def _tensorboard(run: Run):
     return SummaryWriter(log_dir=run.cfg.train.tensorboard_dir)
 
 
-def _save_due(run: Run, it: int) -> bool:
-    """Whether maybe_save_checkpoint saves at iteration `it` (its interval rules)."""
-    c = run.cfg.checkpoint
-    return bool(c.save) and any(n and it % n == 0 for n in (c.save_interval, c.save_weights_only_interval))
-
-
 def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None, save_fn=None,
           exit_signal: Optional["ExitSignal"] = None) -> List[dict]:
     """Train from run.progress.iteration to the last iteration; returns one record per iteration
@@ -224,6 +218,8 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
     Each step's numbers are read once the next step is queued (StepValues), and at once where
     something in this iteration needs them: an evaluation or a save (its counters include the
     skipped and nan iterations), or an exit check that asks all ranks every iteration anyway."""
+    from megatron_lite.checkpoint.checkpointing import interval_saves
+
     t, p = run.cfg.train, run.progress
     total = total_train_iters(run)
     exit_signal = exit_signal or ExitSignal(t.exit_signal_handler)
@@ -263,7 +259,7 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
         pending = (p.iteration, lr, values)
         eval_due = valid_iter is not None and t.eval_interval and p.iteration % t.eval_interval == 0
         exit_due = t.exit_interval and p.iteration % t.exit_interval == 0
-        if eval_due or exit_due or checks_every_iteration or (save_fn is not None and _save_due(run, p.iteration)):
+        if eval_due or exit_due or checks_every_iteration or (save_fn is not None and interval_saves(run, p.iteration)):
             finish(*pending)
             pending = None
         if eval_due:

@@ -25,7 +25,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -338,6 +338,15 @@ def finish_async_save(run: Run) -> None:
                     f"({result.bytes_written / 1e6:.1f} MB)", run.state)
 
 
+def interval_saves(run: Run, it: int) -> List[str]:
+    """The kinds of checkpoint ('full', 'weights') that the save intervals ask for at iteration `it`."""
+    c = run.cfg.checkpoint
+    if not c.save:
+        return []
+    return [kind for kind, every in (("full", c.save_interval), ("weights", c.save_weights_only_interval))
+            if every and it % every == 0]
+
+
 def maybe_save_checkpoint(run: Run, reason: str) -> None:
     """Called by the loop after each iteration ('interval') and when it stops ('end')."""
     c, it = run.cfg.checkpoint, run.progress.iteration
@@ -349,11 +358,10 @@ def maybe_save_checkpoint(run: Run, reason: str) -> None:
             run.last_saved_iteration = it
         finish_async_save(run)
         return
-    if c.save_interval and it % c.save_interval == 0:
-        save_checkpoint(run, "full")
-        run.last_saved_iteration = it
-    if c.save_weights_only_interval and it % c.save_weights_only_interval == 0:
-        save_checkpoint(run, "weights")
+    for kind in interval_saves(run, it):
+        save_checkpoint(run, kind)
+        if kind == "full":
+            run.last_saved_iteration = it
 
 
 def model_config_from(metadata: dict) -> ModelConfig:

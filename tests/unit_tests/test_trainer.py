@@ -18,7 +18,22 @@ def test_trainer_resumes_where_it_stopped(tmp_path):
     assert fresh.loaded_iteration is None and len(fresh.history) == 4
 
 
-def test_loop_reads_each_step_as_train_step_returns_it(capsys):
+class CountingMark:
+    """A StepMark whose clock is the number of marks made before it (one per step)."""
+    made = 0
+
+    def __init__(self, device):
+        self.n = CountingMark.made
+        CountingMark.made += 1
+
+    def wait(self):
+        pass
+
+    def seconds_until(self, later):
+        return float(later.n - self.n)
+
+
+def test_loop_reads_each_step_as_train_step_returns_it(capsys, monkeypatch):
     """train() reads a step's numbers after queuing the next one; every record and log line must
     still be that iteration's own (same loss, grad norm and lr as waiting for each step)."""
     from megatron_lite.arguments import parse_args
@@ -29,7 +44,11 @@ def test_loop_reads_each_step_as_train_step_returns_it(capsys):
     flags = [f for f in FLAGS if f != "100"]
     flags[flags.index("--log-interval") + 1:flags.index("--log-interval") + 1] = ["1"]
     flags += ["--train-iters", "5", "--clip-grad", "1.0"]
-    looped = Trainer(flags).train(resume_training=False)
+    import megatron_lite.training
+
+    with monkeypatch.context() as m:
+        m.setattr(megatron_lite.training, "StepMark", CountingMark)
+        looped = Trainer(flags).train(resume_training=False)
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" iteration")]
 
     cfg = parse_args(flags)
@@ -47,7 +66,8 @@ def test_loop_reads_each_step_as_train_step_returns_it(capsys):
     assert [int(line.split()[1].split("/")[0]) for line in logged] == [1, 2, 3, 4, 5]
     for line, (loss, norm, _) in zip(logged, waited):
         assert f"lm loss: {loss:.6E}" in line and f"grad norm: {norm:.6f}" in line
-    # each line's time is that step's own (from the end of the previous step to the end of this
-    # one), not the gap between two reads of the numbers: the last step is no faster than the rest
+    # each line's time runs from the end of the previous step to the end of this one: with marks
+    # that count steps instead of seconds, every line spans exactly one step (reading the numbers
+    # one step late must not shift the intervals, as it did for the last line)
     ms = [float(line.split("elapsed time per iteration (ms):")[1].split("|")[0]) for line in logged]
-    assert min(ms[1:]) > 0.2 * max(ms[1:])
+    assert ms == [1000.0] * 5
