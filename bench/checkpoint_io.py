@@ -22,8 +22,7 @@ the files read; the output says which, or "page cache not dropped").
     megatron_lite read_file MODE xN  fastio.read_file of the same shard with each read strategy
                                      (MEGATRON_LITE_CKPT_READ=sequential|parallel|direct) and N
                                      threads (--read-threads): the bytes and their CRC-32, nothing
-                                     else, so the fastest row names the default for this disk; on a
-                                     GPU also direct x8 into page-locked memory (MEGATRON_LITE_CKPT_PIN=1)
+                                     else, so the fastest row names the default for this disk
     megatron_lite async save (1st, 2nd)   --async-save (AsyncSaver): "blocked" until save_checkpoint
                                      returns and training may go on, "committed" until finalize() has
                                      the checkpoint on disk; the first save also allocates the pinned
@@ -284,10 +283,8 @@ def measure_load_file(results: Results, run, directory: str, nbytes: int, cache:
         path = os.path.join(layout.resolve_iteration_dir(directory, run.progress.iteration), shard)
         strategies = ([fastio.ReadStrategy("sequential", fastio.IO_THREADS)] if read_threads else []) + [
             fastio.ReadStrategy(mode, n) for mode in ("parallel", "direct") for n in read_threads]
-        if read_threads and run.state.device.type == "cuda":
-            strategies.append(fastio.ReadStrategy("direct", fastio.IO_THREADS, pinned=True))
         for strategy in strategies:
-            name = f"megatron_lite read_file {strategy.mode} x{strategy.threads}{' pinned' * strategy.pinned}"
+            name = f"megatron_lite read_file {strategy.mode} x{strategy.threads}"
             results.measure(name, "read", nbytes, lambda: fastio.read_file(path, strategy=strategy), cache(path))
     remove(directory)
 

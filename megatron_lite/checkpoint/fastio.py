@@ -32,12 +32,11 @@ Reads come in three strategies, chosen with the environment variable MEGATRON_LI
 bench/checkpoint_io.py measures every strategy on the same shard, so the default can follow the
 disk.
 
-With MEGATRON_LITE_CKPT_PIN=1 the file is read into page-locked memory: each read thread
-registers its chunk with CUDA (cudaHostRegister) before reading into it, so the pinning runs in
-parallel with the disk, and the restore's host-to-GPU copies could be DMA at the link's speed.
-It is off by default: on the H100 machine the copy of every tensor that spans two chunks (two
-registrations) failed with "CUDA error: invalid argument". When the last tensor on a read buffer is freed, a background thread undoes
-the registration and unmaps the memory, so the load does not wait for that either.
+The buffer is pageable memory. (Page-locking it chunk by chunk as it is read, with
+cudaHostRegister, was tried: the GPU machine refused the copy of every tensor that spans two
+registrations, "CUDA error: invalid argument", and one registration of the whole buffer would
+pin 12 GB on one thread before the first read.) When the last tensor on a read buffer is freed,
+a background thread unmaps the memory, so the load does not wait for that.
 """
 
 from __future__ import annotations
@@ -242,23 +241,19 @@ def combine_chunk_crcs(crcs: List[int], size: int, chunk_bytes: int) -> int:
 
 READ_STRATEGY_ENV = "MEGATRON_LITE_CKPT_READ"
 READ_THREADS_ENV = "MEGATRON_LITE_CKPT_READ_THREADS"
-PIN_ENV = "MEGATRON_LITE_CKPT_PIN"
 READ_STRATEGIES = ("direct", "parallel", "sequential")
 
 
 @dataclass(frozen=True)
 class ReadStrategy:
     """How `read_file` reads: `mode` one of READ_STRATEGIES, with `threads` readers (sequential:
-    checksummers), into page-locked memory when `pinned`."""
+    checksummers)."""
     mode: str
     threads: int
-    pinned: bool = False
 
 
-def read_strategy(mode: Optional[str] = None, threads: Optional[int] = None,
-                  pinned: Optional[bool] = None) -> ReadStrategy:
-    """The strategy given, else the one the environment names, else direct with READ_THREADS threads,
-    not pinned."""
+def read_strategy(mode: Optional[str] = None, threads: Optional[int] = None) -> ReadStrategy:
+    """The strategy given, else the one the environment names, else direct with READ_THREADS threads."""
     mode = mode or os.environ.get(READ_STRATEGY_ENV) or READ_STRATEGIES[0]
     if mode not in READ_STRATEGIES:
         raise ValueError(f"{READ_STRATEGY_ENV}={mode!r} is not a checkpoint read strategy; use one of "
@@ -271,63 +266,31 @@ def read_strategy(mode: Optional[str] = None, threads: Optional[int] = None,
     if threads < 1:
         raise ValueError(f"checkpoint reads need at least one thread, got {threads}; set {READ_THREADS_ENV} to "
                          f"a positive integer such as 8")
-    if pinned is None:
-        text = os.environ.get(PIN_ENV, "")
-        if text not in ("", "0", "1"):
-            raise ValueError(f"{PIN_ENV}={text!r}: set 1 to read checkpoints into page-locked memory, 0 (the "
-                             f"default) not to")
-        pinned = text == "1"
-    if pinned and not torch.cuda.is_available():
-        raise ValueError(f"page-locked checkpoint reads need CUDA, which this process does not have; unset {PIN_ENV} "
-                         f"or set it to 0")
-    return ReadStrategy(mode, threads, pinned)
+    return ReadStrategy(mode, threads)
 
 
-_CUDA_HOST_REGISTER_PORTABLE = 1
-
-
-def _cudart():
-    return torch.cuda.cudart()
-
-
-def _check_cuda(status, call: str) -> None:
-    if int(status) != 0:
-        raise RuntimeError(f"{call} failed with CUDA error {int(status)}; read checkpoints into pageable memory "
-                           f"with {PIN_ENV}=0")
-
-
-_releases: "queue.Queue[Tuple[mmap.mmap, List[int], Optional[int]]]" = queue.Queue()
+_releases: "queue.Queue[mmap.mmap]" = queue.Queue()
 _releaser_lock = threading.RLock()   # re-entrant: a release may be queued by garbage collection inside the lock
 _releaser: Optional[threading.Thread] = None
 
 
 def _release_forever() -> None:
     while True:
-        mapping, registered, device = _releases.get()
+        mapping = _releases.get()
         try:
-            if registered:
-                _use_device(device)
-            for address in registered:
-                _check_cuda(_cudart().cudaHostUnregister(address), "cudaHostUnregister")
             mapping.close()
         finally:
             _releases.task_done()
 
 
-def _use_device(device: Optional[int]) -> None:
-    """Make `device` this thread's CUDA device, so that CUDA calls use its context (a new thread's is device 0)."""
-    if device is not None:
-        torch.cuda.set_device(device)
-
-
-def _release_later(mapping: mmap.mmap, registered: List[int], device: Optional[int]) -> None:
-    """Unregister and unmap a read buffer on the release thread (started on first use, or again after a fork)."""
+def _release_later(mapping: mmap.mmap) -> None:
+    """Unmap a read buffer on the release thread (started on first use, or again after a fork)."""
     global _releaser
     with _releaser_lock:
         if _releaser is None or not _releaser.is_alive():
             _releaser = threading.Thread(target=_release_forever, name="checkpoint-release", daemon=True)
             _releaser.start()
-    _releases.put((mapping, registered, device))
+    _releases.put(mapping)
 
 
 def wait_for_released_buffers() -> None:
@@ -338,30 +301,20 @@ def wait_for_released_buffers() -> None:
 class _ReadBuffer:
     """Page-aligned anonymous memory that a file is read into, as a memoryview (`view`).
 
-    When the view and every tensor built on it are gone, a background thread unmaps the memory
-    (and first unregisters the ranges that `register` page-locked for CUDA): unmapping takes about
-    0.2 s per GB of 4 KiB pages, which the load that dropped the buffer should not wait for.
+    When the view and every tensor built on it are gone, a background thread unmaps the memory:
+    unmapping takes about 0.2 s per GB of 4 KiB pages, which the load that dropped the buffer
+    should not wait for.
     """
 
-    def __init__(self, nbytes: int, pinned: bool) -> None:
+    def __init__(self, nbytes: int) -> None:
         self._mapping = anonymous_buffer(nbytes)
-        # the reading thread's device, for the read and release threads' CUDA calls
-        self._device = torch.cuda.current_device() if pinned and torch.cuda.is_available() else None
         anchor = ctypes.c_char.from_buffer(self._mapping)
         self._address = ctypes.addressof(anchor)
         del anchor   # no export of the mapping is left: the release may close it
         array = (ctypes.c_ubyte * len(self._mapping)).from_address(self._address)
-        self._registered: List[int] = []
-        # at interpreter exit the process's memory goes anyway, and CUDA may be gone already
-        weakref.finalize(array, _release_later, self._mapping, self._registered, self._device).atexit = False
+        # at interpreter exit the process's memory goes anyway
+        weakref.finalize(array, _release_later, self._mapping).atexit = False
         self.view = memoryview(array).cast("B")
-
-    def register(self, start: int, nbytes: int) -> None:
-        """Page-lock [start, start + nbytes) for CUDA (cudaHostRegister, portable: pinned for every context)."""
-        _use_device(self._device)
-        _check_cuda(_cudart().cudaHostRegister(self._address + start, nbytes, _CUDA_HOST_REGISTER_PORTABLE),
-                    "cudaHostRegister")
-        self._registered.append(self._address + start)
 
 
 def _open_for_reading(path: str, direct: bool) -> Tuple[int, bool]:
@@ -402,8 +355,8 @@ def read_file(path: str, *, keep: bool = True,
     """(buffer, size, crc32) of the whole file at `path`, each byte read once (see the module docstring
     for the strategies; `strategy` None: `read_strategy()`, from the environment).
 
-    With `keep` the file lands in one page-aligned buffer of at least `size` bytes (page-locked when
-    the strategy is pinned), freed in the background once it and every tensor on it are gone;
+    With `keep` the file lands in one page-aligned buffer of at least `size` bytes, freed in the
+    background once it and every tensor on it are gone;
     without, chunks cycle through one reused buffer per thread and only the checksum is kept
     (buffer None).
     """
@@ -414,7 +367,7 @@ def read_file(path: str, *, keep: bool = True,
         chunk_bytes = _round_up(CHUNK_BYTES, ALIGN)
         n_chunks = -(-size // chunk_bytes)
         threads = max(1, min(strategy.threads, n_chunks))
-        whole = _ReadBuffer(size, strategy.pinned) if keep else None
+        whole = _ReadBuffer(size) if keep else None
         free: "queue.SimpleQueue[mmap.mmap]" = queue.SimpleQueue()
         for _ in range(0 if keep else threads):
             free.put(anonymous_buffer(chunk_bytes))
@@ -422,8 +375,6 @@ def read_file(path: str, *, keep: bool = True,
         def chunk_view(k: int) -> Tuple[memoryview, Optional[mmap.mmap]]:
             """Where chunk k goes, and the reused buffer to give back after its checksum (None with keep)."""
             if keep:
-                if strategy.pinned:
-                    whole.register(k * chunk_bytes, _round_up(min(chunk_bytes, size - k * chunk_bytes), ALIGN))
                 return whole.view[k * chunk_bytes:], None
             buf = free.get()
             return memoryview(buf), buf

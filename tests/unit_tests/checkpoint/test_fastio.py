@@ -115,66 +115,6 @@ def test_direct_reads_fall_back_when_the_first_aligned_read_is_refused(tmp_path,
     assert refused == ([0] if hasattr(os, "O_DIRECT") else [])
 
 
-class FakeCudart:
-    """Records cudaHostRegister/cudaHostUnregister as a CUDA runtime would see them."""
-
-    def __init__(self):
-        self.registered, self.unregistered = {}, []
-
-    def cudaHostRegister(self, address, nbytes, flags):
-        assert address % fastio.ALIGN == 0 and nbytes % fastio.ALIGN == 0 and flags == 1   # portable
-        self.registered[address] = nbytes
-        return 0
-
-    def cudaHostUnregister(self, address):
-        self.unregistered.append(address)
-        return 0 if address in self.registered else 1
-
-
-@pytest.mark.parametrize("mode", fastio.READ_STRATEGIES)
-def test_pinned_reads_register_every_chunk_and_unregister_when_the_last_tensor_is_freed(tmp_path, small_chunks,
-                                                                                        monkeypatch, mode):
-    import torch
-
-    cudart = FakeCudart()
-    monkeypatch.setattr(fastio, "_cudart", lambda: cudart)
-    data = write_random(tmp_path / "f", 3 * CHUNK + 5)
-    buffer, size, crc = fastio.read_file(str(tmp_path / "f"), strategy=fastio.ReadStrategy(mode, 2, pinned=True))
-    assert (bytes(buffer[:size]), crc) == (data, zlib.crc32(data))
-    base = min(cudart.registered)
-    assert sorted((a - base, n) for a, n in cudart.registered.items()) == [
-        (0, CHUNK), (CHUNK, CHUNK), (2 * CHUNK, CHUNK), (3 * CHUNK, fastio.ALIGN)]
-    tensor = torch.frombuffer(buffer, dtype=torch.uint8, count=10, offset=CHUNK)
-    del buffer
-    fastio.wait_for_released_buffers()
-    assert cudart.unregistered == [] and bytes(tensor.numpy()) == data[CHUNK:CHUNK + 10]
-    del tensor
-    fastio.wait_for_released_buffers()
-    assert sorted(cudart.unregistered) == sorted(cudart.registered)
-
-
-def test_a_failed_registration_names_the_way_out_and_releases_what_was_registered(tmp_path, small_chunks,
-                                                                                  monkeypatch):
-    cudart = FakeCudart()
-    calls = []
-
-    def register(address, nbytes, flags):
-        calls.append(address)
-        return 2 if len(calls) == 3 else FakeCudart.cudaHostRegister(cudart, address, nbytes, flags)
-
-    monkeypatch.setattr(cudart, "cudaHostRegister", register)
-    monkeypatch.setattr(fastio, "_cudart", lambda: cudart)
-    write_random(tmp_path / "f", 4 * CHUNK)
-    with pytest.raises(RuntimeError, match="cudaHostRegister failed with CUDA error 2; read checkpoints into "
-                                           "pageable memory with MEGATRON_LITE_CKPT_PIN=0"):
-        fastio.read_file(str(tmp_path / "f"), strategy=fastio.ReadStrategy("direct", 1, pinned=True))
-    import gc
-
-    gc.collect()   # the traceback held the buffer
-    fastio.wait_for_released_buffers()
-    assert len(cudart.registered) >= 2 and sorted(cudart.unregistered) == sorted(cudart.registered)
-
-
 def mapped(address: int) -> bool:
     with open("/proc/self/maps") as f:
         return any(int(lo, 16) <= address < int(hi, 16)
@@ -204,8 +144,7 @@ def test_a_read_buffer_is_unmapped_in_the_background_once_its_last_tensor_is_fre
 def test_read_strategy_comes_from_the_environment_and_bad_values_name_the_variable(monkeypatch):
     monkeypatch.delenv(fastio.READ_STRATEGY_ENV, raising=False)
     monkeypatch.delenv(fastio.READ_THREADS_ENV, raising=False)
-    monkeypatch.delenv(fastio.PIN_ENV, raising=False)
-    assert fastio.read_strategy() == fastio.ReadStrategy("direct", fastio.READ_THREADS, pinned=False)
+    assert fastio.read_strategy() == fastio.ReadStrategy("direct", fastio.READ_THREADS)
     monkeypatch.setenv(fastio.READ_STRATEGY_ENV, "sequential")
     monkeypatch.setenv(fastio.READ_THREADS_ENV, "16")
     assert fastio.read_strategy() == fastio.ReadStrategy("sequential", 16)
@@ -220,21 +159,3 @@ def test_read_strategy_comes_from_the_environment_and_bad_values_name_the_variab
         fastio.read_strategy()
     with pytest.raises(ValueError, match="at least one thread, got 0"):
         fastio.read_strategy("direct", 0)
-    monkeypatch.setenv(fastio.READ_THREADS_ENV, "8")
-    monkeypatch.setenv(fastio.PIN_ENV, "yes")
-    with pytest.raises(ValueError, match="MEGATRON_LITE_CKPT_PIN='yes': set 1 to read checkpoints into page-locked"):
-        fastio.read_strategy()
-    monkeypatch.setattr(fastio.torch.cuda, "is_initialized", lambda: True)   # as in a GPU run
-    monkeypatch.setattr(fastio.torch.cuda, "is_available", lambda: True)
-    monkeypatch.delenv(fastio.PIN_ENV)
-    assert fastio.read_strategy().pinned is False   # off unless asked for
-    monkeypatch.setenv(fastio.PIN_ENV, "1")
-    assert fastio.read_strategy().pinned is True
-
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error of a machine without CUDA")
-def test_asking_for_pinned_reads_without_cuda_names_the_fix(monkeypatch):
-    monkeypatch.setenv(fastio.PIN_ENV, "1")
-    with pytest.raises(ValueError, match="page-locked checkpoint reads need CUDA, which this process does not "
-                                         "have; unset MEGATRON_LITE_CKPT_PIN or set it to 0"):
-        fastio.read_strategy()
