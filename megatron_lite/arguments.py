@@ -164,6 +164,14 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
                               "--use-precision-aware-optimizer")
         if o.optimizer != "adam":
             raise ConfigError(f"--exp-avg-dtype / --exp-avg-sq-dtype apply to --optimizer adam, not {o.optimizer}")
+    if o.main_grads_dtype != "fp32":
+        if not o.use_precision_aware_optimizer:
+            raise ConfigError("--main-grads-dtype bf16 needs --use-precision-aware-optimizer")
+        if not o.bf16:
+            raise ConfigError("--main-grads-dtype bf16 applies to --bf16 training (the gradients are the bf16 "
+                              "weights' own dtype); add --bf16 or drop the flag")
+        if o.optimizer != "adam":
+            raise ConfigError(f"--main-grads-dtype bf16 applies to --optimizer adam, not {o.optimizer}")
     if m.recompute_granularity == "full":
         m.recompute_activations = True
     if m.recompute_modules and m.recompute_granularity != "selective":

@@ -90,7 +90,7 @@ class ParallelConfig:
     use_distributed_optimizer: bool = flag(False, "shard optimizer state and fp32 main params over DP (ZeRO-1)")
     ddp_bucket_size: int = flag(40_000_000, "elements per gradient all-reduce bucket")
     overlap_grad_reduce: bool = flag(False, "all-reduce gradient buckets during the backward pass")
-    gradient_accumulation_fusion: bool = flag(True, "compute bf16/fp16 linear weight gradients into the fp32 "
+    gradient_accumulation_fusion: bool = flag(True, "compute bf16/fp16 linear weight gradients into the "
                                               "main_grad buffers on GPUs; this flag turns it off",
                                               name="--no-gradient-accumulation-fusion", store_false=True)
     distributed_backend: Optional[str] = flag(None, "nccl or gloo (default: nccl with CUDA, else gloo)",
@@ -128,6 +128,9 @@ class OptimizerConfig:
                               choices=["fp32", "bf16", "fp16"])
     exp_avg_sq_dtype: str = flag("fp32", "dtype of Adam's second moment (with --use-precision-aware-optimizer)",
                                  choices=["fp32", "bf16", "fp16"])
+    main_grads_dtype: str = flag("fp32", "dtype of the gradient buffers that backward accumulates into, are "
+                                 "reduced over DP and update the fp32 main params (bf16: with --bf16 and "
+                                 "--use-precision-aware-optimizer)", choices=["fp32", "bf16"])
     clip_grad: float = flag(1.0, "clip the global gradient norm to this (0 disables)")
     bf16: bool = flag(False, "bf16 weights and compute, fp32 main params")
     fp16: bool = flag(False, "fp16 weights and compute with loss scaling, fp32 main params")

@@ -126,7 +126,8 @@ def build_run(cfg: RunConfig, state: ParallelState, tokenizer=None) -> Run:
                     device=state.device)
     print_rank0(ops.describe(), state)
     module = build_model(cfg, state, ops, state.device)
-    model = DistributedDataParallel(module, cfg.parallel, state)
+    grad_dtype = torch.bfloat16 if cfg.optimizer.main_grads_dtype == "bf16" else torch.float32
+    model = DistributedDataParallel(module, cfg.parallel, state, grad_dtype=grad_dtype)
     optimizer = build_optimizer([model], cfg.optimizer, cfg.parallel, state, fused_kernels=cfg.model.fused_kernels)
     try:
         scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train)

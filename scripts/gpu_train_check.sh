@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine: pretrain_gpt.py on one GPU in bf16, fused kernels vs plain torch (torch ops,
-# no gradient accumulation fusion)
-# (same seed, same data: the loss curves must agree within bf16 tolerance), Adam's moments in
-# bf16 against fp32, selective recomputation against none, and, when two GPUs are present, the
-# same model with TP=2 against one GPU.
+# no gradient accumulation fusion) (same seed, same data: the loss curves must agree within bf16
+# tolerance), Adam's moments in bf16 against fp32 (then bf16 gradient buffers too), selective
+# recomputation against none, and, when two GPUs are present, the same model with TP=2 against
+# one GPU.
 #   OUT=/tmp/out bash scripts/gpu_train_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_train_out}
@@ -31,6 +31,11 @@ $PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_torch.log" "$OUT/g
 run gpu1_bf16_moments 1 --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
 $PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_moments.log" \
   | tee "$OUT/compare_moments.txt"
+# bf16 gradient buffers as well (wgrad GEMMs write bf16, AdamW reads bf16): within bf16 tolerance
+run gpu1_bf16_grads 1 --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 \
+  --main-grads-dtype bf16
+$PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_grads.log" \
+  | tee "$OUT/compare_grads.txt"
 # selective recomputation of the norms' and the MLP activation's outputs: the same numbers
 run gpu1_bf16_recompute 1 --recompute-granularity selective --recompute-modules layernorm mlp_act
 $PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_recompute.log" \

@@ -47,6 +47,19 @@ bool flat_launch(int64_t variant, int64_t n_vectors) {
   return variant > 0 && n_vectors < (int64_t{1} << 31);
 }
 
+// Runs `launch(U, blocks)` for a flat kernel over n vectors, U = flat_vectors(variant) of them
+// per thread (a std::integral_constant, so that U can be a template argument).
+template <typename F>
+void launch_flat(int64_t variant, int64_t n_vectors, F&& launch) {
+  const int u = flat_vectors(variant);
+  const auto blocks = static_cast<unsigned>((n_vectors + kThreads * u - 1) / (kThreads * u));
+  if (u == 1) {
+    launch(std::integral_constant<int, 1>{}, blocks);
+  } else {
+    launch(std::integral_constant<int, 2>{}, blocks);
+  }
+}
+
 // Index of the k-th of a flat thread's U vectors: vectors of one block are contiguous, so each
 // warp's loads cover consecutive 16-byte vectors.
 template <int U>
@@ -267,16 +280,11 @@ at::Tensor swiglu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& out,
             x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, f);
         return;
       }
-      const int u = flat_vectors(variant);
-      const auto blocks = static_cast<unsigned>((n + kThreads * u - 1) / (kThreads * u));
       const RowDivider per_row(static_cast<unsigned>(f / VEC));
-      if (u == 1) {
-        swiglu_fwd_flat_kernel<scalar_t, VEC, 1><<<blocks, kThreads, 0, stream>>>(
+      launch_flat(variant, n, [&](auto u, unsigned blocks) {
+        swiglu_fwd_flat_kernel<scalar_t, VEC, decltype(u)::value><<<blocks, kThreads, 0, stream>>>(
             x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row, f);
-      } else {
-        swiglu_fwd_flat_kernel<scalar_t, VEC, 2><<<blocks, kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row, f);
-      }
+      });
     });
   });
   check_launch();
@@ -323,16 +331,11 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& b
             x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), rows, cols);
         return;
       }
-      const int u = flat_vectors(variant);
-      const auto blocks = static_cast<unsigned>((n + kThreads * u - 1) / (kThreads * u));
       const RowDivider per_row(static_cast<unsigned>(cols / VEC));
-      if (u == 1) {
-        bias_gelu_fwd_flat_kernel<scalar_t, VEC, 1><<<blocks, kThreads, 0, stream>>>(
+      launch_flat(variant, n, [&](auto u, unsigned blocks) {
+        bias_gelu_fwd_flat_kernel<scalar_t, VEC, decltype(u)::value><<<blocks, kThreads, 0, stream>>>(
             x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row);
-      } else {
-        bias_gelu_fwd_flat_kernel<scalar_t, VEC, 2><<<blocks, kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row);
-      }
+      });
     });
   });
   check_launch();

@@ -1,5 +1,5 @@
 // Fused AdamW step over fp32 main params: one pass per tensor reads the main param, its fp32
-// gradient and both moments, and writes the main param, the moments and (optionally) the
+// or bf16 gradient (Megatron's --main-grads-dtype) and both moments, and writes the main param, the moments and (optionally) the
 // bf16/fp16 model copy of the parameter. The moments may be stored in fp32, bf16 or fp16
 // (Megatron's --exp-avg-dtype / --exp-avg-sq-dtype); all arithmetic is fp32.
 //
@@ -54,10 +54,10 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
 
 // N elements per thread and step of a grid-stride loop over n / N vectors (N = kAdamVec when
 // every pointer is aligned to its vector and n % N == 0, otherwise 1). P is the model copy's
-// type; `model` is null when there is none (an fp32 model updated in place).
-template <int N, typename M, typename V, typename P>
+// type, G the gradient's; `model` is null when there is none (an fp32 model updated in place).
+template <int N, typename M, typename V, typename P, typename G>
 __global__ void __launch_bounds__(kAdamThreads)
-    adamw_kernel(float* __restrict__ param, const float* __restrict__ grad, M* __restrict__ exp_avg,
+    adamw_kernel(float* __restrict__ param, const G* __restrict__ grad, M* __restrict__ exp_avg,
                  V* __restrict__ exp_avg_sq, P* __restrict__ model, int64_t n, AdamScalars s,
                  const float* __restrict__ grad_scale) {
   const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
@@ -90,14 +90,14 @@ bool aligned(const void* ptr, int64_t elem_size) {
   return reinterpret_cast<uintptr_t>(ptr) % (kAdamVec * elem_size) == 0;
 }
 
-template <typename M, typename V, typename P>
+template <typename M, typename V, typename P, typename G>
 void launch(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
             const at::Tensor& exp_avg_sq, const at::Tensor* model, const AdamScalars& s,
             const float* grad_scale, cudaStream_t stream) {
   const int64_t n = param.numel();
   if (n == 0) return;
   P* model_ptr = model != nullptr ? reinterpret_cast<P*>(model->data_ptr()) : nullptr;
-  const bool vec = n % kAdamVec == 0 && aligned(param.data_ptr(), 4) && aligned(grad.data_ptr(), 4) &&
+  const bool vec = n % kAdamVec == 0 && aligned(param.data_ptr(), 4) && aligned(grad.data_ptr(), sizeof(G)) &&
                    aligned(exp_avg.data_ptr(), sizeof(M)) && aligned(exp_avg_sq.data_ptr(), sizeof(V)) &&
                    (model_ptr == nullptr || aligned(model_ptr, sizeof(P)));
   const int64_t work = vec ? n / kAdamVec : n;
@@ -106,13 +106,13 @@ void launch(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& e
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kAdamThreads - 1) / kAdamThreads,
                                                                              max_blocks)));
   auto* p = param.data_ptr<float>();
-  const auto* g = grad.data_ptr<float>();
+  const auto* g = reinterpret_cast<const G*>(grad.data_ptr());
   auto* m = reinterpret_cast<M*>(exp_avg.data_ptr());
   auto* v = reinterpret_cast<V*>(exp_avg_sq.data_ptr());
   if (vec) {
-    adamw_kernel<kAdamVec, M, V, P><<<blocks, kAdamThreads, 0, stream>>>(p, g, m, v, model_ptr, n, s, grad_scale);
+    adamw_kernel<kAdamVec, M, V, P, G><<<blocks, kAdamThreads, 0, stream>>>(p, g, m, v, model_ptr, n, s, grad_scale);
   } else {
-    adamw_kernel<1, M, V, P><<<blocks, kAdamThreads, 0, stream>>>(p, g, m, v, model_ptr, n, s, grad_scale);
+    adamw_kernel<1, M, V, P, G><<<blocks, kAdamThreads, 0, stream>>>(p, g, m, v, model_ptr, n, s, grad_scale);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -164,7 +164,9 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.is_cuda() && p.scalar_type() == at::kFloat && p.is_contiguous(),
                 "adamw_step: params must be contiguous float32 CUDA tensors (the fp32 main params)");
-    TORCH_CHECK(grads[i].scalar_type() == at::kFloat, "adamw_step: grads must be float32");
+    const bool bf16_grad = grads[i].scalar_type() == at::kBFloat16;
+    TORCH_CHECK(bf16_grad || grads[i].scalar_type() == at::kFloat, "adamw_step: grads must be float32 or bfloat16, got ",
+                grads[i].scalar_type());
     check_tensor(grads[i], p, "grad");
     check_tensor(exp_avgs[i], p, "exp_avg");
     check_tensor(exp_avg_sqs[i], p, "exp_avg_sq");
@@ -179,13 +181,19 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
       using M = decltype(m_tag);
       with_type(exp_avg_sqs[i].scalar_type(), "exp_avg_sq", [&](auto v_tag) {
         using V = decltype(v_tag);
-        if (model == nullptr) {
-          launch<M, V, at::BFloat16>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], nullptr, s, scale_ptr, stream);
-        } else if (model->scalar_type() == at::kBFloat16) {
-          launch<M, V, at::BFloat16>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], model, s, scale_ptr, stream);
+        auto with_grad = [&](auto p_tag) {
+          using P = decltype(p_tag);
+          if (bf16_grad) {
+            launch<M, V, P, at::BFloat16>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], model, s, scale_ptr, stream);
+          } else {
+            launch<M, V, P, float>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], model, s, scale_ptr, stream);
+          }
+        };
+        if (model == nullptr || model->scalar_type() == at::kBFloat16) {
+          with_grad(at::BFloat16{});
         } else {
           TORCH_CHECK(model->scalar_type() == at::kHalf, "adamw_step: model params must be bfloat16 or float16");
-          launch<M, V, at::Half>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], model, s, scale_ptr, stream);
+          with_grad(at::Half{});
         }
       });
     });

@@ -2,8 +2,8 @@
 bf16/fp16 copy of each parameter written in the same pass.
 
 On CUDA, with the fused kernels built, the step is one kernel per tensor
-(`torch.ops.mlite.adamw_step`, csrc/cuda/adam.cu): it reads the main param, its gradient and
-both moments once, and writes the main param, the moments and the model copy. torch's fused
+(`torch.ops.mlite.adamw_step`, csrc/cuda/adam.cu): it reads the main param, its gradient (fp32
+or bf16) and both moments once, and writes the main param, the moments and the model copy. torch's fused
 AdamW needs a second pass to cast the main params into the model. Elsewhere (CPU, or
 `--no-fused-kernels`) the same update runs as torch operations in fp32.
 
@@ -40,6 +40,9 @@ def fused_adamw_available(device: torch.device) -> bool:
 class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update with moments in `exp_avg_dtype` / `exp_avg_sq_dtype`.
 
+    `grad_of(main_param)` gives the gradient to use, `p.grad` by default: an fp32 tensor, or a
+    bf16 one (--main-grads-dtype bf16), which torch would not accept as an fp32 tensor's `.grad`.
+
     `model_view(main_param)` gives the flat bf16/fp16 tensor (the model parameter, or its
     slice under the distributed optimizer) that receives the updated value after each step, or
     None; it is asked at every step, so a model whose parameter storage was replaced is still
@@ -59,6 +62,7 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.exp_avg_dtype, self.exp_avg_sq_dtype = exp_avg_dtype, exp_avg_sq_dtype
         self.model_view = model_view
+        self.grad_of: Callable[[torch.Tensor], Optional[torch.Tensor]] = lambda p: p.grad
         self.fused = fused
         self.grad_scale: Optional[torch.Tensor] = None
         for group in self.param_groups:
@@ -79,7 +83,7 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("AdamW.step does not take a closure")
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if self.grad_of(p) is not None]
             if not params:
                 continue
             states = [self._state(p) for p in params]
@@ -95,7 +99,7 @@ class AdamW(torch.optim.Optimizer):
     def _update(self, group: dict, params: List[torch.Tensor], states: List[dict], step: float) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        grads = [p.grad for p in params]
+        grads = [self.grad_of(p) for p in params]
         models = [self.model_view(p) for p in params]
         if self.fused:
             with_model = [m is not None for m in models]
@@ -110,6 +114,7 @@ class AdamW(torch.optim.Optimizer):
         bias_correction1 = 1.0 - beta1 ** step
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
         for p, g, s, model in zip(params, grads, states, models):
+            g = g.float()
             if self.grad_scale is not None:
                 g = g / self.grad_scale.to(g.device)
             m, v = s["exp_avg"].float(), s["exp_avg_sq"].float()

@@ -42,8 +42,8 @@ def global_grad_norm_tensor(grads: List[torch.Tensor], group: Optional[dist.Proc
     """`global_grad_norm` as a 0-dim fp32 tensor on `device`, without waiting for it."""
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     if grads:
-        # one multi-tensor kernel for all the per-tensor norms on GPUs
-        norms = torch.stack(torch._foreach_norm(grads, 2.0))
+        # one multi-tensor kernel for all the per-tensor norms on GPUs; fp32 norms of bf16 grads
+        norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
         total_sq += (norms * norms).sum().to(device)
     all_reduce(total_sq, group)
     return total_sq.sqrt()

@@ -4,8 +4,9 @@ The torch optimizer (AdamW or SGD) never sees the model's parameters directly un
 are fp32 and unsharded. Otherwise it updates fp32 *main params*: a copy of each bf16/fp16
 parameter, or, with the distributed optimizer, a copy of the slice of each parameter that
 falls into this DP rank's shard of its gradient bucket (see parallel/data.py). Their
-gradients are the fp32 `main_grad` buffers that DistributedDataParallel fills, used in
-place. After the step the main params are copied back into the model (cast to its dtype)
+gradients are the `main_grad` buffers that DistributedDataParallel fills, used in place:
+fp32, or bf16 with --main-grads-dtype bf16 (megatron_lite's AdamW reads them as they are; a
+torch optimizer needs a gradient of its parameter's dtype). After the step the main params are copied back into the model (cast to its dtype)
 and, with ZeRO-1, all-gathered over DP.
 """
 
@@ -50,7 +51,7 @@ class MainParam:
         return self.model_param.detach().view(-1)[self.start:self.end]
 
     def main_grad(self) -> torch.Tensor:
-        """The fp32 gradient for `main_param`: a view of the DDP buffer, shaped like `main_param`
+        """The gradient for `main_param`: a view of the DDP buffer, shaped like `main_param`
         (made once: the buffer lives as long as the DDP wrapper)."""
         buffer = self.model_param.main_grad
         if self._grad is None or self._grad_of is not buffer:
@@ -97,6 +98,10 @@ class MegatronOptimizer:
         self.grad_scaler = grad_scaler
         self.use_distributed_optimizer = model_chunks[0].use_distributed_optimizer if model_chunks else False
         self._by_tensor = {id(m.main_param): m for m in main_params}
+        # gradients whose dtype differs from their main param's (bf16 main grads), during a step
+        self._low_grads: Dict[int, torch.Tensor] = {}
+        if isinstance(optimizer, AdamW):
+            optimizer.grad_of = lambda p: p.grad if p.grad is not None else self._low_grads.get(id(p))
         # megatron_lite's AdamW and torch's fused AdamW take a grad_scale tensor that they divide
         # the gradients by as they read them
         self._fused = isinstance(optimizer, AdamW) or bool(optimizer.defaults.get("fused"))
@@ -148,10 +153,12 @@ class MegatronOptimizer:
         fused path returns grad_norm as a 0-dim device tensor instead of waiting for the step to
         finish to read it (the training loop reads it while the next step runs).
         """
-        grads = []
-        for m in self.main_params:
-            m.main_param.grad = m.main_grad()
-            grads.append(m.main_param.grad)
+        grads = [m.main_grad() for m in self.main_params]
+        for m, g in zip(self.main_params, grads):
+            if g.dtype == m.main_param.dtype:
+                m.main_param.grad = g
+            else:   # a bf16 main grad: our AdamW reads it through grad_of
+                self._low_grads[id(m.main_param)] = g
         try:
             if self.grad_scaler is not None:
                 found_inf = self._unscale_and_check_overflow(grads)
@@ -176,6 +183,7 @@ class MegatronOptimizer:
                 self.optimizer.step()
         finally:
             self.optimizer.grad_scale = None
+            self._low_grads.clear()
             for m in self.main_params:
                 m.main_param.grad = None
         copies = [m for m in self.main_params if m.is_copy]
@@ -272,6 +280,14 @@ def build_optimizer(model_chunks: List[DistributedDataParallel], cfg: OptimizerC
         if chunk.use_distributed_optimizer != parallel_cfg.use_distributed_optimizer:
             raise ValueError("the model was wrapped with a different --use-distributed-optimizer setting than "
                              "the optimizer is built with; build both from the same ParallelConfig")
+    grad_dtype = DTYPES[cfg.main_grads_dtype]
+    for chunk in model_chunks:
+        if chunk.grad_dtype != grad_dtype:
+            raise ValueError(f"the model's gradient buffers are {chunk.grad_dtype} but --main-grads-dtype is "
+                             f"{cfg.main_grads_dtype}; wrap the model with DistributedDataParallel(..., "
+                             f"grad_dtype={grad_dtype})")
+    if grad_dtype != torch.float32 and cfg.optimizer != "adam":
+        raise ValueError(f"--main-grads-dtype {cfg.main_grads_dtype} needs --optimizer adam")
     main_params = []
     for i, chunk in enumerate(model_chunks):
         main_params += _main_params(chunk, f"chunk{i}." if len(model_chunks) > 1 else "", state)
@@ -283,7 +299,7 @@ def build_optimizer(model_chunks: List[DistributedDataParallel], cfg: OptimizerC
         on_gpu = bool(main_params) and all(m.main_param.is_cuda for m in main_params)
         ours = fused_kernels and on_gpu and fused_adamw_available(main_params[0].main_param.device)
         moments = DTYPES[cfg.exp_avg_dtype], DTYPES[cfg.exp_avg_sq_dtype]
-        if ours or moments != (torch.float32, torch.float32):
+        if ours or moments != (torch.float32, torch.float32) or grad_dtype != torch.float32:
             # megatron_lite's AdamW: moments in their configured dtypes; on GPUs one kernel that
             # also writes the model's bf16/fp16 copy of each parameter
             by_main = {id(m.main_param): m for m in main_params if m.is_copy}

@@ -1,8 +1,10 @@
 """Data parallelism: bucketed gradient reduction over the DP group, and finalize_model_grads.
 
 `DistributedDataParallel` wraps one model chunk. Each parameter's gradient accumulates into
-`param.main_grad`, an fp32 view of a contiguous per-bucket buffer, so that microbatches add
-up in fp32 and each bucket is reduced with one collective. Parameters are laid out in
+`param.main_grad`, a view of a contiguous per-bucket buffer, so that microbatches add up there
+and each bucket is reduced with one collective. The buffers are fp32 (Megatron's default for
+bf16 and fp16 training); with `grad_dtype=torch.bfloat16` (--main-grads-dtype bf16) a bf16
+parameter's gradient accumulates and is reduced in bf16, at half the memory and traffic. Parameters are laid out in
 reverse order (as Megatron does) because backward produces the last layers' gradients
 first: with `overlap_grad_reduce` the first bucket is complete, and its all-reduce starts,
 while the backward of earlier layers is still running.
@@ -71,7 +73,7 @@ class GradBucket:
     """
 
     def __init__(self, params: List[torch.nn.Parameter], pad_to: int, keep_params_in_buffer: bool,
-                 device: torch.device):
+                 device: torch.device, grad_dtype: torch.dtype = torch.float32):
         self.params = params
         self.ranges: Dict[torch.nn.Parameter, Tuple[int, int]] = {}
         offset = 0
@@ -79,7 +81,7 @@ class GradBucket:
             self.ranges[p] = (offset, offset + p.numel())
             offset += p.numel()
         self.numel = math.ceil(offset / pad_to) * pad_to
-        self.grad_data = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
         self.param_data: Optional[torch.Tensor] = None
         if keep_params_in_buffer:
             self.param_data = torch.zeros(self.numel, dtype=params[0].dtype, device=device)
@@ -112,8 +114,12 @@ class DistributedDataParallel(torch.nn.Module):
     as soon as the last microbatch's backward has produced all of its gradients.
     """
 
-    def __init__(self, module: torch.nn.Module, parallel_cfg: ParallelConfig, state: ParallelState):
+    def __init__(self, module: torch.nn.Module, parallel_cfg: ParallelConfig, state: ParallelState, *,
+                 grad_dtype: torch.dtype = torch.float32):
         super().__init__()
+        if grad_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"gradient buffers are float32 or bfloat16, not {grad_dtype}")
+        self.grad_dtype = grad_dtype
         self.module = module
         self.state = state
         self.overlap_grad_reduce = parallel_cfg.overlap_grad_reduce
@@ -164,7 +170,9 @@ class DistributedDataParallel(torch.nn.Module):
         if current:
             groups.append(current)
         device = params[0].device if params else self.state.device
-        return [GradBucket(g, pad_to, self.use_distributed_optimizer, device) for g in groups]
+        # a bf16 buffer holds the gradients of bf16 parameters only; others stay fp32
+        return [GradBucket(g, pad_to, self.use_distributed_optimizer, device,
+                           self.grad_dtype if g[0].dtype == self.grad_dtype else torch.float32) for g in groups]
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -179,7 +187,7 @@ class DistributedDataParallel(torch.nn.Module):
             return getattr(self.module, name)
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
-        """Move the fresh gradient into main_grad (fp32) and, when enabled, start the bucket's reduction."""
+        """Move the fresh gradient into main_grad and, when enabled, start the bucket's reduction."""
         bucket = self._bucket_of[param]
         if bucket.handle is not None:
             raise RuntimeError("a gradient arrived after its bucket's all-reduce had started (overlap_grad_reduce): "

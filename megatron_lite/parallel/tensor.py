@@ -195,10 +195,10 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.at
 
 
 class _LinearIntoMainGrad(torch.autograd.Function):
-    """F.linear whose weight gradient is computed straight into the weight's fp32 `main_grad`
-    (Megatron's gradient accumulation fusion): the wgrad GEMM writes fp32 (the first gradient of
-    the iteration) or accumulates into it (later microbatches), so no bf16 weight gradient is
-    written and then added into main_grad by the DDP hook.
+    """F.linear whose weight gradient is computed straight into the weight's `main_grad`
+    (Megatron's gradient accumulation fusion): the wgrad GEMM writes main_grad's dtype, fp32 or
+    bf16 (the first gradient of the iteration), or accumulates into it (later microbatches), so
+    no separate weight gradient is written and then added into main_grad by the DDP hook.
 
     Autograd still gets a gradient for the weight, so that the DDP hook runs (bucket
     bookkeeping, overlapped reduction); it is an uninitialised tensor that the hook drops,
@@ -216,11 +216,13 @@ class _LinearIntoMainGrad(torch.autograd.Function):
         grad_x = g.matmul(weight)
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         main_grad = weight.main_grad
+        # out_dtype only where it widens (fp32 main_grad); a bf16 main_grad is the plain GEMM
+        wide = {"out_dtype": torch.float32} if main_grad.dtype != g2.dtype else {}
         if weight.main_grad_is_stale:   # first gradient of the iteration: overwrite
-            torch.mm(g2.t(), x2, out_dtype=torch.float32, out=main_grad)
+            torch.mm(g2.t(), x2, out=main_grad, **wide)
             weight.main_grad_is_stale = False
         else:
-            torch.addmm(main_grad, g2.t(), x2, out_dtype=torch.float32, out=main_grad)
+            torch.addmm(main_grad, g2.t(), x2, out=main_grad, **wide)
         weight.grad_added_to_main_grad = True
         grad_bias = g2.sum(dim=0) if ctx.has_bias else None
         return grad_x, torch.empty_like(weight), grad_bias
@@ -228,7 +230,7 @@ class _LinearIntoMainGrad(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            fuse_wgrad: bool = True) -> torch.Tensor:
-    """F.linear; on a GPU, for a bf16/fp16 weight whose gradient goes to an fp32 main_grad (the
+    """F.linear; on a GPU, for a bf16/fp16 weight whose gradient goes to a main_grad buffer (the
     DDP wrapper marks it `fuse_wgrad`, see --no-gradient-accumulation-fusion), with the weight
     gradient computed into main_grad. `fuse_wgrad` False for a weight that gets gradients from
     elsewhere too (a tied embedding used as the output layer on its own stage)."""

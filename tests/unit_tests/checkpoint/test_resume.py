@@ -29,7 +29,10 @@ MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4
          "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
          "--group-query-attention", "--num-query-groups", "2", "--untie-embeddings-and-output-weights"]
 VARIANTS = {"plain": [], "distopt": ["--use-distributed-optimizer"],
-            "fp16": ["--fp16", "--initial-loss-scale", "65536", "--loss-scale-window", "2", "--hysteresis", "1"]}
+            "fp16": ["--fp16", "--initial-loss-scale", "65536", "--loss-scale-window", "2", "--hysteresis", "1"],
+            # bf16 moments and bf16 gradient buffers (reduce-scattered in bf16), sharded over DP
+            "bf16-lean": ["--bf16", "--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
+                          "--exp-avg-sq-dtype", "bf16", "--main-grads-dtype", "bf16", "--use-distributed-optimizer"]}
 
 
 def _state(run):
@@ -80,7 +83,7 @@ LAYOUTS = [
     ("tp1-pp1-dp1", 1, [], ["plain", "distopt", "fp16"]),
     ("tp2-pp1-dp1", 2, ["--tensor-model-parallel-size", "2"], ["plain", "distopt"]),
     ("tp1-pp2-dp1", 2, ["--pipeline-model-parallel-size", "2"], ["plain", "distopt"]),
-    ("tp1-pp1-dp2", 2, [], ["plain", "distopt"]),
+    ("tp1-pp1-dp2", 2, [], ["plain", "distopt", "bf16-lean"]),
     ("tp2-pp2-dp2", 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
      ["plain", "distopt"]),
 ]

@@ -139,6 +139,51 @@ def test_megatron_optimizer_with_bf16_moments_trains_a_bf16_model():
                                torch.stack([r["loss"] for r in reference]), rtol=2e-2, atol=0)
 
 
+def test_main_grads_dtype_flag_needs_precision_aware_bf16_adam():
+    base = ["--train-iters", "1", "--main-grads-dtype", "bf16"]
+    with pytest.raises(ConfigError, match="--use-precision-aware-optimizer"):
+        validate(parse_args(base + ["--bf16"]), world_size=1)
+    with pytest.raises(ConfigError, match="add --bf16"):
+        validate(parse_args(base + ["--use-precision-aware-optimizer"]), world_size=1)
+    with pytest.raises(ConfigError, match="--optimizer adam"):
+        validate(parse_args(base + ["--bf16", "--use-precision-aware-optimizer", "--optimizer", "sgd"]), world_size=1)
+    cfg = validate(parse_args(base + ["--bf16", "--use-precision-aware-optimizer"]), world_size=1)
+    assert cfg.optimizer.main_grads_dtype == "bf16"
+
+
+def test_optimizer_refuses_gradient_buffers_of_another_dtype():
+    from megatron_lite.config import ParallelConfig
+    from megatron_lite.optim import build_optimizer
+    from megatron_lite.parallel.data import DistributedDataParallel
+    from tests.unit_tests.optim.toy import ToyModel
+
+    state = initialize()
+    model = DistributedDataParallel(ToyModel(torch.bfloat16), ParallelConfig(), state)   # fp32 buffers
+    cfg = opt_config(bf16=True, use_precision_aware_optimizer=True, main_grads_dtype="bf16")
+    with pytest.raises(ValueError, match=r"gradient buffers are torch.float32 but --main-grads-dtype is bf16"):
+        build_optimizer([model], cfg, ParallelConfig(), state)
+
+
+def test_bf16_main_grads_train_a_bf16_model_close_to_fp32_grads():
+    """--main-grads-dtype bf16: gradients accumulate in bf16 buffers and AdamW reads them as they
+    are; the fp32 main params, the moments and the model copy behave as with fp32 gradients."""
+    state = initialize()
+    cfg = opt_config(bf16=True, use_precision_aware_optimizer=True, main_grads_dtype="bf16")
+    model, optimizer, scheduler = build(state, cfg, dtype=torch.bfloat16)
+    assert all(b.grad_data.dtype == torch.bfloat16 for b in model.buckets)
+    assert isinstance(optimizer.optimizer, AdamW)
+    records = train_steps(model, optimizer, scheduler, state, make_batches(6))
+    for m in optimizer.main_params:
+        assert m.main_param.dtype == torch.float32 and m.main_param.grad is None
+        assert torch.equal(m.model_param.detach().view(-1), m.main_param.detach().view(-1).to(torch.bfloat16))
+    reference = train_steps(*build(state, opt_config(bf16=True), dtype=torch.bfloat16), state, make_batches(6))
+    assert records[0]["loss"] == reference[0]["loss"]
+    assert records[0]["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=1e-2)
+    losses, ref_losses = torch.stack([r["loss"] for r in records]), torch.stack([r["loss"] for r in reference])
+    torch.testing.assert_close(losses, ref_losses, rtol=2e-2, atol=0)
+    assert not torch.equal(losses, ref_losses)   # the bf16 gradients really were used
+
+
 # ------------------------------------------------------------------------------ GPU kernel
 
 @pytest.mark.gpu
@@ -146,7 +191,8 @@ def test_megatron_optimizer_with_bf16_moments_trains_a_bf16_model():
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad_scale", [None, 3.0])
 @pytest.mark.parametrize("model_dtype", [None, torch.bfloat16, torch.float16])
-def test_cuda_kernel_matches_the_torch_path(moments, grad_scale, model_dtype):
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_matches_the_torch_path(moments, grad_scale, model_dtype, grad_dtype):
     from megatron_lite.optim.adamw import fused_adamw_available
     assert fused_adamw_available(torch.device("cuda"))
     # odd sizes take the scalar path; an offset slice of a flat buffer is unaligned
@@ -162,8 +208,14 @@ def test_cuda_kernel_matches_the_torch_path(moments, grad_scale, model_dtype):
             offset += p.numel()
         opt = AdamW(params, exp_avg_dtype=moments, exp_avg_sq_dtype=moments, fused=fused,
                     model_view=(lambda p: views[id(p)]) if model_dtype else (lambda p: None), **HYPER)
+        grads = {}
+        if grad_dtype != torch.float32:   # bf16 main grads reach AdamW through grad_of
+            opt.grad_of = lambda p: grads.get(id(p))
         for step in range(3):
             set_grads(params, step)
+            if grad_dtype != torch.float32:
+                for p in params:
+                    grads[id(p)], p.grad = p.grad.to(grad_dtype), None
             if grad_scale is not None:
                 opt.grad_scale = torch.tensor(grad_scale, device="cuda")
             opt.step()

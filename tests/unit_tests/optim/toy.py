@@ -55,9 +55,11 @@ def opt_config(**overrides) -> OptimizerConfig:
 
 def build(state: ParallelState, cfg: OptimizerConfig, parallel_cfg: Optional[ParallelConfig] = None,
           dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A fresh (model, optimizer, scheduler) triple with identical initial weights on every rank."""
+    """A fresh (model, optimizer, scheduler) triple with identical initial weights on every rank;
+    the gradient buffers in `cfg.main_grads_dtype`."""
     parallel_cfg = parallel_cfg or ParallelConfig(ddp_bucket_size=64)
-    model = DistributedDataParallel(ToyModel(dtype).to(device), parallel_cfg, state)
+    grad_dtype = torch.bfloat16 if cfg.main_grads_dtype == "bf16" else torch.float32
+    model = DistributedDataParallel(ToyModel(dtype).to(device), parallel_cfg, state, grad_dtype=grad_dtype)
     optimizer = build_optimizer([model], cfg, parallel_cfg, state)
     scheduler = build_scheduler(optimizer, cfg, TrainConfig(train_iters=TRAIN_ITERS, global_batch_size=GLOBAL_BATCH))
     return model, optimizer, scheduler

@@ -68,6 +68,10 @@ def _dp2_body(rank, world_size):
         runs[(dist_opt, overlap)] = (records, params_of(model), optimizer.state_dict().get("shard_ranges"))
     model, optimizer, scheduler = build(state, opt_config(bf16=True), _parallel_cfg(True, True), torch.bfloat16)
     runs["bf16"] = (train_steps(model, optimizer, scheduler, state, batches), params_of(model), None)
+    cfg = opt_config(bf16=True, use_precision_aware_optimizer=True, main_grads_dtype="bf16")
+    model, optimizer, scheduler = build(state, cfg, _parallel_cfg(True, True), torch.bfloat16)
+    assert all(b.grad_data.dtype == torch.bfloat16 for b in model.buckets)
+    runs["bf16-grads"] = (train_steps(model, optimizer, scheduler, state, batches), params_of(model), None)
     return {"runs": runs, "overlap": _overlap_starts_reductions_in_last_backward(state),
             "resume": _resume(state, opt_config(), _parallel_cfg(True, True))}
 
@@ -107,6 +111,22 @@ def test_dp2_bf16_distributed_optimizer_matches_single_process(dp2):
                                    torch.stack([r["loss"] for r in ref_records]), rtol=1e-3, atol=0)
         for name, value in ref_params.items():
             torch.testing.assert_close(params[name], value)  # bf16 tolerance: one rounding step
+
+
+@pytest.mark.slow
+def test_dp2_bf16_main_grads_reduce_scatter_in_bf16_and_match_single_process(dp2):
+    """--main-grads-dtype bf16: the buckets are bf16 and reduce-scattered as such; the run tracks
+    one process with the same flags (bf16 rounding of the gradients: looser than fp32 grads)."""
+    ref_records, ref_params = _single_process_run(torch.bfloat16, bf16=True, use_precision_aware_optimizer=True,
+                                                  main_grads_dtype="bf16")
+    fp32_grads, _ = _single_process_run(torch.bfloat16, bf16=True)
+    for rank_result in dp2:
+        records, params, _ = rank_result["runs"]["bf16-grads"]
+        assert records[0]["loss"] == fp32_grads[0]["loss"]    # same weights before the first update
+        torch.testing.assert_close(torch.stack([r["loss"] for r in records]),
+                                   torch.stack([r["loss"] for r in ref_records]), rtol=2e-3, atol=0)
+        for name, value in ref_params.items():
+            torch.testing.assert_close(params[name], value, rtol=2e-2, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -198,10 +218,10 @@ class _TwoLinears(torch.nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x))).float().square().mean()
 
 
-def _main_grads_after_two_iterations(fused: bool):
+def _main_grads_after_two_iterations(fused: bool, grad_dtype=torch.float32):
     state = initialize()
     model = DistributedDataParallel(_TwoLinears(state, torch.bfloat16).cuda(),
-                                    ParallelConfig(gradient_accumulation_fusion=fused), state)
+                                    ParallelConfig(gradient_accumulation_fusion=fused), state, grad_dtype=grad_dtype)
     gen = torch.Generator().manual_seed(4)
     batches = [torch.randn(64, 2, 256, generator=gen).to("cuda", torch.bfloat16) for _ in range(4)]
     grads = []
@@ -218,15 +238,21 @@ def _main_grads_after_two_iterations(fused: bool):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_wgrad_computed_into_main_grad_equals_the_hook_path():
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_wgrad_computed_into_main_grad_equals_the_hook_path(grad_dtype):
     from megatron_lite.parallel.tensor import _MM_OUT_DTYPE
     assert _MM_OUT_DTYPE, "this torch has no torch.mm(..., out_dtype=torch.float32)"
-    fused, hooked = _main_grads_after_two_iterations(True), _main_grads_after_two_iterations(False)
+    fused = _main_grads_after_two_iterations(True, grad_dtype)
+    hooked = _main_grads_after_two_iterations(False, grad_dtype)
     for it in range(2):
         for name, g in hooked[it].items():
-            # the hook path rounds each microbatch's weight gradient to bf16 first
-            torch.testing.assert_close(fused[it][name], g, rtol=1e-2, atol=1e-5)
-    assert not torch.equal(fused[1]["fc1.weight"], hooked[1]["fc1.weight"])   # the fused path really ran
+            assert fused[it][name].dtype == grad_dtype
+            # the hook path rounds each microbatch's weight gradient to bf16 first; bf16 main
+            # grads round the sum as well
+            torch.testing.assert_close(fused[it][name], g, rtol=1e-2 if grad_dtype == torch.float32 else 2e-2,
+                                       atol=1e-5)
+    # the fused path really ran: it rounds differently from the hook path
+    assert not torch.equal(fused[1]["fc1.weight"], hooked[1]["fc1.weight"])
 
 
 def test_a_dropped_run_frees_its_model_and_gradient_buffers():
