@@ -91,7 +91,8 @@ def profile(name: str, ctx: Context, steps: int, top: int) -> dict:
         peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else 0.0
         kernels: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
         for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
+            # "#" names are annotations over kernels (Optimizer.step#AdamW.step), not kernels
+            if event.device_type == torch.autograd.DeviceType.CUDA and "#" not in event.name:
                 entry = kernels[event.name]
                 entry[0] += event.device_time_total / 1000.0 / steps     # ms per step
                 entry[1] += 1

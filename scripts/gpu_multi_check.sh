@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a 4-GPU machine (NCCL): the reference model's loss curve over 20 iterations at TP=2, PP=2
-# (1F1B), DP=4 and TP2xDP2 against one GPU (bf16), tokens/s per GPU, and exact resume at
-# TP2xPP2 with --deterministic-mode (10 straight vs 5 + resume to 10).
+# (1F1B), DP=4 and TP2xDP2 against one GPU (bf16), DP=4 with bf16 gradient buffers against one
+# GPU with them, tokens/s per GPU, and exact resume at TP2xPP2 with --deterministic-mode (10
+# straight vs 5 + resume to 10).
 #   OUT=/tmp/out bash scripts/gpu_multi_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_multi_out}
@@ -29,6 +30,12 @@ run tp2dp2 4 "${REF[@]}" --tensor-model-parallel-size 2 --sequence-parallel
 for r in tp2 pp2 dp4 tp2dp2; do
   echo "$r vs gpu1: $($PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1.log" "$OUT/$r.log" | tail -1)"
 done
+# bf16 moments and bf16 gradient buffers (reduce-scattered in bf16): one GPU and DP=4
+LEAN=(--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 --main-grads-dtype bf16)
+run gpu1_lean 1 "${REF[@]}" "${LEAN[@]}"
+run dp4_lean 4 "${REF[@]}" "${LEAN[@]}" --use-distributed-optimizer
+echo "dp4_lean vs gpu1_lean: $($PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_lean.log" "$OUT/dp4_lean.log" \
+  | tail -1)"
 SMALL=(--num-layers 4 --hidden-size 512 --num-attention-heads 8 --normalization RMSNorm --swiglu
        --position-embedding-type rope --disable-bias-linear --untie-embeddings-and-output-weights --seq-length 512
        --max-position-embeddings 512 --vocab-size 31999 --tokenizer-type NullTokenizer --mock-data

@@ -17,7 +17,9 @@ at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x);
 at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t variant);
 std::vector<at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at::Tensor& x,
                                       const c10::optional<at::Tensor>& bias);
-at::Tensor rotary(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, bool backward, int64_t variant);
+at::Tensor rotary(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, bool backward, int64_t variant,
+                  const c10::optional<at::Tensor>& out);
+at::Tensor copy_heads(const at::Tensor& t, const c10::optional<at::Tensor>& out, int64_t variant);
 at::Tensor scaled_masked_softmax_fwd(const at::Tensor& scores, const c10::optional<at::Tensor>& mask, double scale);
 at::Tensor scaled_masked_softmax_bwd(const at::Tensor& dy, const at::Tensor& probs,
                                      const c10::optional<at::Tensor>& mask, double scale);
@@ -48,7 +50,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_bwd", &mlite::bias_gelu_bwd, "bias-GeLU backward -> (dx, dbias or None)", py::arg("dy"),
         py::arg("x"), py::arg("bias"));
   m.def("rotary", &mlite::rotary, "rotary embedding (backward=True: transposed rotation)", py::arg("t"),
-        py::arg("cos"), py::arg("sin"), py::arg("backward"), py::kw_only(), py::arg("variant") = 0);
+        py::arg("cos"), py::arg("sin"), py::arg("backward"), py::kw_only(), py::arg("variant") = 0,
+        py::arg("out") = py::none());
+  m.def("copy_heads", &mlite::copy_heads, "t [s, b, heads, d] copied into out (or a new contiguous tensor)",
+        py::arg("t"), py::kw_only(), py::arg("out") = py::none(), py::arg("variant") = 0);
   m.def("scaled_masked_softmax_fwd", &mlite::scaled_masked_softmax_fwd, "softmax(scale * x, mask -> -10000)",
         py::arg("scores"), py::arg("mask"), py::arg("scale"));
   m.def("scaled_masked_softmax_bwd", &mlite::scaled_masked_softmax_bwd, "masked softmax backward", py::arg("dy"),

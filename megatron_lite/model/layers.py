@@ -104,17 +104,19 @@ class SelfAttention(nn.Module):
         qkv = self.linear_qkv(x)                                   # [s, b, groups_local * (hpg + 2) * d]
         s, b = qkv.shape[:2]
         d, hpg, ng = self.cfg.head_dim, self.heads_per_group, self.local_groups
-        # one split (its backward is one concatenation; slicing would zero-fill a full-size
-        # gradient per slice and add them up)
-        q, k, v = torch.split(qkv.view(s, b, ng, hpg + 2, d), [hpg, 1, 1], dim=3)
-        q = q.reshape(s, b, ng * hpg, d)
-        k, v = k.squeeze(3), v.squeeze(3)                          # [s, b, ng, d]
+        # rows of (batch, query group), each [hpg query heads, k, v]: q, k and v are 4-D strided
+        # slices that the rotary kernels read in place
+        qkv = qkv.view(s, b * ng, hpg + 2, d)
         if rotary is not None:
-            cos, sin = rotary
-            q, k = self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
-            # attention keeps v for its backward; as a view it would keep the whole QKV output
-            # ((heads per group + 2) times its size) alive after q and k have been copied out
-            v = v.contiguous()
+            # contiguous q, k, v (so q as [s, b, heads, d] is a view); attention keeps v for its
+            # backward, and as a view it would keep the whole QKV output alive
+            q, k, v = self.ops.split_qkv_rotary(qkv, hpg, *rotary)
+        else:
+            # one split (its backward is one concatenation; slicing would zero-fill a
+            # full-size gradient per slice and add them up)
+            q, k, v = torch.split(qkv, [hpg, 1, 1], dim=2)
+        q = q.reshape(s, b, ng * hpg, d)
+        k, v = k.reshape(s, b, ng, d), v.reshape(s, b, ng, d)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))      # [b, heads, s, d]
         p = self.cfg.attention_dropout if self.training else 0.0
         # heads are split over TP ranks, so their dropout masks must differ: tracker fork

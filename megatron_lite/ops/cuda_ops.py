@@ -99,18 +99,54 @@ class _BiasGeLU(torch.autograd.Function):
         return None, dx.view(dy.shape), dbias, None
 
 
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ext, t, cos2, sin2, variant):
         ctx.ext, ctx.variant = ext, variant
         ctx.save_for_backward(cos2, sin2)
-        return ext.rotary(t if t.stride(-1) == 1 else t.contiguous(), cos2, sin2, False, variant=variant)
+        return ext.rotary(_last_dim_contiguous(t), cos2, sin2, False, variant=variant)
 
     @staticmethod
     def backward(ctx, dy):
         cos2, sin2 = ctx.saved_tensors
-        dt = ctx.ext.rotary(dy if dy.stride(-1) == 1 else dy.contiguous(), cos2, sin2, True, variant=ctx.variant)
+        dt = ctx.ext.rotary(_last_dim_contiguous(dy), cos2, sin2, True, variant=ctx.variant)
         return None, dt, None, None, None
+
+
+class _SplitQKVRotary(torch.autograd.Function):
+    """q, k and v of a fused QKV output viewed as [s, rows, hpg + 2, d] (rows = batch x query
+    groups; per row hpg query heads, a key and a value): q and k rotated and v copied, each
+    straight from its strided slice into a contiguous tensor. The backward writes the three
+    gradients into one buffer of the input's shape: no per-slice gradient and no concatenation."""
+
+    @staticmethod
+    def forward(ctx, ext, qkv, cos2, sin2, hpg, variant):
+        ctx.ext, ctx.variant, ctx.hpg, ctx.shape, ctx.dtype = ext, variant, hpg, qkv.shape, qkv.dtype
+        ctx.save_for_backward(cos2, sin2)
+        q = ext.rotary(qkv[:, :, :hpg], cos2, sin2, False, variant=variant)
+        k = ext.rotary(qkv[:, :, hpg:hpg + 1], cos2, sin2, False, variant=variant)
+        v = ext.copy_heads(qkv[:, :, hpg + 1:], variant=variant)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos2, sin2 = ctx.saved_tensors
+        ext, hpg, variant = ctx.ext, ctx.hpg, ctx.variant
+        dqkv = torch.empty(ctx.shape, dtype=ctx.dtype, device=cos2.device)
+        for grad, part, rotated in ((dq, slice(0, hpg), True), (dk, slice(hpg, hpg + 1), True),
+                                    (dv, slice(hpg + 1, hpg + 2), False)):
+            out = dqkv[:, :, part]
+            if grad is None:
+                out.zero_()
+            elif rotated:
+                ext.rotary(_last_dim_contiguous(grad), cos2, sin2, True, variant=variant, out=out)
+            else:
+                ext.copy_heads(_last_dim_contiguous(grad), out=out, variant=variant)
+        return None, dqkv, None, None, None, None
 
 
 class _MaskedSoftmax(torch.autograd.Function):
@@ -229,6 +265,20 @@ class CudaOps:
         cos2 = cos.reshape(s, rot_dim).float().contiguous()
         sin2 = sin.reshape(s, rot_dim).float().contiguous()
         return _Rotary.apply(self.ext, t, cos2, sin2, self.variants["rotary"])
+
+    def split_qkv_rotary(self, qkv, heads_per_group, cos, sin):
+        """q, k, v of `qkv` [s, rows, heads_per_group + 2, d], q and k rotated (see
+        FusedOps.split_qkv_rotary), in one autograd node over the kernels."""
+        if qkv.dim() != 4 or qkv.shape[2] != heads_per_group + 2:
+            raise ValueError(f"split_qkv_rotary expects qkv as [s, rows, heads_per_group + 2 = "
+                             f"{heads_per_group + 2}, d], got shape {tuple(qkv.shape)}")
+        rot_dim = torch_ops.check_rotary_input(qkv, cos, sin)
+        if qkv.dtype == torch.float64 or qkv.stride(-1) != 1 or qkv.shape[-1] % 2:
+            return torch_ops.split_qkv_rotary(qkv, heads_per_group, cos, sin, self.rotary)
+        s = qkv.shape[0]
+        cos2 = cos.reshape(s, rot_dim).float().contiguous()
+        sin2 = sin.reshape(s, rot_dim).float().contiguous()
+        return _SplitQKVRotary.apply(self.ext, qkv, cos2, sin2, heads_per_group, self.variants["rotary"])
 
     def scaled_masked_softmax(self, scores, mask, scale):
         if mask is not None and mask.dtype != torch.bool:

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_lite.ops.torch_ops import TORCH_OPS
+from megatron_lite.ops.torch_ops import TORCH_OPS, split_qkv_rotary
 
 OP_NAMES = tuple(TORCH_OPS)
 
@@ -63,6 +63,17 @@ class FusedOps:
 
     def rotary(self, t, cos, sin):
         return self._impl("rotary", t)(t, cos, sin)
+
+    def split_qkv_rotary(self, qkv, heads_per_group: int, cos, sin):
+        """q, k, v of a fused QKV output viewed as [s, rows, heads_per_group + 2, d], q and k
+        rotated: contiguous [s, rows, hpg, d], [s, rows, 1, d], [s, rows, 1, d]. It follows the
+        rotary op's backend; the CUDA backend does the split in one autograd node whose backward
+        writes one gradient buffer (torch_ops.split_qkv_rotary is the same computation)."""
+        rotary = self._impl("rotary", qkv)
+        fused = getattr(getattr(rotary, "__self__", None), "split_qkv_rotary", None)
+        if fused is not None:
+            return fused(qkv, heads_per_group, cos, sin)
+        return split_qkv_rotary(qkv, heads_per_group, cos, sin, rotary)
 
     def scaled_masked_softmax(self, scores, mask, scale: float):
         return self._impl("scaled_masked_softmax", scores)(scores, mask, scale)

@@ -80,6 +80,17 @@ def rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((out, t_pass), dim=-1).to(t.dtype)
 
 
+def split_qkv_rotary(qkv: torch.Tensor, heads_per_group: int, cos: torch.Tensor, sin: torch.Tensor,
+                     rotary_fn=rotary):
+    """q, k, v of a fused QKV output viewed as [s, rows, heads_per_group + 2, d] (rows = batch x
+    query groups, each row hpg query heads, then a key and a value): q [s, rows, hpg, d] and
+    k [s, rows, 1, d] rotated by `rotary_fn`, v [s, rows, 1, d] copied; all three contiguous, so
+    q viewed as [s, b, groups * hpg, d] needs no copy. The slices go to `rotary_fn` as strided
+    views."""
+    q, k, v = torch.split(qkv, [heads_per_group, 1, 1], dim=2)
+    return rotary_fn(q, cos, sin), rotary_fn(k, cos, sin), v.contiguous()
+
+
 def scaled_masked_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """softmax(scores * scale) over the last dim with mask True positions set to MASKED_SCORE."""
     s = scores.float() * scale

@@ -253,6 +253,74 @@ def test_rotary_variants_are_bitwise_equal_to_variant_0(ops, shape, dtype, varia
             assert torch.equal(got[..., rot:], t[..., rot:])
 
 
+# (seq, batch, query groups, heads per group, head_dim, rot_dim): the reference model, MHA (hpg 1),
+# partial rotation, odd sizes
+QKV_SHAPES = [(2048, 4, 8, 2, 128, 128), (256, 2, 4, 1, 64, 64), (33, 3, 2, 4, 80, 40), (7, 1, 3, 2, 72, 36)]
+
+
+@pytest.mark.parametrize("variant", [0, 1], ids=["v0", "v1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", QKV_SHAPES, ids=shape_id)
+def test_rotary_and_copy_heads_write_into_a_strided_out(ops, shape, dtype, variant):
+    """The QKV split's backward writes each gradient into its slice of one buffer: the same values
+    as a fresh result, bitwise, and nothing outside the slice touched."""
+    s, b, g, hpg, d, rot = shape
+    cos, sin = (table.view(s, rot) for table in rope_tables(s, rot))
+    t = randn(s, b * g, hpg, d, dtype=dtype)
+    for backward in (False, True):
+        buffer = torch.full((s, b * g, hpg + 2, d), float("nan"), dtype=dtype, device=DEVICE)
+        out = buffer[:, :, 1:hpg + 1]
+        returned = ops.ext.rotary(t, cos, sin, backward, variant=variant, out=out)
+        assert returned.data_ptr() == out.data_ptr()
+        assert torch.equal(out, ops.ext.rotary(t, cos, sin, backward, variant=0))
+        assert buffer[:, :, 0].isnan().all() and buffer[:, :, hpg + 1].isnan().all()
+    v = randn(s, b * g, hpg + 2, d, dtype=dtype, seed=1)[:, :, hpg + 1:]   # a strided slice
+    assert torch.equal(ops.ext.copy_heads(v, variant=variant), v)
+    buffer = torch.full((s, b * g, hpg + 2, d), float("nan"), dtype=dtype, device=DEVICE)
+    ops.ext.copy_heads(v, out=buffer[:, :, :1], variant=variant)
+    assert torch.equal(buffer[:, :, :1], v) and buffer[:, :, 1:].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", QKV_SHAPES, ids=shape_id)
+def test_split_qkv_rotary_matches_the_torch_form(ops, shape, dtype):
+    """The attention layer's split: q and k rotated and v copied out of the fused QKV output, and
+    one gradient buffer back; against the torch form (torch.split, rotary, v.contiguous())."""
+    from megatron_lite.ops import torch_ops
+
+    s, b, g, hpg, d, rot = shape
+    cos, sin = rope_tables(s, rot)
+    base = randn(s, b, g * (hpg + 2) * d, dtype=dtype)
+    grads = [randn(s, b * g, n, d, dtype=dtype, seed=2 + i) for i, n in enumerate((hpg, 1, 1))]
+    results = []
+    for split in (ops.split_qkv_rotary, torch_ops.split_qkv_rotary):
+        x = base.detach().requires_grad_()
+        q, k, v = split(x.view(s, b * g, hpg + 2, d), hpg, cos, sin)
+        assert all(t.is_contiguous() for t in (q, k, v))
+        torch.autograd.backward([q, k, v], grads)
+        results.append((q, k, v, x.grad))
+    (q, k, v, dx), (q_ref, k_ref, v_ref, dx_ref) = results
+    # the kernels round each output once from fp32 (fused multiply-adds), the torch form per op
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)
+    assert torch.equal(v, v_ref)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    dx5, ref5 = dx.view(s, b * g, hpg + 2, d), dx_ref.view(s, b * g, hpg + 2, d)
+    assert torch.equal(dx5[:, :, hpg + 1], ref5[:, :, hpg + 1])        # v's gradient is copied exactly
+
+
+def test_strided_out_is_checked(ops, extension_errors_raise):
+    t = randn(8, 2, 2, 64, dtype=torch.bfloat16)
+    cos = torch.ones(8, 64, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"rotary out must be a BFloat16 \[8, 2, 2, 64\] tensor"):
+        ops.ext.rotary(t, cos, cos, False, out=torch.empty(8, 2, 3, 64, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(RuntimeError, match="copy_heads out has overlapping elements"):
+        ops.ext.copy_heads(t, out=torch.empty(64, dtype=torch.bfloat16, device=DEVICE).expand(8, 2, 2, 64))
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        ops.ext.rotary(t, cos, cos, False, out=t)
+
+
 # (batch, heads, sq, sk)
 SOFTMAX_SHAPES = [(2, 2, 7, h) for h in HIDDEN] + [(1, 4, 1024, 1000), (1, 2, 512, 4096), (1, 1, 1, 8192),
                                                     (2, 2, 3, 999)]

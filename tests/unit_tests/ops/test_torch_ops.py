@@ -77,6 +77,24 @@ def test_rotary_passes_the_unrotated_dims_through():
     assert torch.equal(torch_ops.rotary(t, cos, sin)[..., 8:], t[..., 8:])
 
 
+def test_split_qkv_rotary_equals_rotating_each_head_of_the_split():
+    """q, k, v out of [s, batch x groups, hpg + 2, d]: each query and key head rotated as the
+    rotary op rotates a [s, b, heads, d] tensor, bitwise; v copied; contiguous outputs."""
+    s, b, g, hpg, d = 6, 2, 3, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(s, b, g * (hpg + 2) * d, generator=gen, dtype=torch.bfloat16)
+    angles = torch.rand(s, 1, 1, d, generator=gen) * 6
+    cos, sin = angles.cos(), angles.sin()
+    q, k, v = torch_ops.split_qkv_rotary(qkv.view(s, b * g, hpg + 2, d), hpg, cos, sin)
+    assert all(t.is_contiguous() for t in (q, k, v))
+    heads = qkv.view(s, b, g, hpg + 2, d)
+    want_q = torch_ops.rotary(heads[:, :, :, :hpg].reshape(s, b, g * hpg, d), cos, sin)
+    want_k = torch_ops.rotary(heads[:, :, :, hpg].contiguous(), cos, sin)
+    assert torch.equal(q.view(s, b, g * hpg, d), want_q)
+    assert torch.equal(k.view(s, b, g, d), want_k)
+    assert torch.equal(v.view(s, b, g, d), heads[:, :, :, hpg + 1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scaled_masked_softmax_matches_float64(dtype):
     mask = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) > 0.6
