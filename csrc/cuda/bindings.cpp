@@ -8,10 +8,11 @@
 namespace mlite {
 
 std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& beta,
-                                 double eps, bool rms, const c10::optional<at::Tensor>& out);
+                                 double eps, bool rms, const c10::optional<at::Tensor>& out,
+                                 const c10::optional<at::Tensor>& residual);
 std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gamma,
                                  const c10::optional<at::Tensor>& mean, const at::Tensor& rstd, bool rms,
-                                 bool has_beta, int64_t variant);
+                                 bool has_beta, int64_t variant, const c10::optional<at::Tensor>& dresidual);
 at::Tensor swiglu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& out, int64_t variant);
 at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x);
 at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t variant);
@@ -36,12 +37,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megatron_lite fused CUDA kernels (float32 accumulation; fp32/fp16/bf16 storage)";
   // `variant` picks one of a kernel's launch designs (each documented at its kernel); 0 is the
   // default. `out`, when given, receives the result instead of a new tensor.
-  m.def("norm_fwd", &mlite::norm_fwd, "RMSNorm/LayerNorm forward -> (y, mean or None, rstd)", py::arg("x"),
-        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"), py::kw_only(),
-        py::arg("out") = py::none());
-  m.def("norm_bwd", &mlite::norm_bwd, "RMSNorm/LayerNorm backward -> (dx, dweight, dbias or None)", py::arg("dy"),
-        py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rms"), py::arg("has_bias"),
-        py::kw_only(), py::arg("variant") = 0);
+  m.def("norm_fwd", &mlite::norm_fwd,
+        "RMSNorm/LayerNorm forward -> (y, mean or None, rstd, x + residual or None); with residual the row "
+        "normalised is x + residual",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"), py::kw_only(),
+        py::arg("out") = py::none(), py::arg("residual") = py::none());
+  m.def("norm_bwd", &mlite::norm_bwd,
+        "RMSNorm/LayerNorm backward -> (dx, dweight, dbias or None); dresidual, when given, is added to dx",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rms"),
+        py::arg("has_bias"), py::kw_only(), py::arg("variant") = 0, py::arg("dresidual") = py::none());
   m.def("swiglu_fwd", &mlite::swiglu_fwd, "silu(gate) * up of x = [gate | up]", py::arg("x"), py::kw_only(),
         py::arg("out") = py::none(), py::arg("variant") = 0);
   m.def("swiglu_bwd", &mlite::swiglu_bwd, "SwiGLU backward -> dx", py::arg("dy"), py::arg("x"));

@@ -2,7 +2,9 @@
 //
 // A persistent grid (one resident wave): each thread group walks rows, one or two per step, writes
 // dx, and keeps its share of dgamma and dbeta in registers, written once as a partial row;
-// reduce_column_partials then sums the partial rows (deterministic, no atomics).
+// reduce_column_partials then sums the partial rows (deterministic, no atomics). With
+// `dresidual`, dx is rounded to x's dtype and dresidual added to it (rounded again): the gradient of
+// a residual stream that feeds both the norm and a later add, as autograd would accumulate it.
 #include "norm.cuh"
 
 namespace mlite {
@@ -26,7 +28,7 @@ __global__ void __launch_bounds__(kRowThreads)
     norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ gamma,
                     const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
                     T* __restrict__ dx, float* __restrict__ dgamma_part, float* __restrict__ dbeta_part,
-                    int64_t rows, int cols) {
+                    int64_t rows, int cols, const T* __restrict__ dresidual) {
   constexpr int S = RMS ? 1 : 2;  // sums per row: dy*g*xhat, and dy*g for LayerNorm
   __shared__ float smem[2][R * S * kReduceSmemFloats];  // alternated between steps: one barrier each
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -111,6 +113,13 @@ __global__ void __launch_bounds__(kRowThreads)
           const float xhat = (xv[i] - mean[j]) * rstd[j];
           out[i] = rstd[j] * (dv[i] * g[i] - mean_dyg - xhat * mean_dyg_xhat);
         }
+        if (dresidual != nullptr) {
+          float dr[VEC];
+          unpack_floats(pack_floats<T, VEC>(out), out);
+          load_floats<VEC>(dresidual + row[j] * cols + c, dr);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) out[i] = __fadd_rn(out[i], dr[i]);  // never contracted into an FMA
+        }
         store_floats<VEC>(dx + row[j] * cols + c, out);
       }
     }
@@ -129,13 +138,17 @@ __global__ void __launch_bounds__(kRowThreads)
 
 std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gamma,
                                  const c10::optional<at::Tensor>& mean, const at::Tensor& rstd, bool rms,
-                                 bool has_beta, int64_t variant) {
+                                 bool has_beta, int64_t variant, const c10::optional<at::Tensor>& dresidual) {
   check_norm_input(x, gamma);
   TORCH_CHECK(variant >= 0 && variant < kNormBwdVariants, "norm_bwd variant must be 0 (one row per thread group "
               "per step) or 1 (two rows per step), got ", variant);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(),
               "norm grad must be contiguous with the input's shape and dtype");
   TORCH_CHECK(!(rms && has_beta), "RMSNorm has no bias: call norm_bwd with has_bias=False when rms=True");
+  TORCH_CHECK(!dresidual.has_value() || (dresidual->sizes() == x.sizes() && dresidual->is_contiguous() &&
+                                         dresidual->scalar_type() == x.scalar_type() &&
+                                         dresidual->device() == x.device()),
+              "norm_bwd dresidual must be contiguous with the input's shape, dtype and device");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), cols = x.size(1);
   auto dx = at::empty_like(x);
@@ -173,7 +186,8 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
           kernel<<<static_cast<unsigned>(blocks), s.block, 0, stream>>>(
               dy.data_ptr<T>(), x.data_ptr<T>(), gamma.data_ptr<W>(), rms ? nullptr : mean->data_ptr<float>(),
               rstd.data_ptr<float>(), dx.data_ptr<T>(), dgamma_part.data_ptr<float>(),
-              has_beta ? dbeta_part.data_ptr<float>() : nullptr, rows, static_cast<int>(cols));
+              has_beta ? dbeta_part.data_ptr<float>() : nullptr, rows, static_cast<int>(cols),
+              dresidual.has_value() ? dresidual->data_ptr<T>() : nullptr);
           check_launch();
           reduce_column_partials(dgamma_part, dgamma);
           if (has_beta) reduce_column_partials(dbeta_part, dbeta);

@@ -3,6 +3,9 @@
 // One thread group per row holds the row in registers (k vectors per thread), reduces mean and
 // variance in float32 (two passes over the registers, not sum-of-squares), and writes y plus the
 // per-row mean and 1/std that the backward needs. y goes to a new tensor or to the caller's `out`.
+// With `residual`, the row normalised is x + residual, rounded to x's dtype and written out as well
+// (the residual stream of a pre-norm transformer): the same numbers as a separate add then the norm,
+// with one pass over the rows less.
 #include <ATen/MemoryOverlap.h>
 
 #include "norm.cuh"
@@ -14,7 +17,8 @@ template <typename T, typename W, int VEC, int K>
 __global__ void __launch_bounds__(kRowThreads)
     norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ gamma, const W* __restrict__ beta,
                     T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                    int64_t rows, int cols, float eps, bool rms) {
+                    int64_t rows, int cols, float eps, bool rms, const T* __restrict__ residual,
+                    T* __restrict__ sum_out) {
   __shared__ float smem[kReduceSmemFloats];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < rows;
@@ -26,6 +30,16 @@ __global__ void __launch_bounds__(kRowThreads)
     const int c = (threadIdx.x + k * blockDim.x) * VEC;
     if (valid && c < cols) {
       load_floats<VEC>(xr + c, v[k]);
+      if (residual != nullptr) {
+        float r[VEC];
+        load_floats<VEC>(residual + row * cols + c, r);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[k][i] = __fadd_rn(v[k][i], r[i]);  // the add alone, as torch's
+        // rounded as an add of two T tensors stores it, and normalised as stored
+        const Pack<T, VEC> rounded = pack_floats<T, VEC>(v[k]);
+        *reinterpret_cast<Pack<T, VEC>*>(sum_out + row * cols + c) = rounded;
+        unpack_floats(rounded, v[k]);
+      }
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) v[k][i] = 0.f;
@@ -72,8 +86,16 @@ __global__ void __launch_bounds__(kRowThreads)
 }  // namespace
 
 std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& beta,
-                                 double eps, bool rms, const c10::optional<at::Tensor>& out) {
+                                 double eps, bool rms, const c10::optional<at::Tensor>& out,
+                                 const c10::optional<at::Tensor>& residual) {
   check_norm_input(x, gamma);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->device() == x.device() && residual->scalar_type() == x.scalar_type() &&
+                    residual->sizes() == x.sizes() && residual->is_contiguous(),
+                "norm_fwd residual must be a contiguous ", x.sizes(), " ", x.scalar_type(), " tensor on ", x.device(),
+                " (the input's shape, dtype and device), got ", residual->sizes(), " ", residual->scalar_type(),
+                " on ", residual->device(), residual->is_contiguous() ? "" : " (not contiguous)");
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), cols = x.size(1);
   if (out.has_value()) {
@@ -83,12 +105,14 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, c
                 " (the input's shape, dtype and device), got ", out->sizes(), " ", out->scalar_type(), " on ",
                 out->device(), out->is_contiguous() ? "" : " (not contiguous)");
     at::assert_no_overlap(*out, x);  // the kernel reads x through a read-only (__restrict__) path
+    if (residual.has_value()) at::assert_no_overlap(*out, *residual);
   }
   auto y = out.has_value() ? *out : at::empty_like(x);
   auto stats = x.options().dtype(at::kFloat);
   auto rstd = at::empty({rows}, stats);
   auto mean = rms ? at::Tensor() : at::empty({rows}, stats);
-  if (rows == 0 || cols == 0) return {y, mean, rstd};
+  auto sum = residual.has_value() ? at::empty_like(x) : at::Tensor();
+  if (rows == 0 || cols == 0) return {y, mean, rstd, sum};
   const RowShape s = norm_shape(x, gamma, beta, true);
   const dim3 grid(static_cast<unsigned>((rows + s.block.y - 1) / s.block.y));
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -100,12 +124,13 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, c
         norm_fwd_kernel<T, W, decltype(vc)::value, decltype(kc)::value><<<grid, s.block, 0, stream>>>(
             x.data_ptr<T>(), gamma.data_ptr<W>(), beta.has_value() ? beta->data_ptr<W>() : nullptr,
             y.data_ptr<T>(), rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows,
-            static_cast<int>(cols), static_cast<float>(eps), rms);
+            static_cast<int>(cols), static_cast<float>(eps), rms,
+            residual.has_value() ? residual->data_ptr<T>() : nullptr, residual.has_value() ? sum.data_ptr<T>() : nullptr);
       });
     });
   });
   check_launch();
-  return {y, mean, rstd};
+  return {y, mean, rstd, sum};
 }
 
 }  // namespace mlite

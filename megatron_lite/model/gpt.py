@@ -147,11 +147,19 @@ class GPTModel(nn.Module):
             seq = input_ids.shape[1] if input_ids is not None else x.shape[0] * (
                 self.state.tp_size if self.state.sequence_parallel else 1)
             rotary = self.rotary(seq, x.device, x.dtype)
+        # each layer's last residual add is left to the next norm, which does it in the same kernel
+        # (under full recompute a layer is one checkpointed tensor-to-tensor function instead)
+        pending = None
         for layer in self.decoder.layers:
-            x = self._layer_forward(layer, x, rotary, attention_mask)
+            if self.cfg.recompute_activations and self.training:
+                x = self._layer_forward(layer, x if pending is None else x + pending, rotary, attention_mask)
+                pending = None
+            else:
+                x, pending = layer.forward_deferred(x, pending, rotary, attention_mask)
         if not self.post_process:
-            return x
-        x = self.decoder.final_layernorm(x)
+            return x if pending is None else x + pending
+        norm = self.decoder.final_layernorm
+        x = norm(x) if pending is None else norm.add_forward(pending, x)[1]
         # a tied embedding on this stage also gets the lookup's gradient: no wgrad fusion for it
         tied_here = self.share_embeddings and self.pre_process
         logits = column_parallel_linear(x, self.output_weight(), None, self.state,

@@ -44,6 +44,10 @@ class Norm(nn.Module):
             return self.ops.rms_norm(x, self.weight, self.eps)
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def add_forward(self, delta, residual):
+        """(residual + delta, this norm of it): a residual add and the norm after it, in one op."""
+        return self.ops.add_norm(delta, residual, self.weight, self.bias, self.eps, self.rms)
+
 
 def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """inv_freq[i] = base^(-2i / rot_dim); with Llama-3.1 scaling, low frequencies are divided
@@ -164,7 +168,12 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + drop(attn(norm(x))) then x + drop(mlp(norm(x)))."""
+    """Pre-norm block: x + drop(attn(norm(x))) then x + drop(mlp(norm(x))).
+
+    `forward_deferred` leaves each residual add to the norm that follows it (Norm.add_forward: one
+    kernel for both with the CUDA ops): it takes the input as (x, pending) with the add x + pending
+    not yet done, and returns its output the same way, for the next layer's input norm or the
+    final norm to finish. `forward` is the plain tensor-in, tensor-out form."""
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
         super().__init__()
@@ -175,7 +184,8 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = Norm(cfg, state, ops, dtype)
         self.mlp = MLP(cfg, state, ops, dtype)
 
-    def _bias_dropout_add(self, out_and_bias, residual):
+    def _bias_dropout(self, out_and_bias):
+        """drop(out + bias): what the residual add adds."""
         out, bias = out_and_bias
         if bias is not None:
             out = out + bias
@@ -185,18 +195,27 @@ class TransformerLayer(nn.Module):
             fork = self.state.rng.fork() if self.state.sequence_parallel else contextlib.nullcontext()
             with fork:
                 out = F.dropout(out, p=p, training=True)
-        return residual + out
+        return out
 
-    def _norm_then(self, norm, x, block, *args):
-        """block(norm(x), *args); with selective "layernorm" recompute the norm's output is freed
-        after the block's forward and recomputed when the backward reaches the block's output."""
-        normed = norm(x)
+    def _norm_then(self, norm, x, pending, block, *args):
+        """(x + pending, block(norm(x + pending), *args)), the add fused into the norm (no add
+        without `pending`); with selective "layernorm" recompute the norm's output is freed after
+        the block's forward and recomputed when the backward reaches the block's output."""
+        if pending is None:
+            normed = norm(x)
+        else:
+            x, normed = norm.add_forward(pending, x)
         out = block(normed, *args)
         if self.recompute_norms:
             discard_until_backward(normed, out[0], lambda: norm(x))
-        return out
+        return x, out
+
+    def forward_deferred(self, x, pending=None, rotary=None, attention_mask=None):
+        """The layer on x + pending; returns (y, y_pending), its output being y + y_pending."""
+        x, attn = self._norm_then(self.input_layernorm, x, pending, self.self_attention, rotary, attention_mask)
+        x, mlp = self._norm_then(self.pre_mlp_layernorm, x, self._bias_dropout(attn), self.mlp)
+        return x, self._bias_dropout(mlp)
 
     def forward(self, x, rotary=None, attention_mask=None):
-        x = self._bias_dropout_add(self._norm_then(self.input_layernorm, x, self.self_attention, rotary,
-                                                   attention_mask), x)
-        return self._bias_dropout_add(self._norm_then(self.pre_mlp_layernorm, x, self.mlp), x)
+        x, pending = self.forward_deferred(x, None, rotary, attention_mask)
+        return x + pending

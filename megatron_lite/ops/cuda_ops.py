@@ -55,7 +55,8 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ext, x, weight, bias, eps, rms, bwd_variant):
         x2 = as_rows(x)
-        y, mean, rstd = ext.norm_fwd(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps, rms)
+        y, mean, rstd, _ = ext.norm_fwd(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps,
+                                        rms)
         ctx.ext, ctx.rms, ctx.has_bias, ctx.bwd_variant = ext, rms, bias is not None, bwd_variant
         ctx.save_for_backward(x2, weight, mean, rstd)
         return y.view(x.shape)
@@ -66,6 +67,33 @@ class _Norm(torch.autograd.Function):
         dx, dweight, dbias = ctx.ext.norm_bwd(as_rows(dy), x2, weight.contiguous(), mean, rstd, ctx.rms, ctx.has_bias,
                                               variant=ctx.bwd_variant)
         return None, dx.view(dy.shape), dweight, dbias, None, None, None
+
+
+class _AddNorm(torch.autograd.Function):
+    """(x + residual, norm(x + residual)) in one pass over the rows: the residual stream of a
+    pre-norm layer and the next block's input. The backward adds the sum's own gradient (from the
+    later residual add) to the norm's input gradient in the same kernel; x and residual get that
+    one tensor."""
+
+    @staticmethod
+    def forward(ctx, ext, x, residual, weight, bias, eps, rms, bwd_variant):
+        y, mean, rstd, total = ext.norm_fwd(as_rows(x), weight.contiguous(),
+                                            None if bias is None else bias.contiguous(), eps, rms,
+                                            residual=as_rows(residual))
+        ctx.ext, ctx.rms, ctx.has_bias, ctx.bwd_variant = ext, rms, bias is not None, bwd_variant
+        ctx.save_for_backward(total, weight, mean, rstd)
+        return total.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dtotal, dy):
+        total, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(total)
+        dx, dweight, dbias = ctx.ext.norm_bwd(as_rows(dy), total, weight.contiguous(), mean, rstd, ctx.rms,
+                                              ctx.has_bias, variant=ctx.bwd_variant,
+                                              dresidual=None if dtotal is None else as_rows(dtotal))
+        dx = dx.view(dy.shape)
+        return None, dx, dx, dweight, dbias, None, None, None
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -239,6 +267,14 @@ class CudaOps:
         if not weight_ok or x.dtype == torch.float64 or not row_fits(x.shape[-1], x, weight):
             return fallback(x, weight, eps) if rms else fallback(x, weight, bias, eps)
         return _Norm.apply(self.ext, x, weight, bias, eps, rms, self.variants["norm_bwd"])
+
+    def add_norm(self, x, residual, weight, bias, eps, rms):
+        """(x + residual, norm(x + residual)), see FusedOps.add_norm; one kernel each way."""
+        weight_ok = weight.dtype in (x.dtype, torch.float32) and (bias is None or bias.dtype == weight.dtype)
+        if (not weight_ok or x.dtype == torch.float64 or residual.shape != x.shape or residual.dtype != x.dtype
+                or not row_fits(x.shape[-1], x, weight)):
+            return torch_ops.add_norm(x, residual, weight, bias, eps, rms, self._norm)
+        return _AddNorm.apply(self.ext, x, residual, weight, bias, eps, rms, self.variants["norm_bwd"])
 
     def rms_norm(self, x, weight, eps):
         return self._norm(x, weight, None, eps, True)

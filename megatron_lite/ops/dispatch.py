@@ -55,6 +55,18 @@ class FusedOps:
     def layer_norm(self, x, weight, bias, eps: float):
         return self._impl("layer_norm", x)(x, weight, bias, eps)
 
+    def add_norm(self, x, residual, weight, bias, eps: float, rms: bool):
+        """(x + residual, RMSNorm or LayerNorm of it): a pre-norm layer's residual add and the next
+        norm. It follows the norm's backend; the CUDA backend does both in one kernel each way (the
+        same numbers: the sum is rounded to x's dtype before it is normalised)."""
+        op = "rms_norm" if rms else "layer_norm"
+        norm = self._impl(op, x)
+        fused = getattr(getattr(norm, "__self__", None), "add_norm", None)
+        if fused is not None:
+            return fused(x, residual, weight, bias, eps, rms)
+        total = residual + x
+        return total, norm(total, weight, eps) if rms else norm(total, weight, bias, eps)
+
     def swiglu(self, x):
         return self._impl("swiglu", x)(x)
 

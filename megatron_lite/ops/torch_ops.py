@@ -31,6 +31,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                         None if bias is None else bias.float(), eps).to(x.dtype)
 
 
+def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+             rms: bool, norm_fn=None):
+    """(x + residual, norm(x + residual)): the residual stream of a pre-norm layer and its
+    normalised form; `norm_fn(t, weight, bias, eps, rms)` computes the norm (default: the torch
+    forms above)."""
+    total = residual + x
+    if norm_fn is not None:
+        return total, norm_fn(total, weight, bias, eps, rms)
+    return total, rms_norm(total, weight, eps) if rms else layer_norm(total, weight, bias, eps)
+
+
 def check_swiglu_input(x: torch.Tensor) -> None:
     if x.shape[-1] % 2:
         raise ValueError(f"swiglu needs an even last dim [gate | up], got {tuple(x.shape)}; "

@@ -85,3 +85,16 @@ def test_rope_attention_keeps_v_not_the_qkv_output():
     v = tokens * m.query_groups * m.head_dim * bytes_per
     assert qkv not in sizes
     assert sizes.count(v) >= m.num_layers   # v itself (and k after RoPE: the same size)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_residual_adds_left_to_the_next_norm_give_the_same_numbers(arch):
+    """Each layer's last residual add is done by the next norm (fused with it on GPUs); under
+    --recompute-activations every layer adds its own output instead. Same loss and gradients, bit
+    for bit, dropout included."""
+    dropout = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+    loss, grads, _, _, _ = _forward_backward(TINY + ARCH[arch] + dropout)
+    r_loss, r_grads, _, _, _ = _forward_backward(TINY + ARCH[arch] + dropout + ["--recompute-activations"])
+    assert r_loss == loss
+    for name in grads:
+        assert torch.equal(r_grads[name], grads[name]), name

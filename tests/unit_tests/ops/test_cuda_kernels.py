@@ -134,6 +134,38 @@ def test_norm_kernels_take_float32_weights_with_bf16_input(ops, norm, variant):
     ref.assert_within(ref.compare(impl, reference, args, torch.bfloat16), torch.bfloat16)
 
 
+ADD_NORM_SHAPES = [(7, 1000), (4096, 2048), (4096, 999), (8192, 4096)]
+
+
+@NORM_BWD_VARIANTS
+@pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ADD_NORM_SHAPES, ids=shape_id)
+def test_add_norm_equals_the_add_then_the_norm_bitwise(ops, shape, dtype, rms, variant):
+    """The residual add fused into the norm, both ways: every output and gradient bit for bit
+    what the separate add (in the input dtype) and the norm give, the sum's own gradient included."""
+    rows, hidden = shape
+    fused_ops, cols = with_variant(ops, "norm_bwd", variant), hidden
+    x, r = randn(rows, cols, dtype=dtype, scale=2.0), randn(rows, cols, dtype=dtype, seed=1)
+    w = (1 + randn(cols, seed=2, scale=0.1)).to(dtype)
+    b = None if rms else randn(cols, dtype=dtype, seed=3)
+    g_sum, g_y = randn(rows, cols, dtype=dtype, seed=4), randn(rows, cols, dtype=dtype, seed=5)
+    results = []
+    for fused in (True, False):
+        leaves = [t.detach().requires_grad_() for t in (x, r, w)] + ([b.detach().requires_grad_()] if b is not None else [])
+        xl, rl, wl = leaves[:3]
+        bl = leaves[3] if b is not None else None
+        if fused:
+            total, y = fused_ops.add_norm(xl, rl, wl, bl, 1e-5, rms)
+        else:
+            total = rl + xl
+            y = fused_ops.rms_norm(total, wl, 1e-5) if rms else fused_ops.layer_norm(total, wl, bl, 1e-5)
+        torch.autograd.backward([total, y], [g_sum, g_y])
+        results.append([total, y] + [t.grad for t in leaves])
+    for name, got, want in zip(["sum", "y", "dx", "dresidual", "dweight", "dbias"], *results):
+        assert torch.equal(got, want), name
+
+
 @ACT_FWD_VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROW_SHAPES, ids=shape_id)
@@ -171,8 +203,8 @@ def test_swiglu_and_norm_forward_write_into_out(ops, variant):
     assert torch.equal(out, ops.ext.swiglu_fwd(x))
     h, w, b = randn(7, 1000, dtype=torch.bfloat16), randn(1000, dtype=torch.bfloat16, seed=1), None
     y = torch.empty_like(h)
-    got, mean, rstd = ops.ext.norm_fwd(h, w, b, 1e-5, True, out=y)
-    assert got.data_ptr() == y.data_ptr() and mean is None
+    got, mean, rstd, total = ops.ext.norm_fwd(h, w, b, 1e-5, True, out=y)
+    assert got.data_ptr() == y.data_ptr() and mean is None and total is None
     assert torch.equal(y, ops.ext.norm_fwd(h, w, b, 1e-5, True)[0])
 
 
