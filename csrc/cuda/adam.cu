@@ -1,6 +1,6 @@
 // Fused AdamW step over fp32 main params: one pass per tensor reads the main param, its fp32
-// or bf16 gradient (Megatron's --main-grads-dtype) and both moments, and writes the main param, the moments and (optionally) the
-// bf16/fp16 model copy of the parameter. The moments may be stored in fp32, bf16 or fp16
+// or bf16 gradient (Megatron's --main-grads-dtype) and both moments, and writes the main param,
+// the moments and (optionally) the bf16/fp16 model copy of the parameter. The moments may be stored in fp32, bf16 or fp16
 // (Megatron's --exp-avg-dtype / --exp-avg-sq-dtype); all arithmetic is fp32.
 //
 // Registered as the torch operator mlite::adamw_step (torch.ops.mlite.adamw_step), so it
@@ -165,8 +165,8 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     TORCH_CHECK(p.is_cuda() && p.scalar_type() == at::kFloat && p.is_contiguous(),
                 "adamw_step: params must be contiguous float32 CUDA tensors (the fp32 main params)");
     const bool bf16_grad = grads[i].scalar_type() == at::kBFloat16;
-    TORCH_CHECK(bf16_grad || grads[i].scalar_type() == at::kFloat, "adamw_step: grads must be float32 or bfloat16, got ",
-                grads[i].scalar_type());
+    TORCH_CHECK(bf16_grad || grads[i].scalar_type() == at::kFloat,
+                "adamw_step: grads must be float32 or bfloat16, got ", grads[i].scalar_type());
     check_tensor(grads[i], p, "grad");
     check_tensor(exp_avgs[i], p, "exp_avg");
     check_tensor(exp_avg_sqs[i], p, "exp_avg_sq");

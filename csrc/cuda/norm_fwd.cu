@@ -125,7 +125,8 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, c
             x.data_ptr<T>(), gamma.data_ptr<W>(), beta.has_value() ? beta->data_ptr<W>() : nullptr,
             y.data_ptr<T>(), rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows,
             static_cast<int>(cols), static_cast<float>(eps), rms,
-            residual.has_value() ? residual->data_ptr<T>() : nullptr, residual.has_value() ? sum.data_ptr<T>() : nullptr);
+            residual.has_value() ? residual->data_ptr<T>() : nullptr,
+            residual.has_value() ? sum.data_ptr<T>() : nullptr);
       });
     });
   });

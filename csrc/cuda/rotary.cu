@@ -207,7 +207,8 @@ void launch_heads(const at::Tensor& t, const float* cos, const float* sin, int64
   if (out.numel() == 0) return;
   const int64_t s = t.size(0), b = t.size(1), heads = t.size(2), d = t.size(3);
   const int vec = kVecBytes / static_cast<int>(t.element_size());
-  const bool tables_ok = mode == kCopy || (aligned_to(cos, vec * sizeof(float)) && aligned_to(sin, vec * sizeof(float)));
+  const bool tables_ok =
+      mode == kCopy || (aligned_to(cos, vec * sizeof(float)) && aligned_to(sin, vec * sizeof(float)));
   const bool vectorize = (rot / 2) % vec == 0 && (d - rot) % vec == 0 && d % vec == 0 && t.stride(0) % vec == 0 &&
                          t.stride(1) % vec == 0 && t.stride(2) % vec == 0 && out.stride(0) % vec == 0 &&
                          out.stride(1) % vec == 0 && out.stride(2) % vec == 0 &&

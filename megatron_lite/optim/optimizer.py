@@ -6,8 +6,8 @@ parameter, or, with the distributed optimizer, a copy of the slice of each param
 falls into this DP rank's shard of its gradient bucket (see parallel/data.py). Their
 gradients are the `main_grad` buffers that DistributedDataParallel fills, used in place:
 fp32, or bf16 with --main-grads-dtype bf16 (megatron_lite's AdamW reads them as they are; a
-torch optimizer needs a gradient of its parameter's dtype). After the step the main params are copied back into the model (cast to its dtype)
-and, with ZeRO-1, all-gathered over DP.
+torch optimizer needs a gradient of its parameter's dtype). After the step the main params are
+copied back into the model (cast to its dtype) and, with ZeRO-1, all-gathered over DP.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def test_add_norm_equals_the_add_then_the_norm_bitwise(ops, shape, dtype, rms, v
     g_sum, g_y = randn(rows, cols, dtype=dtype, seed=4), randn(rows, cols, dtype=dtype, seed=5)
     results = []
     for fused in (True, False):
-        leaves = [t.detach().requires_grad_() for t in (x, r, w)] + ([b.detach().requires_grad_()] if b is not None else [])
+        leaves = [t.detach().requires_grad_() for t in (x, r, w) + ((b,) if b is not None else ())]
         xl, rl, wl = leaves[:3]
         bl = leaves[3] if b is not None else None
         if fused:
