@@ -261,18 +261,21 @@ class CudaOps:
                 raise ValueError(f"{name} has variants 0..{VARIANT_COUNTS[name] - 1}, got {v}")
             self.variants[name] = v
 
+    @staticmethod
+    def _norm_fits(x, weight, bias) -> bool:
+        """Whether the norm kernels take these tensors (else the torch forms run)."""
+        weight_ok = weight.dtype in (x.dtype, torch.float32) and (bias is None or bias.dtype == weight.dtype)
+        return weight_ok and x.dtype != torch.float64 and row_fits(x.shape[-1], x, weight)
+
     def _norm(self, x, weight, bias, eps, rms):
         fallback = torch_ops.rms_norm if rms else torch_ops.layer_norm
-        weight_ok = weight.dtype in (x.dtype, torch.float32) and (bias is None or bias.dtype == weight.dtype)
-        if not weight_ok or x.dtype == torch.float64 or not row_fits(x.shape[-1], x, weight):
+        if not self._norm_fits(x, weight, bias):
             return fallback(x, weight, eps) if rms else fallback(x, weight, bias, eps)
         return _Norm.apply(self.ext, x, weight, bias, eps, rms, self.variants["norm_bwd"])
 
     def add_norm(self, x, residual, weight, bias, eps, rms):
         """(x + residual, norm(x + residual)), see FusedOps.add_norm; one kernel each way."""
-        weight_ok = weight.dtype in (x.dtype, torch.float32) and (bias is None or bias.dtype == weight.dtype)
-        if (not weight_ok or x.dtype == torch.float64 or residual.shape != x.shape or residual.dtype != x.dtype
-                or not row_fits(x.shape[-1], x, weight)):
+        if not self._norm_fits(x, weight, bias) or residual.shape != x.shape or residual.dtype != x.dtype:
             return torch_ops.add_norm(x, residual, weight, bias, eps, rms, self._norm)
         return _AddNorm.apply(self.ext, x, residual, weight, bias, eps, rms, self.variants["norm_bwd"])
 

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_lite.ops.torch_ops import TORCH_OPS, split_qkv_rotary
+from megatron_lite.ops.torch_ops import TORCH_OPS, add_norm, split_qkv_rotary
 
 OP_NAMES = tuple(TORCH_OPS)
 
@@ -64,8 +64,8 @@ class FusedOps:
         fused = getattr(getattr(norm, "__self__", None), "add_norm", None)
         if fused is not None:
             return fused(x, residual, weight, bias, eps, rms)
-        total = residual + x
-        return total, norm(total, weight, eps) if rms else norm(total, weight, bias, eps)
+        return add_norm(x, residual, weight, bias, eps, rms,
+                        lambda t, w, b, e, r: norm(t, w, e) if r else norm(t, w, b, e))
 
     def swiglu(self, x):
         return self._impl("swiglu", x)(x)

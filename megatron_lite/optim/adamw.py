@@ -3,9 +3,9 @@ bf16/fp16 copy of each parameter written in the same pass.
 
 On CUDA, with the fused kernels built, the step is one kernel per tensor
 (`torch.ops.mlite.adamw_step`, csrc/cuda/adam.cu): it reads the main param, its gradient (fp32
-or bf16) and both moments once, and writes the main param, the moments and the model copy. torch's fused
-AdamW needs a second pass to cast the main params into the model. Elsewhere (CPU, or
-`--no-fused-kernels`) the same update runs as torch operations in fp32.
+or bf16) and both moments once, and writes the main param, the moments and the model copy.
+torch's fused AdamW needs a second pass to cast the main params into the model. Elsewhere (CPU,
+or `--no-fused-kernels`) the same update runs as torch operations in fp32.
 
 The update and the state are torch.optim.AdamW's (`step`, `exp_avg`, `exp_avg_sq` per
 parameter, decoupled weight decay, bias correction), so a checkpoint written with either

@@ -4,10 +4,10 @@
 `param.main_grad`, a view of a contiguous per-bucket buffer, so that microbatches add up there
 and each bucket is reduced with one collective. The buffers are fp32 (Megatron's default for
 bf16 and fp16 training); with `grad_dtype=torch.bfloat16` (--main-grads-dtype bf16) a bf16
-parameter's gradient accumulates and is reduced in bf16, at half the memory and traffic. Parameters are laid out in
-reverse order (as Megatron does) because backward produces the last layers' gradients
-first: with `overlap_grad_reduce` the first bucket is complete, and its all-reduce starts,
-while the backward of earlier layers is still running.
+parameter's gradient accumulates and is reduced in bf16, at half the memory and traffic.
+Parameters are laid out in reverse order (as Megatron does) because backward produces the last
+layers' gradients first: with `overlap_grad_reduce` the first bucket is complete, and its
+all-reduce starts, while the backward of earlier layers is still running.
 
 With the distributed optimizer (ZeRO-1) each bucket is reduce-scattered instead: DP rank r
 receives the averaged gradient of the r-th contiguous 1/DP slice of the bucket, updates the
