@@ -3,210 +3,301 @@
 Flags are generated from the config dataclasses, so a field and its flag cannot drift
 apart. YAML keys are the flag names with or without the dashes (`tensor-model-parallel-size`
 or `tensor_model_parallel_size`), flat or nested under the section names; command-line
-flags override the file. Unknown flags and keys are errors. `validate` checks the
-combinations that cannot work before any process group exists.
+flags override the file. Every mistake is a `ConfigError` of one line that names the problem
+and the fix: an unknown flag (with the nearest known one), a bad value, a YAML value of the
+wrong type (with its line) or a YAML syntax error (line and column), and a Megatron-LM flag of
+a feature megatron_lite does not have (unsupported.py). `validate` (validation.py) checks the
+combinations before any process group exists.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import typing
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_lite.config import SECTIONS, SELECTIVE_RECOMPUTE_MODULES, RunConfig
+from megatron_lite.config import SECTIONS, RunConfig
+from megatron_lite.unsupported import UNSUPPORTED, WITHOUT_EFFECT, refusal
 
 
 class ConfigError(ValueError):
     """A flag value or combination that cannot work; the message names the fix."""
 
 
-def _flag_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+@dataclass(frozen=True)
+class FlagSpec:
+    """One config field's flag: its names, its value type, and where the value goes."""
+    section: str
+    name: str
+    options: Tuple[str, ...]       # the flag and its aliases
+    kind: type                     # bool, list or the scalar type
+    elem: Optional[type]           # element type of a list
+    store_false: bool
+    choices: Optional[Tuple[Any, ...]]
+    nargs: Any
+    default: Any
+
+    @property
+    def dest(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def flag(self) -> str:
+        return self.options[0]
 
 
-def _base_type(tp):
-    if isinstance(tp, str):
-        tp = eval(tp, {"Optional": Optional, "List": List}, {})  # config.py uses postponed annotations
-    if typing.get_origin(tp) is typing.Union:
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) in (list, List):
-        return list, typing.get_args(tp)[0]
-    return tp, None
+def _value_type(hint) -> Tuple[type, Optional[type]]:
+    """(kind, element type) of a field's type hint: Optional[X] is X, List[X] is (list, X)."""
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) in (list, List):
+        return list, typing.get_args(hint)[0]
+    return hint, None
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def flag_specs() -> List[FlagSpec]:
+    """Every config field that has a flag, in section order."""
+    specs = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            kind, elem = _value_type(hints[f.name])
+            name = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            choices = f.metadata.get("choices")
+            specs.append(FlagSpec(section, f.name, (name, *f.metadata.get("aliases", ())), kind, elem,
+                                  bool(f.metadata.get("store_false")), tuple(choices) if choices else None,
+                                  f.metadata.get("nargs"), _default(f)))
+    return specs
+
+
+SPECS = flag_specs()
+SPEC_BY_DEST = {s.dest: s for s in SPECS}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line) instead of printing the usage and exiting."""
+
+    def error(self, message):
+        raise ConfigError(message.replace("argument ", "", 1))
+
+
+def _shown_default(spec: FlagSpec, help_: str) -> str:
+    if spec.kind is bool:
+        return f"{help_} (default: off)"
+    default = " ".join(map(str, spec.default)) if isinstance(spec.default, list) else spec.default
+    return f"{help_} (default: {'none' if default in (None, '') else default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="megatron_lite: Megatron-style GPT/Llama training", allow_abbrev=False,
-        argument_default=argparse.SUPPRESS)
+    """The parser of every flag; `--help` shows each flag's default."""
+    parser = _Parser(description="megatron_lite: Megatron-style GPT/Llama training", allow_abbrev=False,
+                     argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", dest="__config", metavar="RUN.YAML",
                         help="YAML file of flags (same names); the command line overrides it")
+    groups = {}
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            if f.name == "padded_vocab_size":
-                continue
-            names = [_flag_name(f), *f.metadata.get("aliases", ())]
-            dest = f"{section}.{f.name}"
-            tp, elem = _base_type(f.type)
-            help_ = f.metadata.get("help", "")
-            if tp is bool:
-                action = "store_false" if f.metadata.get("store_false") else "store_true"
-                group.add_argument(*names, dest=dest, action=action, help=help_)
-            elif tp is list:
-                group.add_argument(*names, dest=dest, nargs=f.metadata.get("nargs") or "*", type=elem, metavar=f.name.upper(),
-                                   help=help_)
+        groups[section] = parser.add_argument_group(section)
+        helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+        for spec in (s for s in SPECS if s.section == section):
+            group, help_ = groups[section], _shown_default(spec, helps[spec.name])
+            if spec.kind is bool:
+                group.add_argument(*spec.options, dest=spec.dest, help=help_,
+                                   action="store_false" if spec.store_false else "store_true")
+            elif spec.kind is list:
+                group.add_argument(*spec.options, dest=spec.dest, nargs=spec.nargs or "*", type=spec.elem,
+                                   metavar=spec.name.upper(), help=help_)
             else:
-                group.add_argument(*names, dest=dest, type=tp, choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper(),
-                                   help=help_)
+                group.add_argument(*spec.options, dest=spec.dest, type=spec.kind, choices=spec.choices,
+                                   metavar=None if spec.choices else spec.name.upper(), help=help_)
+    for option in WITHOUT_EFFECT:
+        parser.add_argument(option, dest="__without_effect", action="store_true", help=argparse.SUPPRESS)
+    for option in UNSUPPORTED:
+        parser.add_argument(option, dest="__unsupported." + option, nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
-def _yaml_overrides(path: str, parser: argparse.ArgumentParser) -> dict:
+def unknown_flag_error(unknown: List[str]) -> ConfigError:
+    """`--hiden-size: unknown flag; did you mean --hidden-size?` for the first unknown flag."""
+    flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+    if not flags:
+        return ConfigError(f"unexpected value {unknown[0]!r}: values follow their flag (--flag VALUE)")
+    first = flags[0]
+    known = [o for spec in SPECS for o in spec.options] + ["--config"]
+    near = difflib.get_close_matches(first, known, n=1, cutoff=0.6)
+    others = f" (and {len(flags) - 1} more unknown flags: {' '.join(flags[1:])})" if len(flags) > 1 else ""
+    hint = f"did you mean {near[0]}?" if near else "see pretrain_gpt.py --help for the flags"
+    return ConfigError(f"{first}: unknown flag; {hint}{others}")
+
+
+# ------------------------------------------------------------------------------------- YAML
+
+class _Mapping(dict):
+    """A YAML mapping that remembers the line of each key."""
+    lines: Dict[Any, int]
+
+
+def _load_yaml(path: str) -> _Mapping:
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node):
+        loader.flatten_mapping(node)
+        out = _Mapping()
+        out.lines = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            out[key] = loader.construct_object(value_node, deep=True)
+            out.lines[key] = key_node.start_mark.line + 1
+        return out
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
     if not os.path.exists(path):
         raise ConfigError(f"--config {path}: no such file")
-    with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
-    flat = {}
+    with open(path, encoding="utf-8") as fh:
+        try:
+            raw = yaml.load(fh, Loader=Loader)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+            raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}; fix the file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: YAML error: {e}; fix the file") from None
+    if raw is None:
+        raw = _Mapping()
+        raw.lines = {}
+    if not isinstance(raw, _Mapping):
+        raise ConfigError(f"{path}: the file must be a mapping of flag names to values, not a "
+                          f"{type(raw).__name__}")
+    return raw
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(value, kind: type, where: str, key: str):
+    """A YAML scalar as `kind` (numbers may be quoted or written as YAML 1.1 reads them, e.g. 1e-5)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{where}: {key} must be {_TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+
+
+def _yaml_values(path: str, by_key: Dict[str, Tuple[FlagSpec, bool]]) -> Tuple[Dict[str, Any], List[str]]:
+    """(dest -> value, unsupported flags) of a YAML file."""
+    raw = _load_yaml(path)
+    entries = []   # (key, value, line)
     for key, value in raw.items():
         if key in SECTIONS and isinstance(value, dict):
-            flat.update({k: v for k, v in value.items()})
+            entries += [(k, v, getattr(value, "lines", {}).get(k)) for k, v in value.items()]
         else:
-            flat[key] = value
-    by_name = {}
-    for action in parser._actions:
-        for opt in action.option_strings:
-            by_name[opt.lstrip("-").replace("-", "_")] = action
-        if action.dest and "." in action.dest:
-            by_name.setdefault(action.dest.split(".", 1)[1], action)
-    out = {}
-    for key, value in flat.items():
-        action = by_name.get(str(key).replace("-", "_"))
-        if action is None:
-            raise ConfigError(f"{path}: unknown key '{key}'; use the flag names of `pretrain_gpt.py --help`")
-        if isinstance(action, argparse._StoreFalseAction) and str(key).replace("-", "_").startswith(
-                ("no_", "disable_")):
-            value = not value
-        out[action.dest] = value
-    return out
+            entries.append((key, value, raw.lines.get(key)))
+    out, unsupported = {}, []
+    for key, value, line in entries:
+        where = f"{path}:{line}" if line else path
+        name = str(key).lstrip("-").replace("_", "-")
+        if "--" + name in UNSUPPORTED:
+            unsupported.append("--" + name)
+            continue
+        if "--" + name in WITHOUT_EFFECT:
+            continue
+        if name not in by_key:
+            near = difflib.get_close_matches(name, list(by_key), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else "use the flag names of `pretrain_gpt.py --help`"
+            raise ConfigError(f"{where}: unknown key '{key}'; {hint}")
+        spec, negated = by_key[name]
+        if spec.kind is list:
+            items = value if isinstance(value, list) else [value]
+            value = [_coerce(v, spec.elem, where, str(key)) for v in items]
+        elif value is None and spec.default is None:
+            pass
+        else:
+            value = _coerce(value, spec.kind, where, str(key))
+            if negated:
+                value = not value
+        if spec.choices and value is not None and spec.kind is not list and value not in spec.choices:
+            raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
+        out[spec.dest] = value
+    return out, unsupported
+
+
+def _yaml_keys() -> Dict[str, Tuple[FlagSpec, bool]]:
+    """YAML key (dashed) -> (spec, whether the key is a negative flag that stores False)."""
+    keys = {}
+    for spec in SPECS:
+        keys[spec.name.replace("_", "-")] = (spec, False)
+        for option in spec.options:
+            keys.setdefault(option.lstrip("-"), (spec, spec.store_false))
+    return keys
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     """Parse Megatron-style flags (and an optional --config YAML) into a RunConfig."""
     parser = build_parser()
-    ns = vars(parser.parse_args(argv if argv is not None else sys.argv[1:]))
+    ns, unknown = parser.parse_known_args(list(argv) if argv is not None else sys.argv[1:])
+    if unknown:
+        raise unknown_flag_error(unknown)
+    ns = vars(ns)
+    ns.pop("__without_effect", None)
+    unsupported = [k.split(".", 1)[1] for k in list(ns) if k.startswith("__unsupported.")]
     values = {}
     config_path = ns.pop("__config", None)
     if config_path:
-        values.update(_yaml_overrides(config_path, parser))
-    values.update(ns)
+        from_yaml, yaml_unsupported = _yaml_values(config_path, _yaml_keys())
+        values.update(from_yaml)
+        unsupported = yaml_unsupported + [f for f in unsupported if f not in yaml_unsupported]
+    if unsupported:
+        raise ConfigError(refusal(unsupported))
+    values.update({k: v for k, v in ns.items() if not k.startswith("__")})
     cfg = RunConfig()
     for dest, value in values.items():
         section, name = dest.split(".", 1)
         setattr(getattr(cfg, section), name, value)
+    cfg.explicit = set(values)
     return cfg
 
 
-def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's padding: round up to a multiple of make_vocab_size_divisible_by * TP."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+def format_arguments(cfg: RunConfig) -> str:
+    """Megatron's start-up block: every argument, sorted, with dots to a fixed column."""
+    rows = sorted((spec.name, getattr(getattr(cfg, spec.section), spec.name)) for spec in SPECS)
+    lines = ["------------------------ arguments ------------------------"]
+    lines += [f"  {name} {'.' * max(48 - len(name), 1)} {value}" for name, value in rows]
+    lines.append("-------------------- end of arguments ---------------------")
+    return "\n".join(lines)
 
 
-def validate(cfg: RunConfig, world_size: int) -> RunConfig:
-    """Check combinations once, before any process group is made; fill derived defaults."""
-    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optimizer
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
-                          f"launch a multiple of {tp * pp} processes or change the parallel sizes")
-    dp = world_size // (tp * pp)
-    if m.num_attention_heads % tp:
-        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-                          f"--tensor-model-parallel-size {tp}; pick a TP size that divides the heads")
-    if m.group_query_attention:
-        if not m.num_query_groups:
-            raise ConfigError("--group-query-attention needs --num-query-groups")
-        if m.num_attention_heads % m.num_query_groups:
-            raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-                              f"--num-query-groups {m.num_query_groups}")
-    if m.query_groups % tp:
-        raise ConfigError(f"--num-query-groups {m.query_groups} is not divisible by "
-                          f"--tensor-model-parallel-size {tp}; pick a TP size that divides the query groups")
-    if m.num_layers % pp:
-        raise ConfigError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size "
-                          f"{pp}; pick a PP size that divides the layers")
-    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
-                          f"{m.num_attention_heads}; set --kv-channels or change the sizes")
-    if m.position_embedding_type == "rope" and (m.head_dim * m.rotary_percent) % 2:
-        raise ConfigError("the rotated part of the head dimension must be even; change --rotary-percent")
-    if t.global_batch_size is None:
-        t.global_batch_size = t.micro_batch_size * dp
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
-                          f"{t.micro_batch_size} x data-parallel size {dp}; change one of them")
-    if t.train_iters is not None and t.train_samples is not None:
-        raise ConfigError("give --train-iters or --train-samples, not both")
-    if t.train_iters is None and t.train_samples is None:
-        raise ConfigError("give --train-iters N (or --train-samples N)")
-    if o.bf16 and o.fp16:
-        raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
-    if (o.exp_avg_dtype, o.exp_avg_sq_dtype) != ("fp32", "fp32"):
-        if not o.use_precision_aware_optimizer:
-            raise ConfigError("--exp-avg-dtype / --exp-avg-sq-dtype other than fp32 need "
-                              "--use-precision-aware-optimizer")
-        if o.optimizer != "adam":
-            raise ConfigError(f"--exp-avg-dtype / --exp-avg-sq-dtype apply to --optimizer adam, not {o.optimizer}")
-    if o.main_grads_dtype != "fp32":
-        if not o.use_precision_aware_optimizer:
-            raise ConfigError("--main-grads-dtype bf16 needs --use-precision-aware-optimizer")
-        if not o.bf16:
-            raise ConfigError("--main-grads-dtype bf16 applies to --bf16 training (the gradients are the bf16 "
-                              "weights' own dtype); add --bf16 or drop the flag")
-        if o.optimizer != "adam":
-            raise ConfigError(f"--main-grads-dtype bf16 applies to --optimizer adam, not {o.optimizer}")
-    if m.recompute_granularity == "full":
-        m.recompute_activations = True
-    if m.recompute_modules and m.recompute_granularity != "selective":
-        raise ConfigError("--recompute-modules needs --recompute-granularity selective")
-    if m.recompute_granularity == "selective":
-        if m.recompute_activations:
-            raise ConfigError("--recompute-activations recomputes whole layers; it does not combine with "
-                              "--recompute-granularity selective (drop one of them)")
-        unknown = sorted(set(m.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES))
-        if unknown or not m.recompute_modules:
-            raise ConfigError(f"--recompute-modules takes {' '.join(SELECTIVE_RECOMPUTE_MODULES)}"
-                              + (f", not {' '.join(unknown)}" if unknown else " (none given)")
-                              + "; attention runs in SDPA, which keeps no score matrix (no core_attn)")
-    if p.sequence_parallel and tp == 1:
-        p.sequence_parallel = False
-    if m.max_position_embeddings is None:
-        m.max_position_embeddings = m.seq_length
-    if m.position_embedding_type == "learned_absolute" and m.seq_length > m.max_position_embeddings:
-        raise ConfigError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
-                          f"{m.max_position_embeddings}")
-    if m.ffn_hidden_size is None:
-        m.ffn_hidden_size = 4 * m.hidden_size
-    if m.ffn_hidden_size % tp:
-        raise ConfigError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by TP {tp}")
-    c = cfg.checkpoint
-    if c.finetune and c.reset_sample_stat:
-        raise ConfigError("--finetune and --reset-sample-stat are different modes; pick one")
-    if c.finetune and not c.load and not c.pretrained_checkpoint:
-        raise ConfigError("--finetune needs --load DIR (the checkpoint to start from)")
-    if c.save_interval is not None and c.save_interval <= 0:
-        raise ConfigError("--save-interval must be positive")
-    if (c.save_interval or c.save_weights_only_interval) and not c.save:
-        raise ConfigError("--save-interval needs --save DIR")
-    return cfg
+from megatron_lite.validation import pad_vocab_size, validate  # noqa: E402  (validate raises ConfigError)
 
-
-def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
-    return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
+__all__ = ["ConfigError", "parse_args", "validate", "pad_vocab_size", "build_parser", "format_arguments",
+           "SPECS", "SPEC_BY_DEST"]

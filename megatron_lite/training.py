@@ -200,14 +200,14 @@ def format_log_line(run: Run, it: int, total: int, step: dict, elapsed_ms: float
 
 
 def _tensorboard(run: Run):
-    if not run.cfg.train.tensorboard_dir or run.state.rank != 0:
+    if not run.cfg.logging.tensorboard_dir or run.state.rank != 0:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         print_rank0("tensorboard is not installed; --tensorboard-dir ignored (pip install tensorboard)", run.state)
         return None
-    return SummaryWriter(log_dir=run.cfg.train.tensorboard_dir)
+    return SummaryWriter(log_dir=run.cfg.logging.tensorboard_dir)
 
 
 def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None, save_fn=None,

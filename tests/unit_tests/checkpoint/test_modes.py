@@ -119,7 +119,8 @@ def test_changed_architecture_names_each_field_and_the_fix(pretrained):
     flags[flags.index("--hidden-size") + 1] = "48"
     cfg = parse_args(flags + ["--num-query-groups", "4"])
     state = setup_parallel(cfg)
-    with pytest.raises(ConfigError, match=r"hidden_size=32 \(flags say 48\), ffn_hidden_size=128 \(flags say 192\), "
+    # SwiGLU's default MLP size is Megatron's int((4 * h * 2 / 3) / 64) * 64: 64 at h=32, 128 at h=48
+    with pytest.raises(ConfigError, match=r"hidden_size=32 \(flags say 48\), ffn_hidden_size=64 \(flags say 128\), "
                                           r"num_query_groups=2 \(flags say 4\);"
                                           r" pass --use-checkpoint-args"):
         check_model_config(cfg, decide_load(cfg, state))

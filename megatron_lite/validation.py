@@ -1,0 +1,266 @@
+"""`validate`: the combinations of flags that cannot work, checked once before any process group
+exists, and the derived defaults, filled as Megatron-LM's `validate_args` fills them.
+
+It may run twice (again after --use-checkpoint-args filled fields from a checkpoint), so it
+only fills what is still unset and its warnings are printed once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import List
+
+from megatron_lite.config import SELECTIVE_RECOMPUTE_MODULES, RunConfig, default_ffn_hidden_size
+
+_printed_warnings = set()
+
+
+def warn_once(message: str) -> None:
+    """Megatron's `warn_rank_0`: a WARNING line on rank 0, once per process."""
+    if message in _printed_warnings or int(os.environ.get("RANK", "0")) != 0:
+        return
+    _printed_warnings.add(message)
+    print(f"WARNING: {message}", flush=True)
+
+
+def _error(message: str):
+    from megatron_lite.arguments import ConfigError
+    return ConfigError(message)
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padding: round up to a multiple of make_vocab_size_divisible_by * TP."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def parse_split(split: str) -> List[float]:
+    """--split's numbers, found as Megatron-LM finds them (re.findall(r"[.0-9]+")), so that
+    '99,1,0', "'99,1,0'" and '99/1/0' are the same split."""
+    shares = [float(x) for x in re.findall(r"[.0-9]+", split)]
+    if not 1 <= len(shares) <= 3 or sum(shares) <= 0:
+        raise _error(f"--split {split!r} must be up to three non-negative numbers with a positive sum, "
+                     f"e.g. 969,30,1")
+    return shares + [0.0] * (3 - len(shares))
+
+
+def _check_parallel(cfg: RunConfig, world_size: int) -> int:
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise _error("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    for name, value, feature in (("--context-parallel-size", p.context_parallel_size, "context parallelism"),
+                                 ("--expert-model-parallel-size", p.expert_model_parallel_size,
+                                  "expert parallelism (mixture-of-experts layers)"),
+                                 ("--num-distributed-optimizer-instances", p.num_distributed_optimizer_instances,
+                                  "more than one distributed-optimizer instance")):
+        if value != 1:
+            raise _error(f"{name} {value}: {feature} is not supported by megatron_lite; use {name} 1 (the default)")
+    if world_size % (tp * pp):
+        raise _error(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
+                     f"launch a multiple of {tp * pp} processes or change the parallel sizes")
+    if m.num_attention_heads % tp:
+        raise _error(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                     f"--tensor-model-parallel-size {tp}; pick a TP size that divides the heads")
+    if m.group_query_attention:
+        if not m.num_query_groups:
+            raise _error("--group-query-attention needs --num-query-groups")
+        if m.num_attention_heads % m.num_query_groups:
+            raise _error(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                         f"--num-query-groups {m.num_query_groups}")
+    if m.query_groups % tp:
+        raise _error(f"--num-query-groups {m.query_groups} is not divisible by "
+                     f"--tensor-model-parallel-size {tp}; pick a TP size that divides the query groups")
+    if m.num_layers % pp:
+        raise _error(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size "
+                     f"{pp}; pick a PP size that divides the layers")
+    if tp == 1 and p.sequence_parallel:
+        warn_once("Disabling sequence parallelism because tensor model parallelism is disabled")
+        p.sequence_parallel = False
+    if p.overlap_param_gather:
+        if not p.use_distributed_optimizer:
+            raise _error("--overlap-param-gather only supported with distributed optimizer; add "
+                         "--use-distributed-optimizer")
+        if not p.overlap_grad_reduce:
+            raise _error("Must use --overlap-param-gather with --overlap-grad-reduce")
+    return world_size // (tp * pp)
+
+
+def _check_model(cfg: RunConfig) -> None:
+    m = cfg.model
+    if m.use_rotary_position_embeddings:
+        m.position_embedding_type = "rope"
+    if not m.add_position_embedding and m.position_embedding_type != "rope":
+        raise _error("--no-position-embedding is deprecated, use --position-embedding-type (none or rope)")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise _error(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+                     f"{m.num_attention_heads}; set --kv-channels or change the sizes")
+    if m.position_embedding_type == "rope" and (m.head_dim * m.rotary_percent) % 2:
+        raise _error("the rotated part of the head dimension must be even; change --rotary-percent")
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    if m.position_embedding_type == "learned_absolute" and m.seq_length > m.max_position_embeddings:
+        raise _error(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
+    if m.swiglu and m.squared_relu:
+        raise _error("--swiglu and --squared-relu are two activations; pick one")
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = default_ffn_hidden_size(m.hidden_size, m.swiglu)
+        if m.ffn_hidden_size == 0:
+            raise _error(f"--swiglu at --hidden-size {m.hidden_size} gives an MLP of int((4 * {m.hidden_size} * 2 / 3) "
+                         f"/ 64) * 64 = 0 features; set --ffn-hidden-size")
+    tp = cfg.parallel.tensor_model_parallel_size
+    if m.ffn_hidden_size % tp:
+        raise _error(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by TP {tp}")
+    if not m.add_bias_linear:
+        m.bias_gelu_fusion = False   # Megatron: no bias, no bias-GeLU fusion (so the exact GeLU)
+    if m.apply_query_key_layer_scaling:
+        m.attention_softmax_in_fp32 = True
+    if m.use_flash_attn:
+        if m.attention_backend not in ("auto", "flash"):
+            raise _error(f"--use-flash-attn contradicts --attention-backend {m.attention_backend}; drop one")
+        m.attention_backend = "flash"
+    if m.cross_entropy_loss_fusion and m.cross_entropy_fusion_impl == "te":
+        raise _error("Transformer Engine cross entropy loss fusion is disabled due to stability issues. "
+                     "Use --cross-entropy-fusion-impl native, or omit --cross-entropy-loss-fusion.")
+    _check_recompute(cfg)
+
+
+def _check_recompute(cfg: RunConfig) -> None:
+    m = cfg.model
+    if m.recompute_activations:   # Megatron: --recompute-activations is selective recomputation
+        if m.recompute_granularity == "full":
+            raise _error("--recompute-activations is --recompute-granularity selective; it does not combine "
+                         "with --recompute-granularity full (drop one of them)")
+        m.recompute_granularity = "selective"
+    if m.recompute_modules and m.recompute_granularity != "selective":
+        raise _error("--recompute-modules needs --recompute-granularity selective")
+    if m.recompute_granularity == "full":
+        per_stage = m.num_layers // cfg.parallel.pipeline_model_parallel_size
+        if m.recompute_method is None:
+            raise _error('Using recompute_granularity: full so recompute_method must be "block" or "uniform"; '
+                         'add --recompute-method uniform --recompute-num-layers 1 to recompute every layer')
+        if m.recompute_num_layers is None or not 1 <= m.recompute_num_layers <= per_stage:
+            raise _error(f"--recompute-granularity full needs --recompute-num-layers between 1 and the "
+                         f"{per_stage} layers of a pipeline stage")
+    elif m.recompute_method is not None or m.recompute_num_layers is not None:
+        raise _error("--recompute-method and --recompute-num-layers apply to --recompute-granularity full")
+    if m.recompute_granularity == "selective":
+        if not m.recompute_modules:
+            m.recompute_modules = ["core_attn"]
+        unknown = sorted(set(m.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES))
+        if unknown:
+            raise _error(f"--recompute-modules takes {' '.join(SELECTIVE_RECOMPUTE_MODULES)}, not "
+                         f"{' '.join(unknown)}")
+
+
+def _check_batch(cfg: RunConfig, dp: int) -> None:
+    t = cfg.train
+    if t.micro_batch_size < 1:
+        raise _error("--micro-batch-size must be positive")
+    if t.rampup_batch_size is not None and t.step_batch_size_schedule is not None:
+        raise _error("--rampup-batch-size and --step-batch-size-schedule are two batch-size schedules; pick one")
+    if t.step_batch_size_schedule is not None and "train.global_batch_size" in cfg.explicit:
+        raise _error("Cannot specify both --step-batch-size-schedule and --global-batch-size")
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * dp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise _error(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+                     f"{t.micro_batch_size} x data-parallel size {dp}; change one of them")
+    if t.eval_global_batch_size is not None and t.eval_global_batch_size % (t.micro_batch_size * dp):
+        raise _error(f"--eval-global-batch-size {t.eval_global_batch_size} is not divisible by --micro-batch-size "
+                     f"{t.micro_batch_size} x data-parallel size {dp}; change one of them")
+    if t.train_iters is not None and t.train_samples is not None:
+        raise _error("give --train-iters or --train-samples, not both")
+    if t.train_iters is None and t.train_samples is None:
+        raise _error("give --train-iters N (or --train-samples N)")
+    if t.manual_gc_interval < 0:
+        raise _error("--manual-gc-interval must be >= 0")
+    if t.check_weight_hash_across_dp_replicas_interval is not None and \
+            t.check_weight_hash_across_dp_replicas_interval <= 0:
+        raise _error("--check-weight-hash-across-dp-replicas-interval must be positive")
+    if t.rerun_mode != "disabled":
+        raise _error(f"--rerun-mode {t.rerun_mode}: the rerun state machine (re-running an iteration to validate "
+                     f"its result) is not supported by megatron_lite; use --rerun-mode disabled")
+
+
+def _check_optimizer(cfg: RunConfig) -> None:
+    o = cfg.optimizer
+    if o.bf16 and o.fp16:
+        raise _error("--bf16 and --fp16 are exclusive; pick one")
+    if (o.exp_avg_dtype, o.exp_avg_sq_dtype) != ("fp32", "fp32"):
+        if not o.use_precision_aware_optimizer:
+            raise _error("--exp-avg-dtype / --exp-avg-sq-dtype other than fp32 need --use-precision-aware-optimizer")
+        if o.optimizer != "adam":
+            raise _error(f"--exp-avg-dtype / --exp-avg-sq-dtype apply to --optimizer adam, not {o.optimizer}")
+    if o.main_grads_dtype != "fp32":
+        if not o.use_precision_aware_optimizer:
+            raise _error("--main-grads-dtype bf16 needs --use-precision-aware-optimizer")
+        if not o.bf16:
+            raise _error("--main-grads-dtype bf16 applies to --bf16 training (the gradients are the bf16 "
+                         "weights' own dtype); add --bf16 or drop the flag")
+        if o.optimizer != "adam":
+            raise _error(f"--main-grads-dtype bf16 applies to --optimizer adam, not {o.optimizer}")
+    if o.grad_reduce_in_bf16 and not o.bf16:
+        raise _error("--grad-reduce-in-bf16 applies to --bf16 training; add --bf16 or drop the flag")
+    if o.bf16:
+        if o.accumulate_allreduce_grads_in_fp32 and (o.main_grads_dtype != "fp32" or o.grad_reduce_in_bf16):
+            raise _error("--accumulate-allreduce-grads-in-fp32 contradicts --main-grads-dtype bf16 / "
+                         "--grad-reduce-in-bf16; drop one")
+        if not o.grad_reduce_in_bf16 and o.main_grads_dtype == "fp32":
+            o.accumulate_allreduce_grads_in_fp32 = True   # Megatron: bf16 accumulates in fp32
+    if o.decoupled_min_lr is not None and o.decoupled_lr is None:
+        raise _error("--decoupled-min-lr needs --decoupled-lr")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    d = cfg.data
+    parse_split(d.split)
+    needs_model = {"HuggingFaceTokenizer": "a local directory written by save_pretrained()",
+                   "TikTokenizer": "a tiktoken vocabulary .json", "GPTSentencePieceTokenizer": "a SentencePiece .model",
+                   "Llama2Tokenizer": "a SentencePiece .model"}
+    if d.tokenizer_type in needs_model and not d.tokenizer_model:
+        raise _error(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model ({needs_model[d.tokenizer_type]})")
+    if d.tokenizer_type == "GPT2BPETokenizer" and not (d.vocab_file and d.merge_file):
+        raise _error("--tokenizer-type GPT2BPETokenizer needs --vocab-file (vocab.json) and --merge-file (merges.txt)")
+    if d.tokenizer_type == "NullTokenizer" and cfg.model.vocab_size is None:
+        raise _error("--tokenizer-type NullTokenizer needs --vocab-size (the number of ids before the eod token)")
+    if d.tiktoken_pattern is not None and d.tokenizer_type != "TikTokenizer":
+        warn_once(f"--tiktoken-pattern applies to --tokenizer-type TikTokenizer; it has no effect with "
+                  f"{d.tokenizer_type}")
+
+
+def _check_checkpoint(cfg: RunConfig) -> None:
+    c = cfg.checkpoint
+    if c.ckpt_format in ("torch_dcp", "fsdp_dtensor", "torch_dist"):
+        raise _error(f"--ckpt-format {c.ckpt_format} is not supported by megatron_lite; use --ckpt-format "
+                     f"megatron_lite (the default) or torch (Megatron-LM's legacy format)")
+    if c.finetune and c.reset_sample_stat:
+        raise _error("--finetune and --reset-sample-stat are different modes; pick one")
+    if c.finetune and not c.load and not c.pretrained_checkpoint:
+        raise _error("--finetune needs --load DIR (the checkpoint to start from)")
+    if c.save_interval is not None and c.save_interval <= 0:
+        raise _error("--save-interval must be positive")
+    if (c.save_interval or c.save_weights_only_interval) and not c.save:
+        raise _error("--save-interval needs --save DIR")
+
+
+def _check_logging(cfg: RunConfig) -> None:
+    g = cfg.logging
+    if g.profile and g.profile_step_end <= g.profile_step_start:
+        raise _error(f"--profile-step-end {g.profile_step_end} must be after --profile-step-start "
+                     f"{g.profile_step_start}")
+    if g.tensorboard_log_interval < 1:
+        raise _error("--tensorboard-log-interval must be positive")
+
+
+def validate(cfg: RunConfig, world_size: int) -> RunConfig:
+    """Check combinations once, before any process group is made; fill derived defaults."""
+    dp = _check_parallel(cfg, world_size)
+    _check_model(cfg)
+    _check_batch(cfg, dp)
+    _check_optimizer(cfg)
+    _check_data(cfg)
+    _check_checkpoint(cfg)
+    _check_logging(cfg)
+    return cfg
