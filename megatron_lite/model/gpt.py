@@ -133,12 +133,27 @@ class GPTModel(nn.Module):
             return self.embedding.word_embeddings.weight
         return self.output_layer.weight
 
-    def _layer_forward(self, layer, x, rotary, attention_mask):
-        if self.cfg.recompute_activations and self.training:
-            if rotary is None:
-                return recompute(lambda h: layer(h, None, attention_mask), self.state.rng, x)
-            return recompute(lambda h, c, s: layer(h, (c, s), attention_mask), self.state.rng, x, *rotary)
-        return layer(x, rotary, attention_mask)
+    def _recomputed_layers(self, x, rotary, attention_mask):
+        """--recompute-granularity full: the layers of this stage as checkpointed chunks that keep
+        only their input. uniform: chunks of --recompute-num-layers layers; block: the first
+        --recompute-num-layers layers one by one, the rest not recomputed."""
+        layers, n = self.decoder.layers, self.cfg.recompute_num_layers
+        rot = tuple(rotary) if rotary is not None else ()
+
+        def chunk(start, end):
+            def run(h, *cos_sin):
+                for layer in layers[start:end]:
+                    h = layer(h, cos_sin or None, attention_mask)
+                return h
+            return run
+
+        if self.cfg.recompute_method == "uniform":
+            for start in range(0, len(layers), n):
+                x = recompute(chunk(start, min(start + n, len(layers))), self.state.rng, x, *rot)
+            return x
+        for i in range(len(layers)):
+            x = recompute(chunk(i, i + 1), self.state.rng, x, *rot) if i < n else chunk(i, i + 1)(x, *rot)
+        return x
 
     def forward(self, input_ids, position_ids, labels=None, attention_mask=None):
         x = self.embedding(input_ids, position_ids) if self.pre_process else self.input_tensor
@@ -150,11 +165,10 @@ class GPTModel(nn.Module):
         # each layer's last residual add is left to the next norm, which does it in the same kernel
         # (under full recompute a layer is one checkpointed tensor-to-tensor function instead)
         pending = None
-        for layer in self.decoder.layers:
-            if self.cfg.recompute_activations and self.training:
-                x = self._layer_forward(layer, x if pending is None else x + pending, rotary, attention_mask)
-                pending = None
-            else:
+        if self.cfg.recompute_full and self.training:
+            x = self._recomputed_layers(x, rotary, attention_mask)
+        else:
+            for layer in self.decoder.layers:
                 x, pending = layer.forward_deferred(x, pending, rotary, attention_mask)
         if not self.post_process:
             return x if pending is None else x + pending
