@@ -30,12 +30,12 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.arguments import ConfigError
+from megatron_lite.arguments import ConfigError, validate
 from megatron_lite.checkpoint import layout
 from megatron_lite.checkpoint.recovery import choose_checkpoint, format_recovery_report
 from megatron_lite.checkpoint.retention import apply_retention
 from megatron_lite.checkpoint.storage import load_file, read_metadata, save_files
-from megatron_lite.config import ModelConfig, RunConfig
+from megatron_lite.config import ModelConfig, RunConfig, default_ffn_hidden_size
 from megatron_lite.initialize import Run, model_dtype, print_rank0
 from megatron_lite.parallel.random import get_rng_state, set_rng_state
 from megatron_lite.parallel.state import ParallelState
@@ -48,8 +48,17 @@ ARCHITECTURE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
     "num_query_groups", "kv_channels", "max_position_embeddings", "vocab_size", "normalization", "swiglu",
     "position_embedding_type", "rotary_base", "rotary_percent", "use_rope_scaling", "rope_scaling_factor",
-    "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights",
+    "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights", "apply_layernorm_1p",
+    "qk_layernorm", "squared_relu", "rotary_interleaved",
 )
+# what --use-checkpoint-args takes from a checkpoint where the flags leave it unset: Megatron-LM's
+# load_args_from_checkpoint list (the architecture, the sequence length, the dropouts, the
+# deprecated position-embedding flags) and the norms' epsilon and the vocabulary padding
+CHECKPOINT_ARGS = tuple(f for f in ARCHITECTURE_FIELDS if f != "vocab_size") + (
+    "seq_length", "norm_epsilon", "make_vocab_size_divisible_by", "apply_query_key_layer_scaling",
+    "hidden_dropout", "attention_dropout", "add_position_embedding", "use_rotary_position_embeddings")
+# and, unless --no-use-tokenizer-model-from-checkpoint-args, the tokenizer
+CHECKPOINT_TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "tiktoken_pattern", "vocab_file", "merge_file")
 
 
 def requested_mode(cfg: RunConfig) -> str:
@@ -81,6 +90,10 @@ def _plan(directory: str, ckpt_step, state):
 
 def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
     c, mode = cfg.checkpoint, requested_mode(cfg)
+    if c.load and not os.path.isdir(c.load) and (
+            not c.save or os.path.abspath(c.load) != os.path.abspath(c.save)):
+        raise ConfigError(f"--load {c.load}: no such directory; check the path (a first run that will save "
+                          f"there passes the same directory to --save), or drop --load to train from scratch")
     # 1. this run's own checkpoints (a restart of the same command line) or --load's
     for directory in [d for d in dict.fromkeys([c.save, c.load]) if d]:
         plan = _plan(directory, c.ckpt_step if directory == c.load else None, state)
@@ -114,31 +127,58 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
     return LoadDecision()
 
 
-def check_model_config(cfg: RunConfig, decision: LoadDecision) -> None:
-    """Stop on any architecture field that differs, or take them all with --use-checkpoint-args."""
+def check_model_config(cfg: RunConfig, decision: LoadDecision, world_size: int = 1) -> None:
+    """Stop on any architecture field that differs from the checkpoint's.
+
+    With --use-checkpoint-args, first take the checkpoint's value of every field the command line
+    and the YAML file left unset (Megatron-LM's `_set_arg(force=False)`), then validate the whole
+    configuration again: an explicit `--seq-length 64` on a checkpoint saved at 128 trains at 64."""
     if decision.metadata is None:
         return
-    saved = decision.metadata.get("config", {}).get("model", {})
+    saved_cfg = decision.metadata.get("config", {})
+    saved = saved_cfg.get("model", {})
     if cfg.checkpoint.use_checkpoint_args:
-        for name in ARCHITECTURE_FIELDS + ("seq_length", "norm_epsilon", "make_vocab_size_divisible_by"):
-            if name in saved and name != "vocab_size":   # the tokenizer decides; checked in restore()
-                setattr(cfg.model, name, saved[name])
-        return
+        taken = _take_checkpoint_args(cfg, saved_cfg)
+        try:
+            validate(cfg, world_size)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (--use-checkpoint-args took {', '.join(taken)} from "
+                              f"{decision.plan.iter_dir})") from None
     diffs = []
     for name in ARCHITECTURE_FIELDS:
         if name == "vocab_size" or name not in saved:
             continue
         mine, theirs = getattr(cfg.model, name), saved[name]
         if name == "ffn_hidden_size" and mine is None:
-            mine = 4 * cfg.model.hidden_size
+            mine = default_ffn_hidden_size(cfg.model.hidden_size, cfg.model.swiglu)
         if name == "num_query_groups" and not cfg.model.group_query_attention and not saved.get(
                 "group_query_attention"):
             continue
         if mine != theirs:
             diffs.append(f"{name}={theirs} (flags say {mine})")
     if diffs:
-        raise ConfigError(f"checkpoint {decision.plan.iter_dir} was saved with " + ", ".join(diffs) +
-                          "; pass --use-checkpoint-args to take the checkpoint's model config, or fix the flags")
+        fix = ("drop those flags to take the checkpoint's values" if cfg.checkpoint.use_checkpoint_args else
+               "pass --use-checkpoint-args to take the checkpoint's model config, or fix the flags")
+        raise ConfigError(f"checkpoint {decision.plan.iter_dir} was saved with " + ", ".join(diffs) + "; " + fix)
+
+
+def _take_checkpoint_args(cfg: RunConfig, saved_cfg: dict) -> List[str]:
+    """Copy the checkpoint's values into the fields no flag set; returns the names copied."""
+    fields = [("model", name) for name in CHECKPOINT_ARGS]
+    if cfg.checkpoint.use_tokenizer_model_from_checkpoint_args:
+        fields += [("data", name) for name in CHECKPOINT_TOKENIZER_ARGS]
+    taken = []
+    for section, name in fields:
+        value = saved_cfg.get(section, {}).get(name, _MISSING)
+        if value is _MISSING or f"{section}.{name}" in cfg.explicit:
+            continue
+        if getattr(getattr(cfg, section), name) != value:
+            setattr(getattr(cfg, section), name, value)
+            taken.append(name)
+    return taken or ["nothing"]
+
+
+_MISSING = object()
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -229,7 +269,10 @@ def restore(run: Run, decision: LoadDecision) -> None:
         continuing = action == "further-train" or (decision.own_restart and run.mode == "further-train")
         if continuing and not run.scheduler.override_opt_param_scheduler:
             run.scheduler.use_checkpoint_opt_param_scheduler = True   # the schedule continues as saved
-        run.scheduler.load_state_dict(shard["opt_param_scheduler"])
+        try:
+            run.scheduler.load_state_dict(shard["opt_param_scheduler"])
+        except ValueError as e:   # the flags' schedule disagrees with the checkpoint's
+            raise ConfigError(str(e)) from None
         restored["lr scheduler"] = "loaded"
     else:
         restored["lr scheduler"] = "fresh (" + ("--no-load-lr-scheduler" if full else f"{action} mode") + ")"

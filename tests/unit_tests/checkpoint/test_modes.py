@@ -15,7 +15,7 @@ from megatron_lite.checkpoint.checkpointing import check_model_config, decide_lo
 from megatron_lite.checkpoint.recovery import CheckpointLoadError
 from megatron_lite.checkpoint.storage import load_file
 from megatron_lite.initialize import build_run, setup_parallel
-from megatron_lite.training import pretrain
+from megatron_lite.training import build_data, pretrain
 from tests.unit_tests.checkpoint.test_resume import MODEL, _assert_bitwise, _state
 
 BASE = MODEL + ["--eval-interval", "0"]
@@ -124,9 +124,69 @@ def test_changed_architecture_names_each_field_and_the_fix(pretrained):
                                           r"num_query_groups=2 \(flags say 4\);"
                                           r" pass --use-checkpoint-args"):
         check_model_config(cfg, decide_load(cfg, state))
-    check_cfg = parse_args(flags + ["--num-query-groups", "4", "--use-checkpoint-args"])
-    check_model_config(check_cfg, decide_load(check_cfg, state))
-    assert check_cfg.model.hidden_size == 32 and check_cfg.model.num_query_groups == 2
+    # --use-checkpoint-args keeps what the flags set, as Megatron's _set_arg(force=False) does
+    explicit = parse_args(flags + ["--num-query-groups", "4", "--use-checkpoint-args"])
+    with pytest.raises(ConfigError, match=r"hidden_size=32 \(flags say 48\), num_query_groups=2 \(flags say 4\); "
+                                          r"drop those flags"):
+        check_model_config(explicit, decide_load(explicit, state))
+
+
+_ARCHITECTURE_FLAGS = {"--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--normalization",
+                       "--position-embedding-type", "--num-query-groups"}
+_BARE_FLAGS = {"--swiglu", "--group-query-attention", "--untie-embeddings-and-output-weights"}
+
+
+def _without_architecture(flags):
+    out, skip = [], False
+    for i, f in enumerate(flags):
+        if skip:
+            skip = False
+        elif f in _ARCHITECTURE_FLAGS:
+            skip = True
+        elif f not in _BARE_FLAGS:
+            out.append(f)
+    return out
+
+
+def test_use_checkpoint_args_fills_only_the_fields_the_flags_leave_unset(pretrained, tmp_path):
+    flags = _without_architecture(_flags("--load", pretrained[0], "--save", str(tmp_path / "again"),
+                                           "--use-checkpoint-opt_param-scheduler", iters=7))
+    shapes = []
+
+    def recorded_data(run):
+        train_iter, valid_iter, _ = build_data(run)
+        return (shapes.append(b["tokens"].shape) or b for b in train_iter), valid_iter
+
+    run = pretrain(parse_args(flags + ["--use-checkpoint-args", "--seq-length", "8"]), data_iterators=recorded_data)
+    m = run.cfg.model
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups) == (4, 32, 64, 2)
+    assert (m.normalization, m.swiglu, m.position_embedding_type) == ("RMSNorm", True, "rope")
+    assert m.untie_embeddings_and_output_weights and m.seq_length == 8
+    assert run.progress.iteration == 7 and "mode                            resume" in run.load_report
+    assert shapes == [(2, 8)] * 8   # 2 iterations of 4 microbatches at the explicit 8, not the saved 16
+
+
+def test_checkpoint_value_that_fails_validation_is_a_config_error(tmp_path):
+    one_layer = str(tmp_path / "one_layer")
+    flags = _flags("--save", one_layer, "--save-interval", "4", iters=4)
+    flags[flags.index("--num-layers") + 1] = "1"
+    pretrain(parse_args(flags))
+    flags = _without_architecture(_flags("--load", one_layer, iters=6))
+    cfg = parse_args(flags + ["--use-checkpoint-args", "--recompute-granularity", "full", "--recompute-method",
+                              "block", "--recompute-num-layers", "2"])
+    state = setup_parallel(cfg)   # at the default 2 layers the flags are valid
+    with pytest.raises(ConfigError, match=r"--recompute-num-layers between 1 and the 1 layers of a pipeline stage "
+                                          r"\(--use-checkpoint-args took num_layers, .* from .*iter_0000004\)$"):
+        check_model_config(cfg, decide_load(cfg, state))
+
+
+def test_load_directory_that_does_not_exist_is_an_error(tmp_path):
+    missing = str(tmp_path / "no_such_dir")
+    cfg = parse_args(_flags("--load", missing))
+    with pytest.raises(ConfigError, match=r"--load .*no_such_dir: no such directory; check the path"):
+        decide_load(cfg, setup_parallel(cfg))
+    first_run = parse_args(_flags("--load", missing, "--save", missing))   # the first start of a restartable job
+    assert decide_load(first_run, setup_parallel(first_run)).action == "none"
 
 
 # ----------------------------------------------------------------------------------- integrity
