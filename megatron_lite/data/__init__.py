@@ -10,10 +10,13 @@ shipped in the package is used (default_corpus.py).
 The training loop needs two calls:
 
     tokenizer = build_tokenizer(data_cfg, vocab_size)
-    train_iter, valid_iter, test_iter = build_data_iterators(data_cfg, tokenizer, ...)
+    train_iter, valid_iter, test_iter = iterators = build_data_iterators(data_cfg, tokenizer, ...)
+
+and `summary_lines(iterators.datasets)` describes each split's documents, tokens and samples.
 """
 
+from megatron_lite.data.builder import summary_lines
 from megatron_lite.data.iterators import build_data_iterators
 from megatron_lite.data.tokenizers import build_tokenizer
 
-__all__ = ["build_tokenizer", "build_data_iterators"]
+__all__ = ["build_tokenizer", "build_data_iterators", "summary_lines"]

@@ -44,6 +44,8 @@ class GPTDatasetSettings:
     reset_attention_mask: bool
     eod_mask_loss: bool
     cache_dir: str
+    create_attention_mask: bool = True
+    mmap_bin_files: bool = True
 
 
 def gpt_sample(text: np.ndarray, settings: GPTDatasetSettings) -> Dict[str, torch.Tensor]:
@@ -53,6 +55,9 @@ def gpt_sample(text: np.ndarray, settings: GPTDatasetSettings) -> Dict[str, torc
     With --reset-position-ids positions restart after each eod; with --reset-attention-mask
     a token sees only earlier tokens of its own document (attention_mask [1, s, s], True =
     masked); with --eod-mask-loss there is no loss where the input token is eod.
+    --no-create-attention-mask-in-dataloader leaves the mask out, so the model's causal
+    attention lets documents see each other. Without --reset-attention-mask the mask would be
+    the plain causal one the model applies anyway, so it is left out too.
     """
     text = torch.from_numpy(np.asarray(text, dtype=np.int64).copy())
     tokens, labels = text[:-1], text[1:]
@@ -68,7 +73,7 @@ def gpt_sample(text: np.ndarray, settings: GPTDatasetSettings) -> Dict[str, torc
         starts_document[1:] = is_eod[:-1]
         document_start = torch.cummax(torch.where(starts_document, positions, 0), dim=0).values
         sample["position_ids"] = positions - document_start
-    if settings.reset_attention_mask:
+    if settings.reset_attention_mask and settings.create_attention_mask:
         document = torch.cumsum(is_eod, dim=0) - is_eod.long()
         future = positions[None, :] > positions[:, None]
         sample["attention_mask"] = (future | (document[:, None] != document[None, :]))[None]

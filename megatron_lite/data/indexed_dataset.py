@@ -11,8 +11,9 @@ The `.idx` layout, byte for byte as Megatron-LM writes it (little-endian):
     int64[S]  sequence pointers, byte offsets into the .bin file
     int64[D]  document indices: document j holds sequences [doc[j], doc[j+1])
 
-The `.bin` file is the token arrays of all sequences back to back, in that dtype. Both
-files are memory-mapped, so opening even a very large dataset reads nothing but the header.
+The `.bin` file is the token arrays of all sequences back to back, in that dtype. The
+index is memory-mapped, and so is the `.bin` unless `mmap=False` (--no-mmap-bin-files), when
+each read opens the file, seeks and reads just the requested tokens.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ class IndexedDatasetBuilder:
 class IndexedDataset:
     """Read-only view of a `.bin`/`.idx` pair; `dataset[i]` is sequence i as a numpy array."""
 
-    def __init__(self, path_prefix: str):
+    def __init__(self, path_prefix: str, mmap: bool = True):
         self.path_prefix = path_prefix
+        self.mmap = mmap
         for path in (idx_path(path_prefix), bin_path(path_prefix)):
             if not os.path.isfile(path):
                 raise FileNotFoundError(
@@ -157,15 +159,25 @@ class IndexedDataset:
             raise ValueError(f"{data_file} is truncated: {data_bytes} bytes, its index needs "
                              f"{needed}; rebuild it with tools/preprocess_data.py")
         # np.memmap cannot map an empty file; an empty dataset has nothing to read anyway.
-        self._data = np.memmap(data_file, mode="r", dtype=np.uint8) if data_bytes else None
+        self._data = np.memmap(data_file, mode="r", dtype=np.uint8) if data_bytes and self.mmap else None
 
     def __getstate__(self):
-        return {"path_prefix": self.path_prefix}
+        return {"path_prefix": self.path_prefix, "mmap": self.mmap}
 
     def __setstate__(self, state):
         """Re-open the maps in a data-loader worker instead of pickling their contents."""
-        self.path_prefix = state["path_prefix"]
+        self.path_prefix, self.mmap = state["path_prefix"], state["mmap"]
         self._open()
+
+    def _read(self, start: int, length: int) -> np.ndarray:
+        """`length` tokens from byte offset `start` of the .bin file."""
+        if self._data is not None:
+            return np.frombuffer(self._data, self.dtype, length, start)
+        tokens = np.empty(length, self.dtype)
+        with open(bin_path(self.path_prefix), "rb", buffering=0) as f:
+            f.seek(start)
+            f.readinto(tokens)
+        return tokens
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -182,8 +194,7 @@ class IndexedDataset:
             raise IndexError(f"tokens [{offset}, {offset + length}) are outside sequence {idx} "
                              f"of {self.path_prefix}, which has {size} tokens")
         start = int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize
-        return np.frombuffer(self._data, self.dtype, length, start) if length else \
-            np.zeros(0, self.dtype)
+        return self._read(start, length) if length else np.zeros(0, self.dtype)
 
     @property
     def num_documents(self) -> int:

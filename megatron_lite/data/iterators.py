@@ -14,19 +14,30 @@ from megatron_lite.data.samplers import PretrainingRandomSampler, PretrainingSam
 SAMPLERS = {"single": PretrainingSampler, "cyclic": PretrainingRandomSampler}
 
 
+class DataIterators(tuple):
+    """(train, valid, test) iterators; `datasets` holds the [train, valid, test] datasets they
+    draw from (for builder.summary_lines)."""
+
+    def __new__(cls, iterators, datasets):
+        self = super().__new__(cls, iterators)
+        self.datasets = list(datasets)
+        return self
+
+
 def build_data_iterators(data_cfg, tokenizer, *, seq_length: int, micro_batch_size: int,
                          global_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                          train_samples: int, eval_samples: int, test_samples: int,
                          consumed_train_samples: int = 0, consumed_valid_samples: int = 0):
-    """(train, valid, test) iterators of this data-parallel rank's microbatches, or None.
+    """DataIterators: (train, valid, test) iterators of this data-parallel rank's microbatches,
+    or None, and the datasets behind them.
 
     Each item is a dict of CPU tensors: tokens, labels, position_ids [mbs, seq] int64,
     loss_mask [mbs, seq] float32, and attention_mask [mbs, 1, seq, seq] bool (True = masked)
-    with --reset-attention-mask. Global batch k is samples [k * gbs, (k + 1) * gbs) counted
-    from the start of the split; each of its microbatch steps takes mbs * dp_size of them and
-    rank r gets [r * mbs, (r + 1) * mbs) of each step, so a run restarted with
-    consumed_train_samples = n sees exactly what an uninterrupted run saw from n on. A split
-    with no data or no requested samples gives None.
+    with --reset-attention-mask (unless --no-create-attention-mask-in-dataloader). Global
+    batch k is samples [k * gbs, (k + 1) * gbs) counted from the start of the split; each of
+    its microbatch steps takes mbs * dp_size of them and rank r gets [r * mbs, (r + 1) * mbs)
+    of each step, so a run restarted with consumed_train_samples = n sees exactly what an
+    uninterrupted run saw from n on. A split with no data or no requested samples gives None.
     """
     if data_cfg.dataloader_type not in SAMPLERS:
         raise ValueError(f"--dataloader-type {data_cfg.dataloader_type} is not one of {sorted(SAMPLERS)}")
@@ -38,7 +49,9 @@ def build_data_iterators(data_cfg, tokenizer, *, seq_length: int, micro_batch_si
         seq_length=seq_length, seed=seed, eod=tokenizer.eod,
         reset_position_ids=data_cfg.reset_position_ids,
         reset_attention_mask=data_cfg.reset_attention_mask,
-        eod_mask_loss=data_cfg.eod_mask_loss, cache_dir=cache_dir(data_cfg.data_cache_path))
+        eod_mask_loss=data_cfg.eod_mask_loss, cache_dir=cache_dir(data_cfg.data_cache_path),
+        create_attention_mask=data_cfg.create_attention_mask_in_dataloader,
+        mmap_bin_files=data_cfg.mmap_bin_files)
     train, valid, test = build_gpt_datasets(data_cfg, tokenizer, settings,
                                             [train_samples, eval_samples, test_samples])
     if train_samples > 0 and (train is None or len(train) < train_samples):
@@ -57,5 +70,5 @@ def build_data_iterators(data_cfg, tokenizer, *, seq_length: int, micro_batch_si
             pin_memory=torch.cuda.is_available(), persistent_workers=data_cfg.num_workers > 0)
         return iter(loader)
 
-    return (iterator(train, consumed_train_samples), iterator(valid, consumed_valid_samples),
-            iterator(test, 0))
+    return DataIterators((iterator(train, consumed_train_samples), iterator(valid, consumed_valid_samples),
+                          iterator(test, 0)), (train, valid, test))

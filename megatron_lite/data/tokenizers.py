@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level (the default, needs no files), Hugging Face, GPT-2 BPE, and null.
+"""Tokenizers: byte-level (the default, needs no files), Hugging Face, GPT-2 BPE, null,
+Megatron's TikTokenizer, and SentencePiece as GPTSentencePieceTokenizer and Llama2Tokenizer.
 
 Each has `vocab_size` (unpadded), `eod`, `tokenize(str) -> list[int]`,
 `detokenize(list[int]) -> str`, and `description`, a string that identifies its vocabulary
@@ -7,10 +8,14 @@ Each has `vocab_size` (unpadded), `eod`, `tokenize(str) -> list[int]`,
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from megatron_lite.arguments import ConfigError
 
 
 class ByteLevelTokenizer:
@@ -160,17 +165,135 @@ class GPT2BPETokenizer:
         return bytes(self._byte_decoder[c] for c in text).decode("utf-8", errors="replace")
 
 
+TIKTOKEN_PATTERNS = {
+    "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    "v2": (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+TIKTOKEN_DEFAULT_VOCAB_SIZE = 2 ** 17
+TIKTOKEN_REQUIRED_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+
+def tiktoken_special_tokens(special_tokens: Optional[Sequence[str]], num_special_tokens: int) -> List[str]:
+    """The ids [0, num_special_tokens): the given special tokens (default <unk> <s> </s>) in order,
+    then fillers <SPECIAL_i> up to num_special_tokens, as Megatron's TikTokenizer numbers them."""
+    tokens = list(special_tokens) if special_tokens else list(TIKTOKEN_REQUIRED_SPECIAL_TOKENS)
+    return tokens + [f"<SPECIAL_{i}>" for i in range(len(tokens), num_special_tokens)]
+
+
+def load_tiktoken_ranks(path: str, count: int) -> Dict[bytes, int]:
+    """The first `count` entries of a Megatron tiktoken vocabulary as {token bytes: rank}.
+
+    The file is a JSON list whose entry i is {"rank": i, "token_bytes": base64, "token_str": ...};
+    the first 256 entries are the single bytes 0..255, the rest are merges in rank order.
+    """
+    with open(path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    if not isinstance(vocab, list):
+        raise ConfigError(f"--tokenizer-model {path} is not a tiktoken vocabulary (a JSON list of "
+                          f"{{rank, token_bytes, token_str}}); pass the .json file of a TikTokenizer")
+    if len(vocab) < count:
+        raise ConfigError(f"--tokenizer-model {path} holds {len(vocab)} tokens but the vocabulary needs "
+                          f"{count} (--vocab-size minus --tiktoken-num-special-tokens); pass a --vocab-size "
+                          f"of at most {len(vocab)} + --tiktoken-num-special-tokens")
+    ranks: Dict[bytes, int] = {}
+    for i, entry in enumerate(vocab[:count]):
+        token = base64.b64decode(entry["token_bytes"])
+        if entry.get("rank") != i or (i < 256 and token != bytes([i])) or token in ranks:
+            raise ConfigError(f"--tokenizer-model {path}: entry {i} is not rank {i} of a byte-level "
+                              f"tiktoken vocabulary; the file is damaged or of another format")
+        ranks[token] = i
+    return ranks
+
+
+class TikTokenizer:
+    """Megatron's TikTokenizer: byte-level BPE from a tiktoken .json vocabulary.
+
+    Ids [0, num_special_tokens) are the special tokens (<unk> 0, <s> 1, </s> 2 by default, then
+    <SPECIAL_i> fillers); vocabulary entry r gets id r + num_special_tokens, and only the first
+    vocab_size - num_special_tokens entries are used. Text is pre-split by the v1 or v2 pattern
+    and encoded as ordinary text (special-token strings in it are not special); eod is </s>.
+    """
+
+    def __init__(self, path: str, pattern: str, vocab_size: Optional[int], num_special_tokens: int,
+                 special_tokens: Optional[Sequence[str]]):
+        try:
+            import tiktoken
+        except ImportError as e:
+            raise ImportError("TikTokenizer needs the tiktoken package: pip install tiktoken") from e
+        if not os.path.isfile(path):
+            raise ConfigError(f"--tokenizer-model {path} is not a file; TikTokenizer needs its .json vocabulary")
+        self.vocab_size = vocab_size or TIKTOKEN_DEFAULT_VOCAB_SIZE
+        specials = tiktoken_special_tokens(special_tokens, num_special_tokens)
+        ranks = load_tiktoken_ranks(path, self.vocab_size - num_special_tokens)
+        special_ids = {token: i for i, token in enumerate(specials)}
+        self._model = tiktoken.Encoding(
+            name=Path(path).parent.name, pat_str=TIKTOKEN_PATTERNS[pattern],
+            mergeable_ranks={token: rank + num_special_tokens for token, rank in ranks.items()},
+            special_tokens=special_ids)
+        self.unk, self.bos, self.eos = (special_ids[t] for t in TIKTOKEN_REQUIRED_SPECIAL_TOKENS)
+        self.eod = self.eos
+        self.pad = special_ids.get("<pad>")
+        self.description = (f"TikTokenizer({os.path.abspath(path)},{pattern},{self.vocab_size},"
+                            f"{num_special_tokens},{' '.join(special_tokens or TIKTOKEN_REQUIRED_SPECIAL_TOKENS)})")
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._model.encode_ordinary(text)
+
+    def detokenize(self, ids: List[int]) -> str:
+        return self._model.decode([int(i) for i in ids])
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece .model as Megatron's GPTSentencePieceTokenizer (add_bos False) or
+    Llama2Tokenizer (add_bos True: every text starts with the model's BOS id).
+
+    The vocabulary is the model's pieces; eod is the model's EOS id; bos and pad are the model's
+    own ids (-1 where the model has none).
+    """
+
+    def __init__(self, model_file: str, add_bos: bool, kind: str):
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise ImportError(f"{kind} needs the sentencepiece package: pip install sentencepiece") from e
+        if not os.path.isfile(model_file):
+            raise ConfigError(f"--tokenizer-model {model_file} is not a file; {kind} needs a SentencePiece .model")
+        self._model = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self.add_bos = add_bos
+        self.vocab_size = self._model.get_piece_size()
+        self.bos, self.eos, self.pad = self._model.bos_id(), self._model.eos_id(), self._model.pad_id()
+        if self.eos < 0 or (add_bos and self.bos < 0):
+            missing = "EOS" if self.eos < 0 else "BOS"
+            raise ConfigError(f"--tokenizer-model {model_file} has no {missing} piece, which {kind} needs; "
+                              f"train the SentencePiece model with {missing.lower()}_id set")
+        self.eod = self.eos
+        self.description = f"{kind}({os.path.abspath(model_file)})"
+
+    def tokenize(self, text: str) -> List[int]:
+        ids = self._model.encode_as_ids(text)
+        return [self.bos] + ids if self.add_bos else ids
+
+    def detokenize(self, ids: List[int]) -> str:
+        return self._model.decode_ids([int(i) for i in ids])
+
+
 def build_tokenizer(data_cfg, vocab_size: Optional[int] = None):
     """The tokenizer that `data_cfg.tokenizer_type` names.
 
-    `vocab_size` (--vocab-size) sizes NullTokenizer; the other tokenizers bring their own
-    vocabulary, and a different --vocab-size for them is an error.
+    `vocab_size` (--vocab-size) sizes NullTokenizer and TikTokenizer (special tokens included,
+    default 2**17); the other tokenizers bring their own vocabulary, and a different --vocab-size
+    for them is an error.
     """
     kind = data_cfg.tokenizer_type
     if kind == "NullTokenizer":
         if vocab_size is None:
             raise ValueError("NullTokenizer needs --vocab-size (the number of ids before the eod token)")
         return NullTokenizer(vocab_size)
+    if kind == "TikTokenizer":
+        return TikTokenizer(data_cfg.tokenizer_model, data_cfg.tiktoken_pattern or "v2", vocab_size,
+                            data_cfg.tiktoken_num_special_tokens, data_cfg.tokenizer_special_tokens)
     if kind == "ByteLevelTokenizer":
         tokenizer = ByteLevelTokenizer()
     elif kind == "HuggingFaceTokenizer":
@@ -180,9 +303,14 @@ def build_tokenizer(data_cfg, vocab_size: Optional[int] = None):
         tokenizer = HuggingFaceTokenizer(data_cfg.tokenizer_model)
     elif kind == "GPT2BPETokenizer":
         tokenizer = GPT2BPETokenizer(data_cfg.vocab_file, data_cfg.merge_file)
+    elif kind in ("GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        if not data_cfg.tokenizer_model:
+            raise ConfigError(f"--tokenizer-type {kind} needs --tokenizer-model (a SentencePiece .model)")
+        tokenizer = SentencePieceTokenizer(data_cfg.tokenizer_model, kind == "Llama2Tokenizer", kind)
     else:
-        raise ValueError(f"unknown --tokenizer-type {kind}; choose ByteLevelTokenizer, "
-                         f"HuggingFaceTokenizer, GPT2BPETokenizer or NullTokenizer")
+        raise ValueError(f"unknown --tokenizer-type {kind}; choose ByteLevelTokenizer, HuggingFaceTokenizer, "
+                         f"GPT2BPETokenizer, NullTokenizer, TikTokenizer, GPTSentencePieceTokenizer or "
+                         f"Llama2Tokenizer")
     if vocab_size is not None and vocab_size != tokenizer.vocab_size:
         raise ValueError(f"--vocab-size {vocab_size} disagrees with {kind}, which has "
                          f"{tokenizer.vocab_size} tokens; drop --vocab-size (it is for NullTokenizer)")

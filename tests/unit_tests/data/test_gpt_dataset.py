@@ -9,7 +9,7 @@ import torch
 from megatron_lite.config import DataConfig
 from megatron_lite.data import gpt_dataset
 from megatron_lite.data.blended_dataset import BlendedDataset
-from megatron_lite.data.builder import build_gpt_datasets, parse_blend, parse_split
+from megatron_lite.data.builder import build_gpt_datasets, parse_blend, split_matrix
 from megatron_lite.data.gpt_dataset import GPTDataset, GPTDatasetSettings, gpt_sample
 from megatron_lite.data.indexed_dataset import IndexedDataset
 
@@ -104,12 +104,12 @@ def test_sample_fields_follow_the_documents(tmp_path):
 
 
 def test_split_strings_become_document_ranges():
-    bounds = parse_split("969,30,1")
+    bounds = split_matrix("969,30,1")
     np.testing.assert_allclose(bounds, [(0, 0.969), (0.969, 0.999), (0.999, 1.0)])
-    assert parse_split("98,2") == [(0, 0.98), (0.98, 1.0), None]
-    assert parse_split("1,0,1") == [(0, 0.5), None, (0.5, 1.0)]
+    assert split_matrix("98,2") == [(0, 0.98), (0.98, 1.0), None]
+    assert split_matrix("1,0,1") == [(0, 0.5), None, (0.5, 1.0)]
     with pytest.raises(ValueError, match="--split 'a,b'"):
-        parse_split("a,b")
+        split_matrix("a,b")
 
 
 def test_blend_flags_are_prefixes_or_weight_prefix_pairs():
