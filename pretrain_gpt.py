@@ -5,8 +5,15 @@
 
 With no data flags it trains on the small corpus that ships with megatron_lite; with no
 GPU it runs on CPU (gloo).
+
+A bad flag, YAML file, dataset or checkpoint ends the run with exit code 2 and one line on
+rank 0's stderr (every rank finds the same problem; only rank 0 says it). Once the run has
+finished and saved, SIGINT and SIGTERM are ignored: a Ctrl-C while the processes exit does not
+turn a finished run into a failed one.
 """
 
+import os
+import signal
 import sys
 
 import torch.distributed as dist
@@ -15,12 +22,19 @@ from megatron_lite.arguments import ConfigError, parse_args
 from megatron_lite.training import pretrain
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         pretrain(cfg)
+        for sig in (signal.SIGINT, signal.SIGTERM):   # finished and saved: nothing left to interrupt
+            signal.signal(sig, signal.SIG_IGN)
     except ConfigError as e:
-        print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_initialized():

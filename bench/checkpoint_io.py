@@ -26,7 +26,7 @@ the files read; the output says which, or "page cache not dropped").
     megatron_lite async save (1st, 2nd)   --async-save (AsyncSaver): "blocked" until save_checkpoint
                                      returns and training may go on, "committed" until finalize() has
                                      the checkpoint on disk; the first save also allocates the pinned
-                                     host buffers that later saves reuse
+                                     host buffers that later saves reuse (--use-persistent-ckpt-worker)
     torch.save + fsync / torch.load  of the same tensors, one file; loaded to CPU with weights_only
     dcp.save / dcp.load              torch.distributed.checkpoint in one process without a process
                                      group; loaded in place into the live (GPU) state
@@ -293,7 +293,7 @@ def measure_async_saves(results: Results, run, work: str, nbytes: int) -> None:
     """Two --async-save saves: blocked until save_checkpoint returns, committed when finalized."""
     cfg = run.cfg
     cfg.checkpoint.save, cfg.checkpoint.load = os.path.join(work, "async"), None
-    run.async_saver = AsyncSaver()
+    run.async_saver = AsyncSaver(persistent=True)   # --use-persistent-ckpt-worker
     for label in ("1st", "2nd"):
         name = f"megatron_lite async save ({label})"
         if results.over_budget(name, "committed", nbytes):

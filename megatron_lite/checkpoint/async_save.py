@@ -1,10 +1,12 @@
 """Asynchronous checkpoint saves: training goes on while the files are written and committed.
 
 `save_files(..., async_saver=saver)` snapshots each rank's files synchronously and returns:
-every tensor is copied into a CPU buffer that the saver keeps from one save to the next
-(pinned for GPU tensors, so the copy runs at full PCIe speed and no page is faulted in
-again), and training may change the originals at once. The price is host memory for one
-copy of the rank's checkpoint tensors, held between saves. A background thread per rank
+every tensor is copied into a CPU buffer (pinned for GPU tensors, so the copy runs at full
+PCIe speed), and training may change the originals at once. The price is host memory for one
+copy of the rank's checkpoint tensors while the save is in flight. With
+`--use-persistent-ckpt-worker` the saver keeps its buffers from one save to the next (no page
+is allocated, pinned or faulted in again), holding that memory between saves; by default they
+are released once the save is committed. A background thread per rank
 then writes and fsyncs the copy exactly as a synchronous save does (the bytes are identical),
 and drops a done marker holding its checksums into the temporary
 directory. Rank 0's thread waits until every rank's marker is there and then commits
@@ -102,11 +104,13 @@ def write_and_commit(spec: CommitSpec, payload: dict, rank: int, timeout_s: floa
 class AsyncSaver:
     """Holds at most one save in flight; pass it to every `save_files` call of a run.
 
-    `commit_timeout_s` bounds how long rank 0 waits for the slowest rank's files.
+    `commit_timeout_s` bounds how long rank 0 waits for the slowest rank's files; `persistent`
+    (--use-persistent-ckpt-worker) keeps the host buffers after a commit for the next save.
     """
 
-    def __init__(self, commit_timeout_s: float = 1800.0) -> None:
+    def __init__(self, commit_timeout_s: float = 1800.0, persistent: bool = False) -> None:
         self.commit_timeout_s = commit_timeout_s
+        self.persistent = persistent
         self._thread: Optional[threading.Thread] = None
         self._buffers: Dict[tuple, List[torch.Tensor]] = {}   # (shape, stride, dtype) -> CPU tensors
 
@@ -168,6 +172,8 @@ class AsyncSaver:
             return None
         self._thread.join()
         self._thread = None
+        if not self.persistent:
+            self._buffers.clear()
         spec = self._spec
         gathered = all_gather_object((self._error, self._seconds, self._nbytes), self._state)
         rank = 0 if self._state is None else self._state.rank

@@ -308,8 +308,23 @@ def test_async_save_snapshots_at_once_and_writes_the_same_bytes_as_a_sync_save(t
     assert tracker_text(tmp_path) == "2"
     assert saver.finalize() is None
 
-    save_files(str(tmp_path), 3, {MODEL: obj}, None, None, async_saver=saver)   # reuses the buffers
+    save_files(str(tmp_path), 3, {MODEL: obj}, None, None, async_saver=saver)
     saver.finalize()
+    assert_bitwise_equal(obj, load_file(str(tmp_path), 3, MODEL))
+
+
+def test_persistent_ckpt_worker_keeps_the_host_buffers_between_saves(tmp_path):
+    obj = tiny_state(4)
+    released, kept = AsyncSaver(), AsyncSaver(persistent=True)
+    for it, saver in ((1, released), (2, kept)):
+        save_files(str(tmp_path), it, {MODEL: obj}, None, None, async_saver=saver)
+        saver.finalize()
+    assert released._buffers == {}
+    first = [b.data_ptr() for bufs in kept._buffers.values() for b in bufs]
+    assert len(first) == 4   # w, b, exp_avg and the RNG state
+    save_files(str(tmp_path), 3, {MODEL: obj}, None, None, async_saver=kept)   # the same buffers again
+    kept.finalize()
+    assert [b.data_ptr() for bufs in kept._buffers.values() for b in bufs] == first
     assert_bitwise_equal(obj, load_file(str(tmp_path), 3, MODEL))
 
 
