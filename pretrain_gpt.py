@@ -6,8 +6,9 @@
 With no data flags it trains on the small corpus that ships with megatron_lite; with no
 GPU it runs on CPU (gloo).
 
-A bad flag, YAML file, dataset or checkpoint ends the run with exit code 2 and one line on
-rank 0's stderr (every rank finds the same problem; only rank 0 says it). Once the run has
+A bad flag, YAML file, dataset or checkpoint (ConfigError, CheckpointLoadError) ends the run
+with exit code 2 and one line on rank 0's stderr (every rank finds the same problem; only
+rank 0 says it). Once the run has
 finished and saved, SIGINT and SIGTERM are ignored: a Ctrl-C while the processes exit does not
 turn a finished run into a failed one.
 """
@@ -19,6 +20,7 @@ import sys
 import torch.distributed as dist
 
 from megatron_lite.arguments import ConfigError, parse_args
+from megatron_lite.checkpoint.recovery import CheckpointLoadError
 from megatron_lite.training import pretrain
 
 
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
         pretrain(cfg)
         for sig in (signal.SIGINT, signal.SIGTERM):   # finished and saved: nothing left to interrupt
             signal.signal(sig, signal.SIG_IGN)
-    except ConfigError as e:
+    except (ConfigError, CheckpointLoadError) as e:   # a bad flag, file or checkpoint: the same on every rank
         if _rank() == 0:
             print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -62,6 +62,7 @@ UNSUPPORTED_FEATURES: Dict[str, List[str]] = {
     "straggler detection": ["--straggler-minmax-count", "--log-straggler"],
     "the Transformer Engine RNG tracker": ["--te-rng-tracker", "--inference-rng-tracker"],
     "progress.txt logging": ["--log-progress"],
+    "Megatron-LM's legacy (pre-Megatron-Core) model classes": ["--use-legacy-models"],
     "distributed checkpointing (torch_dist) options": [
         "--dist-ckpt-strictness", "--dist-ckpt-optim-fully-reshardable", "--ckpt-fully-parallel-load",
         "--ckpt-fully-parallel-save", "--no-ckpt-fully-parallel-save", "--ckpt-assume-constant-structure",

@@ -147,13 +147,13 @@ def build_gpt_datasets(data_cfg, tokenizer, settings: GPTDatasetSettings,
     per_split = [data_cfg.train_data_path, data_cfg.valid_data_path, data_cfg.test_data_path]
     if data_cfg.mock_data:
         if data_cfg.data_path or any(per_split):
-            raise ValueError("--mock-data and --data-path/--train-data-path were both given; "
+            raise ConfigError("--mock-data and --data-path/--train-data-path were both given; "
                              "drop one of them")
         return [MockGPTDataset(name, size, tokenizer.vocab_size, settings) if size > 0 else None
                 for name, size in zip(SPLIT_NAMES, sizes)]
     if any(per_split):
         if data_cfg.data_path:
-            raise ValueError("--data-path and --train/valid/test-data-path were both given; use "
+            raise ConfigError("--data-path and --train/valid/test-data-path were both given; use "
                              "--data-path with --split, or the per-split paths")
         datasets = []
         for i, (paths, flag) in enumerate(zip(per_split, ("--train-data-path", "--valid-data-path",
