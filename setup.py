@@ -67,7 +67,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.1", "numpy", "pyyaml"],
     extras_require={"test": ["pytest", "transformers>=4.40", "safetensors", "tokenizers", "regex", "tiktoken",
-                                "sentencepiece"]},
+                                "sentencepiece", "tensorboard", "wandb"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
