@@ -81,9 +81,9 @@ def model_flops_per_token(d: ModelDims) -> float:
 
 
 def megatron_lite_flags(d: ModelDims, *, train_iters: int, clip_grad: float, extra: Sequence[str] = ()) -> List[str]:
-    """pretrain_gpt.py's flags for `d`: bf16, AdamW, no dropout, mock data from a NullTokenizer
-    whose vocabulary (ids + eod) is exactly d.vocab_size, so --make-vocab-size-divisible-by 128
-    adds no padding."""
+    """pretrain_gpt.py's flags for `d`: bf16, AdamW, no dropout, the fused cross entropy, mock data
+    from a NullTokenizer whose vocabulary (ids + eod) is exactly d.vocab_size, so
+    --make-vocab-size-divisible-by 128 adds no padding."""
     return [
         "--num-layers", str(d.num_layers), "--hidden-size", str(d.hidden_size),
         "--num-attention-heads", str(d.num_attention_heads),
@@ -97,7 +97,7 @@ def megatron_lite_flags(d: ModelDims, *, train_iters: int, clip_grad: float, ext
         "--adam-beta1", str(BETAS[0]), "--adam-beta2", str(BETAS[1]), "--weight-decay", str(WEIGHT_DECAY),
         "--clip-grad", str(clip_grad), "--train-iters", str(train_iters), "--seed", str(SEED),
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(d.vocab_size - 1),
-        "--make-vocab-size-divisible-by", "128", *extra,
+        "--make-vocab-size-divisible-by", "128", "--cross-entropy-loss-fusion", *extra,
     ]
 
 

@@ -17,8 +17,9 @@ import torch
 from megatron_lite.arguments import ConfigError, pad_vocab_size, validate
 from megatron_lite.config import RunConfig
 from megatron_lite.model.gpt import GPTModel
-from megatron_lite.ops import build_ops
+from megatron_lite.ops import build_ops_for
 from megatron_lite.optim import build_optimizer, build_scheduler
+from megatron_lite.optim.optimizer import grad_buffer_dtype
 from megatron_lite.parallel.data import DistributedDataParallel
 from megatron_lite.parallel.random import seed_everything
 from megatron_lite.parallel.state import ParallelState, init_distributed, initialize
@@ -108,7 +109,7 @@ def setup_parallel(cfg: RunConfig) -> ParallelState:
     set_deterministic(cfg.train.deterministic_mode)
     init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
     state = initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
-                       cfg.parallel.sequence_parallel)
+                       cfg.parallel.sequence_parallel, cfg.parallel.use_tp_pp_dp_mapping)
     seed_everything(cfg.train.seed, state.tp_rank, state.pp_rank, state.rng)
     return state
 
@@ -122,12 +123,10 @@ def build_run(cfg: RunConfig, state: ParallelState, tokenizer=None) -> Run:
     cfg.model.vocab_size = tokenizer.vocab_size   # --vocab-size only sizes a NullTokenizer
     cfg.model.padded_vocab_size = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                                  cfg.parallel.tensor_model_parallel_size)
-    ops = build_ops(fused_kernels=cfg.model.fused_kernels, transformer_impl=cfg.model.transformer_impl,
-                    device=state.device)
+    ops = build_ops_for(cfg.model, state.device)
     print_rank0(ops.describe(), state)
     module = build_model(cfg, state, ops, state.device)
-    grad_dtype = torch.bfloat16 if cfg.optimizer.main_grads_dtype == "bf16" else torch.float32
-    model = DistributedDataParallel(module, cfg.parallel, state, grad_dtype=grad_dtype)
+    model = DistributedDataParallel(module, cfg.parallel, state, grad_dtype=grad_buffer_dtype(cfg.optimizer))
     optimizer = build_optimizer([model], cfg.optimizer, cfg.parallel, state, fused_kernels=cfg.model.fused_kernels)
     try:
         scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train)

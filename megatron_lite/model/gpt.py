@@ -15,6 +15,7 @@ from torch import nn
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.layers import Norm, RotaryEmbedding, TransformerLayer
+from megatron_lite.ops import torch_ops
 from megatron_lite.parallel.random import recompute
 from megatron_lite.parallel.state import ParallelState
 from megatron_lite.parallel.tensor import (ColumnParallelLinear, VocabParallelEmbedding, column_parallel_linear,
@@ -78,7 +79,8 @@ class GPTModel(nn.Module):
             self.embedding = Embedding(cfg, state, dtype)
         self.rotary = RotaryEmbedding(cfg) if cfg.position_embedding_type == "rope" else None
         self.decoder = nn.Module()
-        self.decoder.layers = nn.ModuleList(TransformerLayer(cfg, state, ops, dtype) for _ in range(per_stage))
+        self.decoder.layers = nn.ModuleList(TransformerLayer(cfg, state, ops, dtype, self.layer_offset + i + 1)
+                                            for i in range(per_stage))
         if self.post_process:
             self.decoder.final_layernorm = Norm(cfg, state, ops, dtype)
             if not (self.share_embeddings and self.pre_process):
@@ -119,8 +121,8 @@ class GPTModel(nn.Module):
             gname = self.global_name(name)
             if name.endswith("bias"):
                 std = None
-            elif "layernorm" in name:
-                std = "ones"
+            elif "layernorm" in name:   # norm weights; zero-centred (applied as 1 + w) with --apply-layernorm-1p
+                std = None if self.cfg.apply_layernorm_1p else "ones"
             else:
                 std = init_std_for(gname, self.cfg.init_method_std, self.cfg.num_layers)
             init_param_(p, gname, self.global_shape(name, p), std, seed, self.state.tp_rank, self.state.tp_size)
@@ -181,11 +183,13 @@ class GPTModel(nn.Module):
         logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits
-        # the loss ops compute in fp32 from bf16/fp16 logits: no fp32 copy of the logits is made;
-        # nothing reads the logits after the loss, so its backward may write their gradient over them
-        loss = self.ops.vocab_parallel_cross_entropy(logits, labels.t(), self._vocab_start(),
-                                                     self.state.tp_group if self.state.tp_size > 1 else None,
-                                                     inplace_backward=True)
+        # --cross-entropy-loss-fusion: the fused op (one pass over the logits, fp32 inside, no fp32 copy;
+        # nothing reads the logits after the loss, so its backward may write their gradient over them);
+        # without it Megatron's plain vocab-parallel cross entropy in torch
+        cross_entropy = (self.ops.vocab_parallel_cross_entropy if self.cfg.cross_entropy_loss_fusion
+                         else torch_ops.vocab_parallel_cross_entropy)
+        loss = cross_entropy(logits, labels.t(), self._vocab_start(),
+                             self.state.tp_group if self.state.tp_size > 1 else None, inplace_backward=True)
         return loss.t().contiguous()                               # [b, s]
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:

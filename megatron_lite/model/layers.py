@@ -1,4 +1,5 @@
-"""The transformer layer's parts: norms, rotary embedding, attention, MLP.
+"""The transformer layer: rotary embedding tables, MLP, and the layer itself (norms.py, attention.py
+hold the other parts).
 
 Activations are [s, b, h]. Layers get parallel linears and a ParallelState; the only
 communication is inside those linears. Dropout on tensors that are split across TP ranks
@@ -9,44 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.model.attention import SelfAttention
+from megatron_lite.model.norms import Norm
 from megatron_lite.model.recompute import discard_until_backward
+from megatron_lite.parallel.random import recompute
 from megatron_lite.parallel.state import ParallelState
-from megatron_lite.parallel.tensor import ColumnParallelLinear, RowParallelLinear, set_partition
+from megatron_lite.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+
+__all__ = ["MLP", "Norm", "RotaryEmbedding", "SelfAttention", "TransformerLayer", "rotary_inv_freq"]
 
 
 def _selective(cfg: ModelConfig, module: str) -> bool:
     """Whether --recompute-granularity selective recomputes `module` (a --recompute-modules name)."""
     return cfg.recompute_granularity == "selective" and module in cfg.recompute_modules
-
-
-class Norm(nn.Module):
-    """LayerNorm or RMSNorm over the hidden dimension, through the fused-op dispatch."""
-
-    def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
-        super().__init__()
-        self.ops, self.eps, self.rms = ops, cfg.norm_epsilon, cfg.normalization == "RMSNorm"
-        self.weight = set_partition(nn.Parameter(torch.ones(cfg.hidden_size, dtype=dtype)), None)
-        self.weight.sequence_parallel = state.sequence_parallel
-        self.bias = None
-        if not self.rms:
-            self.bias = set_partition(nn.Parameter(torch.zeros(cfg.hidden_size, dtype=dtype)), None)
-            self.bias.sequence_parallel = state.sequence_parallel
-
-    def forward(self, x):
-        if self.rms:
-            return self.ops.rms_norm(x, self.weight, self.eps)
-        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
-
-    def add_forward(self, delta, residual):
-        """(residual + delta, this norm of it): a residual add and the norm after it, in one op."""
-        return self.ops.add_norm(delta, residual, self.weight, self.bias, self.eps, self.rms)
 
 
 def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -67,7 +49,8 @@ def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables [s, 1, 1, rot_dim] for positions 0..s-1 (non-interleaved halves).
+    """cos/sin tables [s, 1, 1, rot_dim] for positions 0..s-1: the angles repeated as two halves
+    ([a0..a_n, a0..a_n], rotate-half RoPE) or, with --rotary-interleaved, pairwise ([a0, a0, a1, a1, ...]).
 
     The values are rounded to the activations' dtype (as Megatron and Hugging Face apply them)
     but held in fp32, the rotary ops' compute type, and computed once per (length, device,
@@ -76,6 +59,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
+        self.interleaved = cfg.rotary_interleaved
         self._tables = {}
 
     def forward(self, seq_len: int, device, dtype):
@@ -83,67 +67,31 @@ class RotaryEmbedding(nn.Module):
         if key not in self._tables:
             pos = torch.arange(seq_len, device=device, dtype=torch.float32)
             freqs = torch.outer(pos, self.inv_freq.to(device))
-            emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+            emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([freqs, freqs], dim=-1)
+            emb = emb[:, None, None, :]
             self._tables[key] = (emb.cos().to(dtype).float(), emb.sin().to(dtype).float())
         return self._tables[key]
 
 
-class SelfAttention(nn.Module):
-    """Fused QKV projection laid out per query group ([q heads of g, k_g, v_g] for each g),
-    torch SDPA (causal, grouped-query), and the row-parallel output projection."""
-
-    def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
-        super().__init__()
-        self.cfg, self.state, self.ops = cfg, state, ops
-        d, groups = cfg.head_dim, cfg.query_groups
-        self.heads_per_group = cfg.num_attention_heads // groups
-        self.local_groups = groups // state.tp_size
-        qkv_size = groups * (self.heads_per_group + 2) * d
-        self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, state,
-                                               bias=cfg.add_bias_linear or cfg.add_qkv_bias, dtype=dtype)
-        self.linear_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, state,
-                                             bias=cfg.add_bias_linear, skip_bias_add=True, dtype=dtype)
-
-    def forward(self, x, rotary=None, attention_mask: Optional[torch.Tensor] = None):
-        qkv = self.linear_qkv(x)                                   # [s, b, groups_local * (hpg + 2) * d]
-        s, b = qkv.shape[:2]
-        d, hpg, ng = self.cfg.head_dim, self.heads_per_group, self.local_groups
-        # rows of (batch, query group), each [hpg query heads, k, v]: q, k and v are 4-D strided
-        # slices that the rotary kernels read in place
-        qkv = qkv.view(s, b * ng, hpg + 2, d)
-        if rotary is not None:
-            # contiguous q, k, v (so q as [s, b, heads, d] is a view); attention keeps v for its
-            # backward, and as a view it would keep the whole QKV output alive
-            q, k, v = self.ops.split_qkv_rotary(qkv, hpg, *rotary)
-        else:
-            # one split (its backward is one concatenation; slicing would zero-fill a
-            # full-size gradient per slice and add them up)
-            q, k, v = torch.split(qkv, [hpg, 1, 1], dim=2)
-        q = q.reshape(s, b, ng * hpg, d)
-        k, v = k.reshape(s, b, ng, d), v.reshape(s, b, ng, d)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))      # [b, heads, s, d]
-        p = self.cfg.attention_dropout if self.training else 0.0
-        # heads are split over TP ranks, so their dropout masks must differ: tracker fork
-        fork = self.state.rng.fork() if p > 0 else contextlib.nullcontext()
-        with fork:
-            # grouped-query attention inside SDPA: each k/v head serves hpg query heads
-            # without materialising hpg copies of k and v
-            if attention_mask is None:
-                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=hpg > 1)
-            else:
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=p,
-                                                     enable_gqa=hpg > 1)
-        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)            # [s, b, heads_local * d]
-        return self.linear_proj(ctx)
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (--squared-relu)."""
+    return F.relu(x).pow(2)
 
 
 class MLP(nn.Module):
-    """fc1 (column-parallel; [gate; up] per rank with SwiGLU) -> GeLU(tanh) or SwiGLU -> fc2."""
+    """fc1 (column-parallel; [gate; up] per rank with SwiGLU) -> activation -> fc2.
+
+    The activation, as in Megatron-Core: SwiGLU; squared ReLU; or GeLU, which with
+    --bias-gelu-fusion (the default) is the fused bias-GeLU in its tanh approximation (Hugging Face's
+    gelu_new) and with --no-bias-gelu-fusion (implied by --disable-bias-linear) the exact erf GeLU of
+    x + bias (F.gelu). With selective recompute of "mlp" the whole MLP keeps only its input."""
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
         super().__init__()
-        self.ops, self.swiglu = ops, cfg.swiglu
+        self.ops, self.state, self.swiglu = ops, state, cfg.swiglu
+        self.squared_relu, self.bias_gelu_fusion = cfg.squared_relu, cfg.bias_gelu_fusion
         self.recompute_activation = _selective(cfg, "mlp_act")
+        self.recompute_mlp = _selective(cfg, "mlp")
         ffn = cfg.ffn_size
         self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if cfg.swiglu else ffn, state,
                                                bias=cfg.add_bias_linear, skip_bias_add=True,
@@ -154,33 +102,41 @@ class MLP(nn.Module):
     def _activation(self, h, bias):
         if self.swiglu:
             return self.ops.swiglu(h if bias is None else h + bias)
+        if self.squared_relu or not self.bias_gelu_fusion:
+            h = h if bias is None else h + bias
+            return squared_relu(h) if self.squared_relu else F.gelu(h)
         return self.ops.bias_gelu(h, bias)
 
-    def forward(self, x):
+    def _forward(self, x):
         h, bias = self.linear_fc1(x)
-        if self.swiglu and bias is not None:
-            h, bias = h + bias, None
         act = self._activation(h, bias)
         out = self.linear_fc2(act)
         if self.recompute_activation:   # fc2 keeps `act` for its weight gradient: recomputed there
             discard_until_backward(act, out[0], lambda: self._activation(h, bias))
         return out
 
+    def forward(self, x):
+        """(fc2's output, fc2's bias or None): the bias is left to the residual add."""
+        if self.recompute_mlp and self.training and torch.is_grad_enabled():
+            return recompute(lambda t: self._forward(t)[0], self.state.rng, x), self.linear_fc2.bias
+        return self._forward(x)
+
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + drop(attn(norm(x))) then x + drop(mlp(norm(x))).
+    """Pre-norm block: x + drop(attn(norm(x))) then x + drop(mlp(norm(x))); `layer_number` counts
+    the model's layers from 1 (--apply-query-key-layer-scaling divides by it).
 
     `forward_deferred` leaves each residual add to the norm that follows it (Norm.add_forward: one
     kernel for both with the CUDA ops): it takes the input as (x, pending) with the add x + pending
     not yet done, and returns its output the same way, for the next layer's input norm or the
     final norm to finish. `forward` is the plain tensor-in, tensor-out form."""
 
-    def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype, layer_number: int = 1):
         super().__init__()
         self.cfg, self.state = cfg, state
         self.recompute_norms = _selective(cfg, "layernorm")
         self.input_layernorm = Norm(cfg, state, ops, dtype)
-        self.self_attention = SelfAttention(cfg, state, ops, dtype)
+        self.self_attention = SelfAttention(cfg, state, ops, dtype, layer_number)
         self.pre_mlp_layernorm = Norm(cfg, state, ops, dtype)
         self.mlp = MLP(cfg, state, ops, dtype)
 

@@ -197,13 +197,16 @@ def choose_backends(candidates: Sequence[Tuple[str, Callable[[torch.device], Dic
     return FusedOps(impls, backends, notes)
 
 
-def _module_loader(module: str) -> Callable[[torch.device], Dict[str, Callable]]:
-    return lambda device: importlib.import_module(module).load(device)
+def _module_loader(module: str, **options) -> Callable[[torch.device], Dict[str, Callable]]:
+    return lambda device: importlib.import_module(module).load(device, **options)
 
 
 def build_ops(fused_kernels: bool = True, transformer_impl: str = "local",
-              device: torch.device = torch.device("cpu")) -> FusedOps:
-    """Pick a backend per op (see the module docstring) and return the ops.
+              device: torch.device = torch.device("cpu"), no_persist_layer_norm: bool = False) -> FusedOps:
+    """Pick a backend per op (see the module docstring) and return the ops. --no-fused-kernels
+    (fused_kernels False) keeps every op in torch; --transformer-impl transformer_engine lets
+    Transformer Engine's ops come first; --no-persist-layer-norm keeps apex's LayerNorm off its
+    persistent kernel.
 
     Collective when torch.distributed is initialized and device is a GPU: every rank must call it
     (the kernels may be compiled on first use, local rank 0 first, and the ranks agree on the choice).
@@ -215,6 +218,14 @@ def build_ops(fused_kernels: bool = True, transformer_impl: str = "local",
         return FusedOps(dict(TORCH_OPS), {op: "torch" for op in OP_NAMES}, ["--no-fused-kernels"])
     if device.type == "cpu":
         return FusedOps(dict(TORCH_OPS), {op: "torch" for op in OP_NAMES}, ["device is cpu"])
-    candidates = [(name, _module_loader(module)) for name, module in _BACKENDS
+    options = {"apex": {"persist_layer_norm": not no_persist_layer_norm}}
+    candidates = [(name, _module_loader(module, **options.get(name, {}))) for name, module in _BACKENDS
                   if name != "transformer_engine" or transformer_impl == "transformer_engine"]
     return choose_backends(candidates, device)
+
+
+def build_ops_for(model_cfg, device: torch.device) -> FusedOps:
+    """build_ops with the run's flags: --no-fused-kernels, --transformer-impl, --no-persist-layer-norm
+    (`model_cfg` is the ModelConfig section)."""
+    return build_ops(fused_kernels=model_cfg.fused_kernels, transformer_impl=model_cfg.transformer_impl,
+                     device=device, no_persist_layer_norm=model_cfg.no_persist_layer_norm)

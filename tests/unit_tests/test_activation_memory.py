@@ -17,6 +17,7 @@ ARCH = {
               "--disable-bias-linear", "--untie-embeddings-and-output-weights"],
 }
 SELECTIVE = ["--recompute-granularity", "selective", "--recompute-modules"]
+FULL = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 
 
 def _forward_backward(argv):
@@ -59,23 +60,30 @@ def test_selective_recompute_same_numbers_less_memory(arch):
         for name in grads:
             assert torch.equal(r_grads[name], grads[name]), (modules, name)
         assert held - r_held == sum(freed[mod] for mod in modules), modules
+    for modules in (["core_attn"], ["mlp"]):   # keep only their inputs: the same numbers, less held
+        r_loss, r_grads, r_held, _, _ = _forward_backward(TINY + ARCH[arch] + SELECTIVE + modules)
+        assert r_loss == loss
+        for name in grads:
+            assert torch.equal(r_grads[name], grads[name]), (modules, name)
+        assert r_held < held, modules
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--recompute-modules", "layernorm"], "--recompute-modules needs --recompute-granularity selective"),
-    (SELECTIVE + ["core_attn"], "--recompute-modules takes layernorm mlp_act, not core_attn"),
-    (["--recompute-granularity", "selective"], "--recompute-modules takes layernorm mlp_act (none given)"),
-    (SELECTIVE + ["layernorm", "--recompute-activations"], "does not combine with --recompute-granularity"),
+    (SELECTIVE + ["attention"], "--recompute-modules takes core_attn layernorm mlp mlp_act, not attention"),
+    (FULL + ["--recompute-activations"], "does not combine with --recompute-granularity full"),
+    (["--recompute-granularity", "full"], 'recompute_method must be "block" or "uniform"'),
+    (["--recompute-method", "uniform"], "apply to --recompute-granularity full"),
 ])
 def test_recompute_flag_errors(extra, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         setup_parallel(parse_args(TINY + extra))
 
 
-def test_full_granularity_is_recompute_activations():
-    cfg = parse_args(TINY + ["--recompute-granularity", "full"])
+def test_recompute_activations_is_selective_recompute_of_core_attention():
+    cfg = parse_args(TINY + ["--recompute-activations"])
     setup_parallel(cfg)
-    assert cfg.model.recompute_activations
+    assert (cfg.model.recompute_granularity, cfg.model.recompute_modules) == ("selective", ["core_attn"])
 
 
 def test_rope_attention_keeps_v_not_the_qkv_output():
@@ -90,11 +98,11 @@ def test_rope_attention_keeps_v_not_the_qkv_output():
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_residual_adds_left_to_the_next_norm_give_the_same_numbers(arch):
     """Each layer's last residual add is done by the next norm (fused with it on GPUs); under
-    --recompute-activations every layer adds its own output instead. Same loss and gradients, bit
+    full recompute every layer adds its own output instead. Same loss and gradients, bit
     for bit, dropout included."""
     dropout = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
     loss, grads, _, _, _ = _forward_backward(TINY + ARCH[arch] + dropout)
-    r_loss, r_grads, _, _, _ = _forward_backward(TINY + ARCH[arch] + dropout + ["--recompute-activations"])
+    r_loss, r_grads, _, _, _ = _forward_backward(TINY + ARCH[arch] + dropout + FULL)
     assert r_loss == loss
     for name in grads:
         assert torch.equal(r_grads[name], grads[name]), name

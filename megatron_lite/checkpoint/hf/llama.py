@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from megatron_lite.checkpoint.hf.mapping import (Architecture, Rule, UnsupportedModelError, concat_rule,
-                                                 copy_rule, expect, qkv_rule, vocab_rule)
+                                                 copy_rule, expect, norm_rule, qkv_rule, vocab_rule)
 from megatron_lite.config import ModelConfig
 
 # megatron_lite's RoPE scaling is Llama-3.1's with these constants (model/layers.py)
@@ -108,6 +108,10 @@ class LlamaFamily(Architecture):
             problems.append("the Llama family needs --normalization RMSNorm --swiglu --position-embedding-type rope")
         if cfg.rotary_percent != 1.0:
             problems.append(f"--rotary-percent {cfg.rotary_percent} (the Llama family rotates whole heads)")
+        if cfg.rotary_interleaved:
+            problems.append("--rotary-interleaved (the Llama family rotates the two halves of each head)")
+        if cfg.qk_layernorm:
+            problems.append("--qk-layernorm (the Llama family has no query/key norms)")
         bias = (cfg.add_bias_linear, cfg.add_qkv_bias or cfg.add_bias_linear)
         allowed = {"qwen2": [(False, True)], "mistral": [(False, False)], "llama": [(False, False), (True, True)]}
         if bias not in allowed[self.model_type]:
@@ -142,13 +146,13 @@ class LlamaFamily(Architecture):
     # ------------------------------------------------------------------ tensors
     def outer_rules(self, cfg: ModelConfig, body: str) -> Dict[str, Rule]:
         return {"embedding.word_embeddings.weight": vocab_rule(body + "embed_tokens.weight", cfg.vocab_size),
-                "decoder.final_layernorm.weight": copy_rule(body + "norm.weight"),
+                "decoder.final_layernorm.weight": norm_rule(body + "norm.weight", cfg),
                 "output_layer.weight": vocab_rule("lm_head.weight", cfg.vocab_size)}
 
     def layer_rules(self, cfg: ModelConfig, hf_layer: str) -> Dict[str, Rule]:
         attn, mlp = hf_layer + "self_attn.", hf_layer + "mlp."
-        rules = {"input_layernorm.weight": copy_rule(hf_layer + "input_layernorm.weight"),
-                 "pre_mlp_layernorm.weight": copy_rule(hf_layer + "post_attention_layernorm.weight")}
+        rules = {"input_layernorm.weight": norm_rule(hf_layer + "input_layernorm.weight", cfg),
+                 "pre_mlp_layernorm.weight": norm_rule(hf_layer + "post_attention_layernorm.weight", cfg)}
         for kind in ("weight", "bias"):
             rules[f"self_attention.linear_qkv.{kind}"] = qkv_rule([f"{attn}{x}_proj.{kind}" for x in "qkv"], cfg)
             rules[f"self_attention.linear_proj.{kind}"] = copy_rule(f"{attn}o_proj.{kind}")

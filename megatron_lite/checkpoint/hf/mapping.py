@@ -2,7 +2,8 @@
 
 An architecture (llama.py, gpt2.py) gives, for every megatron_lite global tensor name, a Rule:
 the Hugging Face tensors it is made of and the two functions between them. Rules only
-rearrange (concatenate, split, transpose, reorder rows), so a round trip is bitwise.
+rearrange (concatenate, split, transpose, reorder rows), so a round trip is bitwise; the one
+exception is a norm weight under --apply-layernorm-1p, stored as weight - 1 (`norm_rule`).
 
 The layouts they produce are DESIGN.md's: the fused QKV weight holds, for each query group g,
 [the q heads of g; k_g; v_g] (`pack_qkv`), SwiGLU's fc1 is the global [gate; up] (the
@@ -45,6 +46,15 @@ class Rule:
 
 def copy_rule(hf_name: str) -> Rule:
     return Rule((hf_name,), lambda ts: ts[0], lambda t: [t])
+
+
+def norm_rule(hf_name: str, cfg: ModelConfig) -> Rule:
+    """A norm weight. Hugging Face stores the multiplier itself; with --apply-layernorm-1p
+    megatron_lite stores it zero-centred (multiplier - 1, added back when the norm is applied)."""
+    if not cfg.apply_layernorm_1p:
+        return copy_rule(hf_name)
+    return Rule((hf_name,), lambda ts: (ts[0].double() - 1).to(ts[0].dtype),
+                lambda t: [(t.double() + 1).to(t.dtype)])
 
 
 def transposed_rule(hf_name: str) -> Rule:

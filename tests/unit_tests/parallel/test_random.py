@@ -27,16 +27,19 @@ def test_tracker_masks_differ_across_tp_ranks_and_default_stream_agrees():
     assert not torch.equal(split0, split1)
 
 
+FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
 def _model(recompute):
     state = initialize()
     seed_everything(3, 0, 0, state.rng)
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, padded_vocab_size=64,
                       vocab_size=64, max_position_embeddings=16, ffn_hidden_size=64, hidden_dropout=0.3,
-                      attention_dropout=0.3, recompute_activations=recompute)
+                      attention_dropout=0.3, **(FULL_RECOMPUTE if recompute else {}))
     return GPTModel(cfg, state, build_ops()), state
 
 
-def test_recompute_activations_gives_identical_loss_and_grads_with_dropout():
+def test_full_recompute_gives_identical_loss_and_grads_with_dropout():
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
     results = []
