@@ -236,8 +236,8 @@ class TrainConfig:
     deterministic_mode: bool = flag(False, "deterministic torch/cuBLAS/NCCL algorithms")
     manual_gc: bool = flag(False, "disable Python's automatic garbage collector; collect every "
                            "--manual-gc-interval iterations instead")
-    manual_gc_interval: int = flag(0, "iterations between collections with --manual-gc (0: only at start-up, "
-                                   "checkpoints and evaluations)")
+    manual_gc_interval: int = flag(0, "iterations between collections with --manual-gc (0: only at start-up "
+                                   "and around evaluations)")
     manual_gc_eval: bool = flag(True, "with --manual-gc, do not collect around evaluations",
                                 name="--no-manual-gc-eval", store_false=True)
     empty_unused_memory_level: int = flag(0, "release cached GPU memory: 1 after each forward-backward, 2 also "

@@ -162,6 +162,18 @@ def _check_batch(cfg: RunConfig, dp: int) -> None:
         raise _error("--rampup-batch-size and --step-batch-size-schedule are two batch-size schedules; pick one")
     if t.step_batch_size_schedule is not None and "train.global_batch_size" in cfg.explicit:
         raise _error("Cannot specify both --step-batch-size-schedule and --global-batch-size")
+    if t.step_batch_size_schedule is not None:
+        from megatron_lite.microbatches import parse_step_schedule
+        try:
+            t.global_batch_size = parse_step_schedule(t.step_batch_size_schedule, cfg.model.seq_length)[-1][1]
+        except ValueError as e:
+            raise _error(str(e)) from e
+    if t.calculate_per_token_loss and cfg.parallel.ddp_average_in_collective:
+        raise _error("Cannot average in collective when calculating per-token loss: drop --ddp-average-in-collective "
+                     "or --calculate-per-token-loss")
+    if t.rampup_batch_size is not None and t.train_iters is not None:
+        raise _error("expected no batch-size rampup for iteration-based training: --rampup-batch-size needs "
+                     "--train-samples instead of --train-iters")
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -228,13 +240,32 @@ def _check_data(cfg: RunConfig) -> None:
     if d.tiktoken_pattern is not None and d.tokenizer_type != "TikTokenizer":
         warn_once(f"--tiktoken-pattern applies to --tokenizer-type TikTokenizer; it has no effect with "
                   f"{d.tokenizer_type}")
+    if d.tokenizer_type == "TikTokenizer":
+        _check_tiktoken_special_tokens(d, cfg.model.vocab_size)
+
+
+def _check_tiktoken_special_tokens(d, vocab_size) -> None:
+    """Megatron's TikTokenizer rules: unique special tokens that include <unk> <s> </s>, no more of
+    them than --tiktoken-num-special-tokens, which must be below the vocabulary size (default 2**17)."""
+    from megatron_lite.data.tokenizers import TIKTOKEN_DEFAULT_VOCAB_SIZE, TIKTOKEN_REQUIRED_SPECIAL_TOKENS
+    special = d.tokenizer_special_tokens or list(TIKTOKEN_REQUIRED_SPECIAL_TOKENS)
+    vocab_size = vocab_size or TIKTOKEN_DEFAULT_VOCAB_SIZE
+    if len(set(special)) != len(special):
+        raise _error(f"--tokenizer-special-tokens {' '.join(special)} repeats a token; list each once")
+    missing = [t for t in TIKTOKEN_REQUIRED_SPECIAL_TOKENS if t not in special]
+    if missing:
+        raise _error(f"--tokenizer-special-tokens must include <unk> <s> </s> for TikTokenizer; "
+                     f"add {' '.join(missing)}")
+    if not len(special) <= d.tiktoken_num_special_tokens < vocab_size:
+        raise _error(f"--tiktoken-num-special-tokens {d.tiktoken_num_special_tokens} must be at least the "
+                     f"{len(special)} special tokens and below the vocabulary size {vocab_size} (--vocab-size)")
 
 
 def _check_checkpoint(cfg: RunConfig) -> None:
     c = cfg.checkpoint
-    if c.ckpt_format in ("torch_dcp", "fsdp_dtensor", "torch_dist"):
-        raise _error(f"--ckpt-format {c.ckpt_format} is not supported by megatron_lite; use --ckpt-format "
-                     f"megatron_lite (the default) or torch (Megatron-LM's legacy format)")
+    if c.ckpt_format != "megatron_lite":
+        raise _error(f"--ckpt-format {c.ckpt_format}: writing Megatron-LM's checkpoint formats is not supported by "
+                     f"megatron_lite yet; drop the flag to save in megatron_lite's format")
     if c.finetune and c.reset_sample_stat:
         raise _error("--finetune and --reset-sample-stat are different modes; pick one")
     if c.finetune and not c.load and not c.pretrained_checkpoint:
@@ -252,6 +283,8 @@ def _check_logging(cfg: RunConfig) -> None:
                      f"{g.profile_step_start}")
     if g.tensorboard_log_interval < 1:
         raise _error("--tensorboard-log-interval must be positive")
+    if g.wandb_project and not g.wandb_exp_name:
+        raise _error("--wandb-project needs --wandb-exp-name NAME (the W&B run name)")
 
 
 def validate(cfg: RunConfig, world_size: int) -> RunConfig:

@@ -6,8 +6,10 @@ parameter, or, with the distributed optimizer, a copy of the slice of each param
 falls into this DP rank's shard of its gradient bucket (see parallel/data.py). Their
 gradients are the `main_grad` buffers that DistributedDataParallel fills, used in place:
 fp32, or bf16 with --main-grads-dtype bf16 (megatron_lite's AdamW reads them as they are; a
-torch optimizer needs a gradient of its parameter's dtype). After the step the main params are
-copied back into the model (cast to its dtype) and, with ZeRO-1, all-gathered over DP.
+torch optimizer needs a gradient of its parameter's dtype); fp16 buffers (--fp16 without
+--accumulate-allreduce-grads-in-fp32) are copied to fp32 for the step. After the step the
+main params are copied back into the model (cast to its dtype) and, with ZeRO-1,
+all-gathered over DP.
 """
 
 from __future__ import annotations
@@ -153,7 +155,9 @@ class MegatronOptimizer:
         fused path returns grad_norm as a 0-dim device tensor instead of waiting for the step to
         finish to read it (the training loop reads it while the next step runs).
         """
-        grads = [m.main_grad() for m in self.main_params]
+        # fp16 gradient buffers: fp32 copies (as Megatron's fp16 optimizer makes them), so that
+        # unscaling, clipping and the update run in fp32
+        grads = [g.float() if g.dtype == torch.float16 else g for g in (m.main_grad() for m in self.main_params)]
         for m, g in zip(self.main_params, grads):
             if g.dtype == m.main_param.dtype:
                 m.main_param.grad = g
@@ -268,11 +272,53 @@ class MegatronOptimizer:
             self.grad_scaler.load_state_dict(sd["grad_scaler"])
 
 
+def grad_buffer_dtype(cfg: OptimizerConfig) -> torch.dtype:
+    """The dtype gradients accumulate in and are reduced over DP in (Megatron's
+    grad_reduce_in_fp32 = --accumulate-allreduce-grads-in-fp32, else the parameters' dtype):
+    bf16 with --main-grads-dtype bf16 or --bf16 --grad-reduce-in-bf16; fp16 with --fp16 unless
+    --accumulate-allreduce-grads-in-fp32; fp32 otherwise (--bf16 implies fp32 accumulation)."""
+    if cfg.main_grads_dtype == "bf16" or (cfg.bf16 and cfg.grad_reduce_in_bf16):
+        return torch.bfloat16
+    if cfg.fp16 and not cfg.accumulate_allreduce_grads_in_fp32:
+        return torch.float16
+    return torch.float32
+
+
+EMBEDDING_OR_OUTPUT_WEIGHTS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def is_embedding_or_output(name: str) -> bool:
+    """The input embedding and the output layer: the weights --decoupled-lr applies to."""
+    return any(name == w or name.endswith("." + w) for w in EMBEDDING_OR_OUTPUT_WEIGHTS)
+
+
+def param_groups(main_params: List[MainParam], cfg: OptimizerConfig) -> List[dict]:
+    """Megatron's parameter groups: weight decay for parameters of 2 or more dimensions, none
+    for biases and norm weights. With --decoupled-lr the input embedding and the output layer
+    form groups of their own whose `max_lr` / `min_lr` (--decoupled-lr, --decoupled-min-lr,
+    which defaults to --min-lr) the scheduler uses instead of --lr / --min-lr. The groups exist
+    on every rank, empty where a pipeline stage holds neither layer, so every checkpoint shard
+    has the same groups."""
+    decoupled = cfg.decoupled_lr is not None
+    kinds = [(True, False), (False, False)] + ([(True, True), (False, True)] if decoupled else [])
+    groups = []
+    for with_decay, is_decoupled in kinds:
+        params = [m.main_param for m in main_params if (m.model_param.dim() >= 2) == with_decay
+                  and (decoupled and is_embedding_or_output(m.name)) == is_decoupled]
+        group = {"params": params, "wd_mult": 1.0 if with_decay else 0.0,
+                 "weight_decay": cfg.weight_decay if with_decay else 0.0}
+        if decoupled:
+            group["max_lr"] = cfg.decoupled_lr if is_decoupled else cfg.lr
+            group["min_lr"] = ((cfg.decoupled_min_lr if cfg.decoupled_min_lr is not None else cfg.min_lr)
+                               if is_decoupled else cfg.min_lr)
+        groups.append(group)
+    return groups
+
+
 def build_optimizer(model_chunks: List[DistributedDataParallel], cfg: OptimizerConfig,
                     parallel_cfg: ParallelConfig, state: ParallelState, *,
                     fused_kernels: bool = True) -> MegatronOptimizer:
-    """AdamW (decoupled weight decay) or SGD over this rank's main params, in two param groups:
-    weight decay for parameters with 2 or more dimensions, none for biases and norm weights.
+    """AdamW (decoupled weight decay) or SGD over this rank's main params, in `param_groups`.
     `fused_kernels` False (--no-fused-kernels) keeps megatron_lite's CUDA AdamW kernel out."""
     if cfg.fp16 and cfg.bf16:
         raise ValueError("--fp16 and --bf16 are exclusive; pass one")
@@ -280,26 +326,24 @@ def build_optimizer(model_chunks: List[DistributedDataParallel], cfg: OptimizerC
         if chunk.use_distributed_optimizer != parallel_cfg.use_distributed_optimizer:
             raise ValueError("the model was wrapped with a different --use-distributed-optimizer setting than "
                              "the optimizer is built with; build both from the same ParallelConfig")
-    grad_dtype = DTYPES[cfg.main_grads_dtype]
+    grad_dtype = grad_buffer_dtype(cfg)
     for chunk in model_chunks:
         if chunk.grad_dtype != grad_dtype:
             raise ValueError(f"the model's gradient buffers are {chunk.grad_dtype} but --main-grads-dtype is "
-                             f"{cfg.main_grads_dtype}; wrap the model with DistributedDataParallel(..., "
-                             f"grad_dtype={grad_dtype})")
-    if grad_dtype != torch.float32 and cfg.optimizer != "adam":
-        raise ValueError(f"--main-grads-dtype {cfg.main_grads_dtype} needs --optimizer adam")
+                             f"{cfg.main_grads_dtype} (buffers of {grad_dtype}: see grad_buffer_dtype); wrap the "
+                             f"model with DistributedDataParallel(..., grad_dtype={grad_dtype})")
+    if grad_dtype == torch.bfloat16 and cfg.optimizer != "adam":
+        raise ValueError("bf16 gradient buffers (--main-grads-dtype bf16 or --grad-reduce-in-bf16) need "
+                         "--optimizer adam")
     main_params = []
     for i, chunk in enumerate(model_chunks):
         main_params += _main_params(chunk, f"chunk{i}." if len(model_chunks) > 1 else "", state)
-    decay = [m.main_param for m in main_params if m.model_param.dim() >= 2]
-    no_decay = [m.main_param for m in main_params if m.model_param.dim() < 2]
-    groups = [{"params": decay, "wd_mult": 1.0, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "wd_mult": 0.0, "weight_decay": 0.0}]
+    groups = param_groups(main_params, cfg)
     if cfg.optimizer == "adam":
         on_gpu = bool(main_params) and all(m.main_param.is_cuda for m in main_params)
         ours = fused_kernels and on_gpu and fused_adamw_available(main_params[0].main_param.device)
         moments = DTYPES[cfg.exp_avg_dtype], DTYPES[cfg.exp_avg_sq_dtype]
-        if ours or moments != (torch.float32, torch.float32) or grad_dtype != torch.float32:
+        if ours or moments != (torch.float32, torch.float32) or grad_dtype == torch.bfloat16:
             # megatron_lite's AdamW: moments in their configured dtypes; on GPUs one kernel that
             # also writes the model's bf16/fp16 copy of each parameter
             by_main = {id(m.main_param): m for m in main_params if m.is_copy}

@@ -2,9 +2,11 @@
 
 `DistributedDataParallel` wraps one model chunk. Each parameter's gradient accumulates into
 `param.main_grad`, a view of a contiguous per-bucket buffer, so that microbatches add up there
-and each bucket is reduced with one collective. The buffers are fp32 (Megatron's default for
-bf16 and fp16 training); with `grad_dtype=torch.bfloat16` (--main-grads-dtype bf16) a bf16
-parameter's gradient accumulates and is reduced in bf16, at half the memory and traffic.
+and each bucket is reduced with one collective. The buffers are fp32 for bf16 training
+(--accumulate-allreduce-grads-in-fp32, which --bf16 implies); with `grad_dtype=torch.bfloat16`
+(--main-grads-dtype bf16, --grad-reduce-in-bf16) a bf16 parameter's gradient accumulates and is
+reduced in bf16, at half the memory and traffic, and with `grad_dtype=torch.float16` (--fp16
+without --accumulate-allreduce-grads-in-fp32, Megatron's default) an fp16 one in fp16.
 Parameters are laid out in reverse order (as Megatron does) because backward produces the last
 layers' gradients first: with `overlap_grad_reduce` the first bucket is complete, and its
 all-reduce starts, while the backward of earlier layers is still running.
@@ -93,6 +95,8 @@ class GradBucket:
                 p.data = self.param_data[start:end].view(p.shape)
         self.pending = set(params)
         self.handle = None
+        self.param_handle = None   # the overlapped all-gather of the updated params, until waited for
+        self.divide_after = False  # reduced with a sum that the average still has to divide
 
     def shard_range(self, dp_rank: int, dp_size: int) -> Tuple[int, int]:
         """[start, end) of the buffer that DP rank `dp_rank` owns under the distributed optimizer."""
@@ -117,13 +121,15 @@ class DistributedDataParallel(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, parallel_cfg: ParallelConfig, state: ParallelState, *,
                  grad_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if grad_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"gradient buffers are float32 or bfloat16, not {grad_dtype}")
+        if grad_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"gradient buffers are float32, bfloat16 or float16, not {grad_dtype}")
         self.grad_dtype = grad_dtype
         self.module = module
         self.state = state
         self.overlap_grad_reduce = parallel_cfg.overlap_grad_reduce
         self.use_distributed_optimizer = parallel_cfg.use_distributed_optimizer
+        self.overlap_param_gather = parallel_cfg.overlap_param_gather and parallel_cfg.use_distributed_optimizer
+        self.average_in_collective = parallel_cfg.ddp_average_in_collective
         self.is_last_microbatch = True
         if parallel_cfg.ddp_bucket_size <= 0:
             raise ValueError(f"--ddp-bucket-size must be positive, got {parallel_cfg.ddp_bucket_size}")
@@ -144,6 +150,68 @@ class DistributedDataParallel(torch.nn.Module):
                 method(param)
 
         self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self._bucket_of]
+        if self.overlap_param_gather:
+            self._register_param_gather_hooks()
+
+    def _register_param_gather_hooks(self) -> None:
+        """--overlap-param-gather: wait for a bucket's all-gather just before its first use.
+
+        Each submodule gets a forward pre-hook that waits for the buckets of its own parameters.
+        Some parameters are used without their module being called (a norm applied through a
+        method, the output weight of a tied model): the first forward waits for every bucket at
+        its start and records which submodules were called; from then on the top module's
+        pre-hook waits only for the buckets holding a parameter of a module that was not. A
+        state dict waits for all of them before it reads the weights."""
+        self._own_buckets: Dict[torch.nn.Module, List[GradBucket]] = {}
+        for module in self.module.modules():
+            buckets = []
+            for p in module.parameters(recurse=False):
+                bucket = self._bucket_of.get(p)
+                if bucket is not None and all(bucket is not b for b in buckets):
+                    buckets.append(bucket)
+            self._own_buckets[module] = buckets
+        self._called: Optional[set] = None         # submodules called during the first forward
+        self._eager_buckets: Optional[List[GradBucket]] = None
+
+        def weak(method):
+            ref = weakref.WeakMethod(method)
+
+            def hook(*args):
+                bound = ref()
+                if bound is not None:
+                    bound(*args)
+            return hook
+
+        self.module.register_forward_pre_hook(weak(self._before_forward))
+        for module in self.module.modules():
+            module.register_forward_pre_hook(weak(self._before_submodule))
+        self.module.register_forward_hook(weak(self._after_forward))
+        self.module.register_state_dict_pre_hook(weak(self._before_state_dict))
+
+    def _before_forward(self, module, args) -> None:
+        if self._eager_buckets is None:
+            self.finish_param_sync()
+            self._called = set()
+        for bucket in self._eager_buckets or ():
+            _wait_for_params(bucket)
+
+    def _before_submodule(self, module, args) -> None:
+        if self._called is not None:
+            self._called.add(module)
+        for bucket in self._own_buckets.get(module, ()):
+            _wait_for_params(bucket)
+
+    def _before_state_dict(self, module, prefix, keep_vars) -> None:
+        self.finish_param_sync()
+
+    def _after_forward(self, module, args, output) -> None:
+        if self._called is None:
+            return
+        eager = []
+        for owner, buckets in self._own_buckets.items():
+            if owner not in self._called:
+                eager += [b for b in buckets if all(b is not e for e in eager)]
+        self._eager_buckets, self._called = eager, None
 
     def _make_buckets(self, bucket_size: int) -> List[GradBucket]:
         """Fill buckets with parameters in reverse order, closing one when it reaches `bucket_size`.
@@ -170,7 +238,7 @@ class DistributedDataParallel(torch.nn.Module):
         if current:
             groups.append(current)
         device = params[0].device if params else self.state.device
-        # a bf16 buffer holds the gradients of bf16 parameters only; others stay fp32
+        # a bf16/fp16 buffer holds the gradients of parameters of that dtype only; others stay fp32
         return [GradBucket(g, pad_to, self.use_distributed_optimizer, device,
                            self.grad_dtype if g[0].dtype == self.grad_dtype else torch.float32) for g in groups]
 
@@ -206,18 +274,29 @@ class DistributedDataParallel(torch.nn.Module):
                 self._start_reduce(bucket, async_op=True)
 
     def _start_reduce(self, bucket: GradBucket, async_op: bool) -> None:
-        """Average the bucket over DP: scale by 1/DP, then all-reduce (or reduce-scatter for ZeRO-1)."""
+        """Average the bucket over DP: scale by 1/DP, then all-reduce (or reduce-scatter for ZeRO-1).
+
+        With --ddp-average-in-collective the collective averages (ReduceOp.AVG) instead of the
+        scaling before it; where the backend has no AVG (gloo) it sums and `finish_grad_sync`
+        divides by DP after the wait."""
         dp_size, group = self.state.dp_size, self.state.dp_group
         bucket.pending = set()
         if group_size(group) == 1:
             bucket.handle = _DONE
             return
-        bucket.grad_data.mul_(1.0 / dp_size)
+        op = dist.ReduceOp.SUM
+        if not self.average_in_collective:
+            bucket.grad_data.mul_(1.0 / dp_size)
+        elif dist.get_backend(group) == "nccl":
+            op = dist.ReduceOp.AVG
+        else:
+            bucket.divide_after = True
         if self.use_distributed_optimizer:
             start, end = bucket.shard_range(self.state.dp_rank, dp_size)
-            work = _reduce_scatter(bucket.grad_data[start:end], bucket.grad_data, group=group, async_op=async_op)
+            work = _reduce_scatter(bucket.grad_data[start:end], bucket.grad_data, op=op, group=group,
+                                   async_op=async_op)
         else:
-            work = dist.all_reduce(bucket.grad_data, group=group, async_op=async_op)
+            work = dist.all_reduce(bucket.grad_data, op=op, group=group, async_op=async_op)
         bucket.handle = work if async_op else _DONE
 
     def finish_grad_sync(self) -> None:
@@ -235,7 +314,15 @@ class DistributedDataParallel(torch.nn.Module):
                 self._start_reduce(bucket, async_op=False)
         for bucket in self.buckets:
             bucket.handle.wait()
+            if bucket.divide_after:
+                bucket.divide_after = False
+                if self.use_distributed_optimizer:
+                    start, end = bucket.shard_range(self.state.dp_rank, self.state.dp_size)
+                    bucket.grad_data[start:end].div_(self.state.dp_size)
+                else:
+                    bucket.grad_data.div_(self.state.dp_size)
             bucket.reset()
+        self.finish_param_sync()
 
     def zero_grad_buffer(self) -> None:
         """Start an iteration: every main_grad counts as zero and partly reduced buckets are forgotten.
@@ -262,13 +349,25 @@ class DistributedDataParallel(torch.nn.Module):
             self.is_last_microbatch = True
 
     def all_gather_params(self) -> None:
-        """ZeRO-1: gather every DP rank's updated slice of each parameter bucket into all replicas."""
+        """ZeRO-1: gather every DP rank's updated slice of each parameter bucket into all replicas.
+
+        With --overlap-param-gather each bucket's all-gather is only issued here; the forward
+        pre-hook of the first submodule that uses one of its parameters waits for it, so the
+        gathers run behind the next iteration's forward (the numbers are the same)."""
         group = self.state.dp_group
         if not self.use_distributed_optimizer or group_size(group) == 1:
             return
         for bucket in self.buckets:
             start, end = bucket.shard_range(self.state.dp_rank, self.state.dp_size)
-            _all_gather(bucket.param_data, bucket.param_data[start:end], group=group)
+            work = _all_gather(bucket.param_data, bucket.param_data[start:end], group=group,
+                               async_op=self.overlap_param_gather)
+            if self.overlap_param_gather:
+                bucket.param_handle = work
+
+    def finish_param_sync(self) -> None:
+        """Wait for every all-gather of updated params still in flight (--overlap-param-gather)."""
+        for bucket in self.buckets:
+            _wait_for_params(bucket)
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)
@@ -283,6 +382,12 @@ class DistributedDataParallel(torch.nn.Module):
         return self.module.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
 
 
+def _wait_for_params(bucket: GradBucket) -> None:
+    if bucket.param_handle is not None:
+        bucket.param_handle.wait()
+        bucket.param_handle = None
+
+
 class _Done:
     """Stands in for the work handle of a reduction that has already completed."""
 
@@ -293,7 +398,8 @@ class _Done:
 _DONE = _Done()
 
 
-def finalize_model_grads(model_chunks: List[DistributedDataParallel], state: ParallelState) -> None:
+def finalize_model_grads(model_chunks: List[DistributedDataParallel], state: ParallelState,
+                         num_tokens: Optional[torch.Tensor] = None) -> None:
     """Finish every gradient reduction an iteration needs before the optimizer step.
 
     1. DP: `finish_grad_sync` on each chunk (average over data-parallel replicas).
@@ -301,6 +407,10 @@ def finalize_model_grads(model_chunks: List[DistributedDataParallel], state: Par
        TP rank saw only its part of the sequence, so each holds a partial gradient.
     3. PP: sum the grads of parameters marked `shared_embedding` (the tied word-embedding /
        output weight on the first and last stage) over the embedding group.
+    4. --calculate-per-token-loss: `num_tokens` is this rank's count of unmasked tokens (the
+       last stage's; any value elsewhere). It is broadcast from the last stage over PP and
+       summed over DP, and the gradients, which are DP-averaged sums of per-token losses, are
+       multiplied by DP / total: the gradient of the mean over every token of the global batch.
     """
     for chunk in model_chunks:
         chunk.finish_grad_sync()
@@ -309,3 +419,12 @@ def finalize_model_grads(model_chunks: List[DistributedDataParallel], state: Par
                          state.tp_group)
     all_reduce_coalesced([p.main_grad for p in params if getattr(p, "shared_embedding", False)],
                          state.embedding_group)
+    if num_tokens is not None:
+        total = num_tokens.detach().to(torch.float32, copy=True)
+        if group_size(state.pp_group) > 1:
+            dist.broadcast(total, src=state.pp_ranks[-1], group=state.pp_group)
+        all_reduce(total, state.dp_group)
+        factor = state.dp_size / total.clamp(min=1.0)
+        for chunk in model_chunks:
+            for bucket in chunk.buckets:
+                bucket.grad_data.mul_(factor)

@@ -7,6 +7,10 @@ A schedule calls `forward_step(microbatch, model) -> (output, loss_func)`; on th
 `loss_func(output) -> (loss, reported)` where `loss` is this microbatch's mean loss and
 `reported` is a dict of detached values to average for the log. The schedule divides the
 loss by the number of microbatches and multiplies it by the loss scale before backward.
+With --calculate-per-token-loss `loss_func` returns `(loss_sum, num_tokens, reported)`
+instead: the summed loss goes to backward undivided (times the loss scale), and
+`reported["num_tokens"]` carries the count, so that `finalize_model_grads` can divide the
+gradients by the global number of tokens.
 """
 
 from __future__ import annotations
@@ -72,9 +76,15 @@ def _forward(forward_step, batch, model, input_tensor, num_microbatches, reporte
     model.set_input_tensor(input_tensor)
     output, loss_func = forward_step(batch, model)
     if state.is_last_stage:
-        loss, values = loss_func(output)
+        result = loss_func(output)
+        if len(result) == 3:
+            loss, num_tokens, values = result
+            values = dict(values, num_tokens=num_tokens.detach())
+            output = loss * loss_scale
+        else:
+            loss, values = result
+            output = loss * (loss_scale / num_microbatches)
         reported.append(values)
-        output = loss * (loss_scale / num_microbatches)
     return output
 
 

@@ -1,7 +1,8 @@
 """ParallelState: the tensor-, pipeline- and data-parallel groups of one process.
 
 Ranks are laid out as Megatron does, tensor-parallel fastest, then data-parallel, then
-pipeline-parallel:  rank = pp_rank * (DP * TP) + dp_rank * TP + tp_rank.
+pipeline-parallel:  rank = pp_rank * (DP * TP) + dp_rank * TP + tp_rank;
+with --use-tp-pp-dp-mapping pipeline before data:  rank = dp_rank * (PP * TP) + pp_rank * TP + tp_rank.
 The object is built once by `initialize` and passed to whatever needs a group; there are
 no module-level group globals.
 """
@@ -40,6 +41,7 @@ class ParallelState:
     device: torch.device
     sequence_parallel: bool = False
     rng: Optional[RNGStatesTracker] = None             # the model-parallel RNG tracker of this rank
+    tp_pp_dp_mapping: bool = False                     # rank order TP, PP, DP instead of TP, DP, PP
 
     @property
     def is_first_stage(self) -> bool:
@@ -62,15 +64,26 @@ class ParallelState:
         return self.world_size > 1
 
     def rank_of(self, tp: int, dp: int, pp: int) -> int:
-        return pp * self.dp_size * self.tp_size + dp * self.tp_size + tp
+        return rank_of(tp, dp, pp, self.tp_size, self.dp_size, self.pp_size, self.tp_pp_dp_mapping)
 
 
-def _layout(world_size: int, tp: int, pp: int):
+def rank_of(tp: int, dp: int, pp: int, tp_size: int, dp_size: int, pp_size: int, tp_pp_dp_mapping: bool) -> int:
+    """The global rank of the process at (tp, dp, pp): TP fastest, then DP, then PP (Megatron's
+    default order tp-dp-pp), or TP, then PP, then DP (--use-tp-pp-dp-mapping)."""
+    if tp_pp_dp_mapping:
+        return dp * pp_size * tp_size + pp * tp_size + tp
+    return pp * dp_size * tp_size + dp * tp_size + tp
+
+
+def _layout(world_size: int, tp: int, pp: int, tp_pp_dp_mapping: bool = False):
     dp = world_size // (tp * pp)
-    tp_groups = [[p * dp * tp + d * tp + t for t in range(tp)] for p in range(pp) for d in range(dp)]
-    dp_groups = [[p * dp * tp + d * tp + t for d in range(dp)] for p in range(pp) for t in range(tp)]
-    pp_groups = [[p * dp * tp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)]
-    mp_groups = [[p * dp * tp + d * tp + t for p in range(pp) for t in range(tp)] for d in range(dp)]
+
+    def r(t, d, p):
+        return rank_of(t, d, p, tp, dp, pp, tp_pp_dp_mapping)
+    tp_groups = [[r(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)]
+    dp_groups = [[r(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)]
+    pp_groups = [[r(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    mp_groups = [[r(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)]
     return dp, tp_groups, dp_groups, pp_groups, mp_groups
 
 
@@ -89,7 +102,7 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -
 
 
 def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-               sequence_parallel: bool = False) -> ParallelState:
+               sequence_parallel: bool = False, use_tp_pp_dp_mapping: bool = False) -> ParallelState:
     """Build every group. All ranks must call this, in the same order (new_group is collective)."""
     if dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
@@ -99,7 +112,7 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     if world_size % (tp * pp) != 0:
         raise ValueError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
                          f"change --tensor-model-parallel-size/--pipeline-model-parallel-size or the process count")
-    dp, tp_groups, dp_groups, pp_groups, mp_groups = _layout(world_size, tp, pp)
+    dp, tp_groups, dp_groups, pp_groups, mp_groups = _layout(world_size, tp, pp, use_tp_pp_dp_mapping)
 
     def mine(groups):
         chosen_group, chosen_ranks = None, None
@@ -127,4 +140,5 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
         tp_rank=tp_ranks.index(rank), pp_rank=pp_ranks.index(rank), dp_rank=dp_ranks.index(rank),
         tp_group=tp_group, pp_group=pp_group, dp_group=dp_group, mp_group=mp_group,
         embedding_group=embedding_group, pp_ranks=pp_ranks, tp_ranks=tp_ranks, dp_ranks=dp_ranks,
-        device=device, sequence_parallel=sequence_parallel and tp > 1, rng=RNGStatesTracker(device))
+        device=device, sequence_parallel=sequence_parallel and tp > 1, rng=RNGStatesTracker(device),
+        tp_pp_dp_mapping=use_tp_pp_dp_mapping)

@@ -110,7 +110,9 @@ def config_argv(name):
 
 # script -> (flags dropped for the run that shows the rest trains, or None; the line it stops with)
 SCRIPTS = {
-    "train_gpt3_175b_distributed.sh": (None, None),
+    # Megatron-LM refuses this script itself: its --rampup-batch-size with --train-iters
+    "train_gpt3_175b_distributed.sh": ({"--rampup-batch-size": 3},
+                                       "expected no batch-size rampup for iteration-based training"),
     "train_llama3_8b_h100_fp8.sh": ({**FP8, **TORCH_DIST}, "--fp8-format --fp8-amax-history-len "
                                     "--fp8-amax-compute-algo --fp8-param-gather (FP8 training)"),
     "train_mixtral_8x7b_distributed.sh": (None, "(mixture-of-experts layers)"),

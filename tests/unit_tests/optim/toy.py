@@ -15,6 +15,7 @@ import torch
 
 from megatron_lite.config import OptimizerConfig, ParallelConfig, TrainConfig
 from megatron_lite.optim import build_optimizer, build_scheduler
+from megatron_lite.optim.optimizer import grad_buffer_dtype
 from megatron_lite.parallel.data import DistributedDataParallel, all_reduce, finalize_model_grads
 from megatron_lite.parallel.state import ParallelState
 
@@ -58,8 +59,8 @@ def build(state: ParallelState, cfg: OptimizerConfig, parallel_cfg: Optional[Par
     """A fresh (model, optimizer, scheduler) triple with identical initial weights on every rank;
     the gradient buffers in `cfg.main_grads_dtype`."""
     parallel_cfg = parallel_cfg or ParallelConfig(ddp_bucket_size=64)
-    grad_dtype = torch.bfloat16 if cfg.main_grads_dtype == "bf16" else torch.float32
-    model = DistributedDataParallel(ToyModel(dtype).to(device), parallel_cfg, state, grad_dtype=grad_dtype)
+    model = DistributedDataParallel(ToyModel(dtype).to(device), parallel_cfg, state,
+                                    grad_dtype=grad_buffer_dtype(cfg))
     optimizer = build_optimizer([model], cfg, parallel_cfg, state)
     scheduler = build_scheduler(optimizer, cfg, TrainConfig(train_iters=TRAIN_ITERS, global_batch_size=GLOBAL_BATCH))
     return model, optimizer, scheduler
