@@ -69,11 +69,11 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from bench.common import (REFERENCE, TINY, ModelDims, bench_device, build_megatron_lite_run, environment,  # noqa: E402
                           format_number, format_table, megatron_lite_flags, mock_batches, synchronize, write_json)
-from megatron_lite.checkpoint import fastio, layout  # noqa: E402
-from megatron_lite.checkpoint.async_save import AsyncSaver  # noqa: E402
-from megatron_lite.checkpoint.checkpointing import (decide_load, finish_async_save, restore,  # noqa: E402
+from megatron_lite.checkpoint.io import fastio, layout  # noqa: E402
+from megatron_lite.checkpoint.io.async_save import AsyncSaver  # noqa: E402
+from megatron_lite.checkpoint.manager import (decide_load, finish_async_save, restore,  # noqa: E402
                                                     save_checkpoint)
-from megatron_lite.checkpoint.storage import load_file  # noqa: E402
+from megatron_lite.checkpoint.io.storage import load_file  # noqa: E402
 from megatron_lite.training import train_step  # noqa: E402
 
 GB = 1e9

@@ -356,7 +356,7 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
     With --manual-gc Python's automatic collector is off while the loop runs: one collection at
     the start, one every --manual-gc-interval iterations, a full one before each evaluation and
     a young-generation one after it (unless --no-manual-gc-eval)."""
-    from megatron_lite.checkpoint.checkpointing import interval_saves
+    from megatron_lite.checkpoint.manager import interval_saves
 
     t, p, lc, s = run.cfg.train, run.progress, run.cfg.logging, run.state
     total = total_train_iters(run)
@@ -493,7 +493,7 @@ def pretrain(cfg, data_iterators=None, load: bool = True) -> Run:
 
     `data_iterators(run) -> (train_iter, valid_iter)` replaces the configured datasets;
     `load=False` starts from scratch whatever --load and --save hold."""
-    from megatron_lite.checkpoint.checkpointing import (LoadDecision, check_model_config, decide_load,
+    from megatron_lite.checkpoint.manager import (LoadDecision, check_model_config, decide_load,
                                                         maybe_save_checkpoint, requested_mode, restore)
     from megatron_lite.data import summary_lines
     from megatron_lite.summary import print_arguments, print_parameters
@@ -507,7 +507,7 @@ def pretrain(cfg, data_iterators=None, load: bool = True) -> Run:
     print_arguments(run)
     print_parameters(run)
     if cfg.checkpoint.async_save:
-        from megatron_lite.checkpoint.async_save import AsyncSaver
+        from megatron_lite.checkpoint.io.async_save import AsyncSaver
         run.async_saver = AsyncSaver(persistent=cfg.checkpoint.use_persistent_ckpt_worker)
     restore(run, decision)
     with preserved_rng(run.state.rng):   # a fresh run and a restart must draw the same numbers

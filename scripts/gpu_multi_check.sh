@@ -50,7 +50,7 @@ cat "$OUT/det_first.log" "$OUT/det_resumed.log" >"$OUT/det_interrupted.log"
 echo "deterministic resume: $($PY tools/compare_logs.py --quiet "$OUT/det_straight.log" "$OUT/det_interrupted.log" | tail -1)"
 $PY - <<'PY'
 import torch
-from megatron_lite.checkpoint.storage import load_file
+from megatron_lite.checkpoint.io.storage import load_file
 same = True
 for tp in range(2):
     for pp in range(2):

@@ -17,11 +17,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from megatron_lite.checkpoint.integrity import (CheckpointIntegrityError, CheckpointMetadataError, VerifiedFile,
+from megatron_lite.checkpoint.io.integrity import (CheckpointIntegrityError, CheckpointMetadataError, VerifiedFile,
                                                 check_files, committed_metadata, keep_verified, read_metadata)
-from megatron_lite.checkpoint.layout import (MODEL_FILENAME, RELEASE, TRACKER_FILENAME, Iteration, format_iteration,
+from megatron_lite.checkpoint.io.layout import (MODEL_FILENAME, RELEASE, TRACKER_FILENAME, Iteration, format_iteration,
                                              iteration_dir_name, parse_dir_name, parse_shard_dir, tracker_path)
-from megatron_lite.checkpoint.storage import all_gather_object, broadcast_object
+from megatron_lite.checkpoint.io.storage import all_gather_object, broadcast_object
 from megatron_lite.parallel.state import ParallelState
 
 INTACT = "intact, every checksum verified"

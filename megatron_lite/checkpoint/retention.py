@@ -6,8 +6,8 @@ import os
 import shutil
 from typing import List, Set
 
-from megatron_lite.checkpoint.integrity import verify_checkpoint
-from megatron_lite.checkpoint.layout import tmp_dir_name
+from megatron_lite.checkpoint.io.integrity import verify_checkpoint
+from megatron_lite.checkpoint.io.layout import tmp_dir_name
 from megatron_lite.checkpoint.recovery import find_checkpoints, read_tracker
 
 

@@ -10,7 +10,7 @@ Hugging Face -> megatron_lite writes a weights-only checkpoint `OUT/release` (lo
 `--finetune --load OUT` or `--pretrained-checkpoint OUT`) and copies the Hugging Face directory
 to `OUT/hf`, so OUT serves both worlds; megatron_lite -> Hugging Face reuses that `hf/` folder's
 config and tokenizer when it is there. megatron_lite -> megatron_lite converts the weights of
-the loaded iteration (resharding optimizer state is the loader's job: see checkpoint/sharding.py).
+the loaded iteration (resharding optimizer state is the loader's job: see checkpoint/reshard/sharding.py).
 
 Tensors stream one at a time: memory holds one output rank file (megatron_lite) or one
 safetensors shard (Hugging Face). Everything is written into a temporary directory beside
@@ -39,18 +39,18 @@ from typing import Callable, Iterator, Optional, Tuple  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_lite.arguments import pad_vocab_size  # noqa: E402
-from megatron_lite.checkpoint.checkpointing import FORMAT_VERSION  # noqa: E402
+from megatron_lite.checkpoint.manager import FORMAT_VERSION  # noqa: E402
 from megatron_lite.checkpoint.hf import (UnsupportedModelError, architecture_for, architecture_of,  # noqa: E402
                                          megatron_to_hf, plan_hf_to_megatron)
 from megatron_lite.checkpoint.hf.io import (CONFIG_FILE, GENERATION_CONFIG_FILE, HFCheckpointReader,  # noqa: E402
                                             SafetensorsShardWriter, copy_files, parse_size, read_json,
                                             tokenizer_files, write_json)
-from megatron_lite.checkpoint.integrity import CheckpointMetadataError, read_metadata, verify_checkpoint  # noqa: E402
-from megatron_lite.checkpoint.layout import METADATA_FILENAME, RELEASE, model_shard_path  # noqa: E402
+from megatron_lite.checkpoint.io.integrity import CheckpointMetadataError, read_metadata, verify_checkpoint  # noqa: E402
+from megatron_lite.checkpoint.io.layout import METADATA_FILENAME, RELEASE, model_shard_path  # noqa: E402
 from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint  # noqa: E402
-from megatron_lite.checkpoint.sharding import (build_tensor_index, merge_to_global, open_piece_reader,  # noqa: E402
+from megatron_lite.checkpoint.reshard.sharding import (build_tensor_index, merge_to_global, open_piece_reader,  # noqa: E402
                                                rank_tensors, reshard_rank_tensors)
-from megatron_lite.checkpoint.storage import (CommitSpec, _parallel_layout, commit, prepare_tmp_dir,  # noqa: E402
+from megatron_lite.checkpoint.io.storage import (CommitSpec, _parallel_layout, commit, prepare_tmp_dir,  # noqa: E402
                                               write_files)
 from megatron_lite.config import ModelConfig, RunConfig  # noqa: E402
 

@@ -25,11 +25,11 @@ from typing import List, Optional  # noqa: E402
 
 import torch  # noqa: E402
 
-from megatron_lite.checkpoint.integrity import committed_metadata, verify_checkpoint  # noqa: E402
-from megatron_lite.checkpoint.layout import (DISTRIB_OPTIM_FILENAME, METADATA_FILENAME, MODEL_FILENAME,  # noqa: E402
+from megatron_lite.checkpoint.io.integrity import committed_metadata, verify_checkpoint  # noqa: E402
+from megatron_lite.checkpoint.io.layout import (DISTRIB_OPTIM_FILENAME, METADATA_FILENAME, MODEL_FILENAME,  # noqa: E402
                                              format_iteration, parse_dir_name)
 from megatron_lite.checkpoint.recovery import find_checkpoints, human_bytes, read_tracker  # noqa: E402
-from megatron_lite.checkpoint.storage import RESERVED_METADATA_KEYS  # noqa: E402
+from megatron_lite.checkpoint.io.storage import RESERVED_METADATA_KEYS  # noqa: E402
 
 # Top-level keys of model_optim_rng.pt and what they mean (Megatron-LM's names).
 _HOLDINGS = (("weights", ("model",)), ("optimizer", ("optimizer",)),

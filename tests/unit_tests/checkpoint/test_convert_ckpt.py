@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.checkpoint.hf.io import HFCheckpointReader
-from megatron_lite.checkpoint.integrity import read_metadata
-from megatron_lite.checkpoint.layout import model_shard_path
+from megatron_lite.checkpoint.io.integrity import read_metadata
+from megatron_lite.checkpoint.io.layout import model_shard_path
 from megatron_lite.config import RunConfig
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.ops import build_ops
@@ -344,7 +344,7 @@ FINETUNE_FLAGS = {
 
 @pytest.mark.parametrize("load_flags", list(FINETUNE_FLAGS.values()), ids=list(FINETUNE_FLAGS))
 def test_converted_checkpoint_finetunes_and_its_first_loss_is_the_hf_loss(tmp_path, load_flags):
-    """The checkpoint loader (checkpoint/checkpointing.py) loads the converted weights-only
+    """The checkpoint loader (checkpoint/manager.py) loads the converted weights-only
     checkpoint; 3 iterations run and the first loss is the Hugging Face model's on that batch.
     The vocabulary (250) gets no padding here (divisible by 125): padded rows would add their
     logits to the softmax, which Hugging Face's loss does not have."""

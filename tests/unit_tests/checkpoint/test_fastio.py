@@ -10,10 +10,10 @@ import zlib
 
 import pytest
 
-from megatron_lite.checkpoint import fastio
-from megatron_lite.checkpoint.integrity import CheckpointIntegrityError
-from megatron_lite.checkpoint.layout import model_shard_path
-from megatron_lite.checkpoint.storage import load_file, save_files
+from megatron_lite.checkpoint.io import fastio
+from megatron_lite.checkpoint.io.integrity import CheckpointIntegrityError
+from megatron_lite.checkpoint.io.layout import model_shard_path
+from megatron_lite.checkpoint.io.storage import load_file, save_files
 
 CHUNK = 8192
 # empty, one byte, around the O_DIRECT block, around the chunk, several chunks with a ragged tail

@@ -13,12 +13,12 @@ import zlib
 import pytest
 import torch
 
-from megatron_lite.checkpoint import fastio
-from megatron_lite.checkpoint.integrity import (FORMAT_VERSION, CheckpointIntegrityError, checksum_file, read_metadata,
+from megatron_lite.checkpoint.io import fastio
+from megatron_lite.checkpoint.io.integrity import (FORMAT_VERSION, CheckpointIntegrityError, checksum_file, read_metadata,
                                                 verify_checkpoint)
 from megatron_lite.checkpoint.recovery import choose_checkpoint
-from megatron_lite.checkpoint.layout import distrib_optim_shard_path, model_shard_path, tmp_dir_name
-from megatron_lite.checkpoint.storage import load_file, save_files
+from megatron_lite.checkpoint.io.layout import distrib_optim_shard_path, model_shard_path, tmp_dir_name
+from megatron_lite.checkpoint.io.storage import load_file, save_files
 from tests.unit_tests.checkpoint.test_storage import MODEL, REPO, save_tiny
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from megatron_lite.arguments import ConfigError, parse_args
-from megatron_lite.checkpoint.checkpointing import check_model_config, decide_load, requested_mode, restore
+from megatron_lite.checkpoint.manager import check_model_config, decide_load, requested_mode, restore
 from megatron_lite.checkpoint.recovery import CheckpointLoadError
-from megatron_lite.checkpoint.storage import load_file
+from megatron_lite.checkpoint.io.storage import load_file
 from megatron_lite.initialize import build_run, setup_parallel
 from megatron_lite.training import build_data, pretrain
 from tests.unit_tests.checkpoint.test_resume import MODEL, _assert_bitwise, _state

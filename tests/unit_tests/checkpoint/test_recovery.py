@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from megatron_lite.checkpoint.layout import TRACKER_FILENAME, replaced_dir_name, tmp_dir_name
+from megatron_lite.checkpoint.io.layout import TRACKER_FILENAME, replaced_dir_name, tmp_dir_name
 from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint, format_recovery_report
 from megatron_lite.checkpoint.retention import apply_retention
-from megatron_lite.checkpoint.storage import CheckpointSaveError, load_file
+from megatron_lite.checkpoint.io.storage import CheckpointSaveError, load_file
 from tests.unit_tests.checkpoint.test_integrity import flip_byte, truncate
 from tests.unit_tests.checkpoint.test_storage import MODEL, assert_bitwise_equal, save_tiny
 

@@ -135,7 +135,7 @@ def _run_until(args, line_prefix, sig):
 
 
 def _final_model(ck):
-    from megatron_lite.checkpoint.storage import load_file
+    from megatron_lite.checkpoint.io.storage import load_file
     return load_file(ck, 12, "mp_rank_00_000/model_optim_rng.pt")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_lite.arguments import pad_vocab_size
-from megatron_lite.checkpoint.sharding import (build_tensor_index, merge_to_global, rank_params, reshard_rank_state,
+from megatron_lite.checkpoint.reshard.sharding import (build_tensor_index, merge_to_global, rank_params, reshard_rank_state,
                                                shard_global_state, skeleton_state)
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.gpt import GPTModel

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint import async_save, fastio, torchfile
-from megatron_lite.checkpoint.async_save import AsyncSaver, wait_for_done_markers, write_done_marker
-from megatron_lite.checkpoint.integrity import checksum_file
-from megatron_lite.checkpoint.layout import (TRACKER_FILENAME, distrib_optim_shard_path, iteration_dir_name,
+from megatron_lite.checkpoint.io import async_save, fastio, torchfile
+from megatron_lite.checkpoint.io.async_save import AsyncSaver, wait_for_done_markers, write_done_marker
+from megatron_lite.checkpoint.io.integrity import checksum_file
+from megatron_lite.checkpoint.io.layout import (TRACKER_FILENAME, distrib_optim_shard_path, iteration_dir_name,
                                              model_shard_path, tmp_dir_name)
 from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint
-from megatron_lite.checkpoint.storage import CheckpointSaveError, load_file, read_metadata, save_files
+from megatron_lite.checkpoint.io.storage import CheckpointSaveError, load_file, read_metadata, save_files
 from megatron_lite.parallel.state import initialize
 from tests.unit_tests.dist_utils import run_distributed
 
@@ -244,7 +244,7 @@ def test_tracker_keeps_its_old_content_when_a_crash_hits_before_the_replace(tmp_
 def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_chosen(tmp_path):
     script = f"""
 import os, signal, sys, torch
-from megatron_lite.checkpoint import fastio, storage
+from megatron_lite.checkpoint.io import fastio, storage
 state = {{"model": {{f"w{{i}}": torch.full((250_000,), float(i)) for i in range(8)}}}}   # 8 x 1 MB
 storage.save_files(sys.argv[1], 1, {{{MODEL!r}: state}}, None, None)
 fastio.IO_THREADS, fastio.CHUNK_BYTES = 1, 1 << 20

@@ -37,12 +37,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint.integrity import (CHECKSUM_ALGORITHM, FORMAT_VERSION, CheckpointIntegrityError,
+from megatron_lite.checkpoint.io.integrity import (CHECKSUM_ALGORITHM, FORMAT_VERSION, CheckpointIntegrityError,
                                                 CheckpointMetadataError, read_metadata, read_verified, take_verified)
-from megatron_lite.checkpoint.layout import (METADATA_FILENAME, Iteration, check_iteration, check_relpath,
+from megatron_lite.checkpoint.io.layout import (METADATA_FILENAME, Iteration, check_iteration, check_relpath,
                                              iteration_dir_name, parse_shard_dir, replaced_dir_name,
                                              resolve_iteration_dir, tmp_dir_name, tracker_path, tracker_tmp_path)
-from megatron_lite.checkpoint.torchfile import unpickle_torch_file, write_torch_file
+from megatron_lite.checkpoint.io.torchfile import unpickle_torch_file, write_torch_file
 from megatron_lite.parallel.state import ParallelState
 
 KINDS = ("full", "weights")

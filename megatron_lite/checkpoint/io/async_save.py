@@ -34,8 +34,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_lite.checkpoint.layout import done_marker_name, parse_done_marker
-from megatron_lite.checkpoint.storage import (CheckpointSaveError, CommitSpec, SaveResult, all_gather_object, commit,
+from megatron_lite.checkpoint.io.layout import done_marker_name, parse_done_marker
+from megatron_lite.checkpoint.io.storage import (CheckpointSaveError, CommitSpec, SaveResult, all_gather_object, commit,
                                               raise_if_failed, saveable, write_files)
 from megatron_lite.parallel.state import ParallelState
 

@@ -36,7 +36,7 @@ from typing import Dict, List, Tuple, Union
 import torch
 from torch import _weights_only_unpickler
 
-from megatron_lite.checkpoint.fastio import Segment, write_segments
+from megatron_lite.checkpoint.io.fastio import Segment, write_segments
 
 RECORD_ALIGN = 64           # tensor data starts at a multiple of this (torch.save's alignment; enough for mmap)
 _ZIP64_LIMIT = 0xFFFFFFFF   # sizes and offsets at or above this go to the zip64 extra field

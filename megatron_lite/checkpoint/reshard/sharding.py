@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
 import torch
 
-from megatron_lite.checkpoint.layout import model_shard_path
+from megatron_lite.checkpoint.io.layout import model_shard_path
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.parallel.state import ParallelState

@@ -23,8 +23,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from megatron_lite.checkpoint import fastio
-from megatron_lite.checkpoint.layout import METADATA_FILENAME, format_iteration, parse_dir_name
+from megatron_lite.checkpoint.io import fastio
+from megatron_lite.checkpoint.io.layout import METADATA_FILENAME, format_iteration, parse_dir_name
 
 CHECKSUM_ALGORITHM = "crc32"
 FORMAT_VERSION = 1

@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.arguments import ConfigError, validate
-from megatron_lite.checkpoint import layout
+from megatron_lite.checkpoint.io import layout
 from megatron_lite.checkpoint.recovery import choose_checkpoint, format_recovery_report
 from megatron_lite.checkpoint.retention import apply_retention
-from megatron_lite.checkpoint.storage import load_file, read_metadata, save_files
+from megatron_lite.checkpoint.io.storage import load_file, read_metadata, save_files
 from megatron_lite.config import ModelConfig, RunConfig, default_ffn_hidden_size
 from megatron_lite.initialize import Run, model_dtype, print_rank0
 from megatron_lite.parallel.random import get_rng_state, set_rng_state
@@ -194,7 +194,7 @@ def _load_model_weights(run: Run, decision: LoadDecision) -> str:
     if _same_layout(meta, state):
         module.load_state_dict(_cast_like(_model_file(run, decision)["model"], module), strict=True)
         return "loaded"
-    from megatron_lite.checkpoint.sharding import open_piece_reader, reshard_rank_state
+    from megatron_lite.checkpoint.reshard.sharding import open_piece_reader, reshard_rank_state
 
     local = reshard_rank_state(meta["tensors"], open_piece_reader(plan.iter_dir), run.cfg.model, state.tp_size, state.pp_size,
                                state.tp_rank, state.pp_rank)
@@ -225,7 +225,7 @@ def _load_optimizer(run: Run, decision: LoadDecision) -> str:
             opt_sd = _model_file(run, decision)["optimizer"]
         run.optimizer.load_state_dict(opt_sd)
         return "loaded"
-    from megatron_lite.checkpoint.optimizer_reshard import reshard_optimizer_state
+    from megatron_lite.checkpoint.reshard.optimizer import reshard_optimizer_state
 
     run.optimizer.load_state_dict(reshard_optimizer_state(run, decision.load_dir, decision.plan.iteration, meta))
     was = "ZeRO-1" if meta.get("distributed_optimizer") else "replicated"
@@ -322,7 +322,7 @@ def _gather_rng_over_dp(run: Run) -> list:
 
 def save_checkpoint(run: Run, kind: str = "full") -> None:
     """Collective: every rank writes its shard; the iteration directory is committed atomically."""
-    from megatron_lite.checkpoint.sharding import build_tensor_index
+    from megatron_lite.checkpoint.reshard.sharding import build_tensor_index
 
     cfg, state, p = run.cfg, run.state, run.progress
     c = cfg.checkpoint

@@ -18,9 +18,9 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_lite.checkpoint import layout
-from megatron_lite.checkpoint.sharding import reshard_rank_tensors
-from megatron_lite.checkpoint.storage import load_file
+from megatron_lite.checkpoint.io import layout
+from megatron_lite.checkpoint.reshard.sharding import reshard_rank_tensors
+from megatron_lite.checkpoint.io.storage import load_file
 
 TENSOR_STATES = ("exp_avg", "exp_avg_sq", "momentum_buffer", "main_param")
 

@@ -1,0 +1,1 @@
+"""Files on disk: layout and names, atomic commits, checksums, fast reads and writes, async saves."""

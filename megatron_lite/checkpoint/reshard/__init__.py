@@ -1,0 +1,1 @@
+"""Moving state between parallel layouts through the global tensor index."""
