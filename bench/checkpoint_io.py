@@ -11,10 +11,10 @@ the files read; the output says which, or "page cache not dropped").
 
     dd oflag=direct / iflag=direct   dd if=/dev/zero bs=64M of the same size, and back (conv=fsync
                                      and a plain read where the filesystem refuses O_DIRECT)
-    megatron_lite save_checkpoint    the synchronous save of pretrain_gpt.py (tensors streamed from
+    megatron_lite save_checkpoint    CheckpointManager.save: the synchronous save of pretrain_gpt.py (tensors streamed from
                                      the GPU through pinned chunks, checksummed and written in
                                      parallel, fsync, commit)
-    megatron_lite decide_load + restore   the load of pretrain_gpt.py: choose the checkpoint, read
+    megatron_lite decide_load + restore   CheckpointManager.decide and .restore: the load of pretrain_gpt.py: choose the checkpoint, read
                                      and checksum this rank's shard once, then weights and
                                      optimizer state into the GPU run (the note splits the time)
     megatron_lite load_file          the raw read: storage.load_file of the shard to CPU (read once
@@ -23,7 +23,7 @@ the files read; the output says which, or "page cache not dropped").
                                      (MEGATRON_LITE_CKPT_READ=sequential|parallel|direct) and N
                                      threads (--read-threads): the bytes and their CRC-32, nothing
                                      else, so the fastest row names the default for this disk
-    megatron_lite async save (1st, 2nd)   --async-save (AsyncSaver): "blocked" until save_checkpoint
+    megatron_lite async save (1st, 2nd)   --async-save (AsyncSaver): "blocked" until CheckpointManager.save
                                      returns and training may go on, "committed" until finalize() has
                                      the checkpoint on disk; the first save also allocates the pinned
                                      host buffers that later saves reuse (--use-persistent-ckpt-worker)
@@ -71,8 +71,7 @@ from bench.common import (REFERENCE, TINY, ModelDims, bench_device, build_megatr
                           format_number, format_table, megatron_lite_flags, mock_batches, synchronize, write_json)
 from megatron_lite.checkpoint.io import fastio, layout  # noqa: E402
 from megatron_lite.checkpoint.io.async_save import AsyncSaver  # noqa: E402
-from megatron_lite.checkpoint.manager import (decide_load, finish_async_save, restore,  # noqa: E402
-                                                    save_checkpoint)
+from megatron_lite.checkpoint.manager import CheckpointManager  # noqa: E402
 from megatron_lite.checkpoint.io.storage import load_file  # noqa: E402
 from megatron_lite.training import train_step  # noqa: E402
 
@@ -256,14 +255,16 @@ def measure_megatron_lite(results: Results, run, work: str, nbytes: int, cache: 
     """save_checkpoint, then the load of pretrain_gpt.py; returns the checkpoint directory (kept for load_file)."""
     cfg, directory = run.cfg, os.path.join(work, "megatron_lite")
     cfg.checkpoint.save, cfg.checkpoint.load = directory, None
-    results.measure("megatron_lite save_checkpoint", "write", nbytes, lambda: save_checkpoint(run))
+    results.measure("megatron_lite save_checkpoint", "write", nbytes,
+                    lambda: CheckpointManager(cfg, run.state).save(run))
     cfg.checkpoint.save, cfg.checkpoint.load = None, directory
 
     def load_as_pretrain() -> str:
         start = time.perf_counter()
-        decision = decide_load(cfg, run.state)
+        checkpoints = CheckpointManager(cfg, run.state)
+        checkpoints.decide()
         chosen = time.perf_counter()
-        restore(run, decision)
+        checkpoints.restore(run)
         synchronize(run.state.device)
         return f"decide_load {chosen - start:.2f} s (reads and verifies the shard), " \
                f"restore {time.perf_counter() - chosen:.2f} s"
@@ -290,22 +291,22 @@ def measure_load_file(results: Results, run, directory: str, nbytes: int, cache:
 
 
 def measure_async_saves(results: Results, run, work: str, nbytes: int) -> None:
-    """Two --async-save saves: blocked until save_checkpoint returns, committed when finalized."""
+    """Two --async-save saves: blocked until CheckpointManager.save returns, committed when finalized."""
     cfg = run.cfg
     cfg.checkpoint.save, cfg.checkpoint.load = os.path.join(work, "async"), None
-    run.async_saver = AsyncSaver(persistent=True)   # --use-persistent-ckpt-worker
+    checkpoints = CheckpointManager(cfg, run.state)
+    checkpoints.async_saver = AsyncSaver(persistent=True)   # --async-save --use-persistent-ckpt-worker
     for label in ("1st", "2nd"):
         name = f"megatron_lite async save ({label})"
         if results.over_budget(name, "committed", nbytes):
             continue
         run.progress.iteration += 1
         start = time.perf_counter()
-        save_checkpoint(run)
+        checkpoints.save(run)
         results.add(name, "blocked", time.perf_counter() - start, nbytes)
-        finish_async_save(run)
+        checkpoints.finish()
         results.add(name, "committed", time.perf_counter() - start, nbytes)
         remove(cfg.checkpoint.save)
-    run.async_saver = None
 
 
 def measure_torch_and_dcp(results: Results, state: dict, work: str, nbytes: int, cache: Callable[[str], str],

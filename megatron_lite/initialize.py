@@ -58,12 +58,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     history: List[dict] = field(default_factory=list)
     mode: str = "pretrain"          # the mode this run requested; recorded in its checkpoints
-    load_report: Optional[str] = None
-    loaded_dir: Optional[str] = None
-    loaded_iteration: Optional[int] = None
-    last_saved_iteration: Optional[int] = None
-    async_saver: Any = None
-    tensor_index: Optional[dict] = None   # the global tensor index, built at the first save
+    checkpoints: Any = None         # the CheckpointManager (load report, saves) when the run has one
 
     @property
     def module(self) -> GPTModel:

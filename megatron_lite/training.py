@@ -343,7 +343,7 @@ def _check_weight_hash(run: Run) -> None:
     print_rank0(f">>> Weight hashes match after {run.progress.iteration} iterations...", s)
 
 
-def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None, save_fn=None,
+def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None, checkpoints=None,
           exit_signal: Optional["ExitSignal"] = None) -> List[dict]:
     """Train from run.progress.iteration to the last iteration; returns one record per iteration
     (iteration, lm loss, lr, grad norm, loss scale, skipped) as every rank saw it.
@@ -355,9 +355,10 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
 
     With --manual-gc Python's automatic collector is off while the loop runs: one collection at
     the start, one every --manual-gc-interval iterations, a full one before each evaluation and
-    a young-generation one after it (unless --no-manual-gc-eval)."""
-    from megatron_lite.checkpoint.manager import interval_saves
+    a young-generation one after it (unless --no-manual-gc-eval).
 
+    `checkpoints` (a CheckpointManager) saves after each iteration as its intervals ask, and
+    once more when the loop stops."""
     t, p, lc, s = run.cfg.train, run.progress, run.cfg.logging, run.state
     total = total_train_iters(run)
     exit_signal = exit_signal or ExitSignal(t.exit_signal_handler)
@@ -424,7 +425,8 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
             pending = (p.iteration, lr, p.consumed_train_samples, batch_size, values)
             eval_due = valid_iter is not None and t.eval_interval and p.iteration % t.eval_interval == 0
             exit_due = t.exit_interval and p.iteration % t.exit_interval == 0
-            if eval_due or exit_due or checks_every_iteration or (save_fn is not None and interval_saves(run, p.iteration)):
+            save_due = checkpoints is not None and checkpoints.saves_due(p.iteration)
+            if eval_due or exit_due or checks_every_iteration or save_due:
                 finish(*pending)
                 pending = None
             every = t.check_weight_hash_across_dp_replicas_interval
@@ -436,8 +438,8 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
                 log_validation(run, writer, p.iteration, evaluate(run, valid_iter))
                 if t.manual_gc_eval:
                     _manual_gc(run, generation=0)
-            if save_fn is not None:
-                save_fn(run, reason="interval")
+            if checkpoints is not None:
+                checkpoints.save_if_due(run)
             if t.manual_gc_interval and p.iteration % t.manual_gc_interval == 0:
                 _manual_gc(run)
             if _should_exit(run, exit_signal, start):
@@ -445,8 +447,8 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
         if pending is not None:
             finish(*pending)
         profiler.stop()
-        if save_fn is not None:
-            save_fn(run, reason="end")
+        if checkpoints is not None:
+            checkpoints.save_at_end(run)
     finally:
         writer.close()
         if t.manual_gc and gc_was_enabled:
@@ -493,23 +495,19 @@ def pretrain(cfg, data_iterators=None, load: bool = True) -> Run:
 
     `data_iterators(run) -> (train_iter, valid_iter)` replaces the configured datasets;
     `load=False` starts from scratch whatever --load and --save hold."""
-    from megatron_lite.checkpoint.manager import (LoadDecision, check_model_config, decide_load,
-                                                        maybe_save_checkpoint, requested_mode, restore)
+    from megatron_lite.checkpoint.manager import CheckpointManager
     from megatron_lite.data import summary_lines
     from megatron_lite.summary import print_arguments, print_parameters
 
     exit_signal = ExitSignal(cfg.train.exit_signal_handler)   # a signal during start-up is honoured too
     state = setup_parallel(cfg)
-    decision = decide_load(cfg, state) if load else LoadDecision()
-    check_model_config(cfg, decision, state.world_size)
+    checkpoints = CheckpointManager(cfg, state)
+    checkpoints.decide(load)
     run = build_run(cfg, state)
-    run.mode = requested_mode(cfg)
+    run.checkpoints, run.mode = checkpoints, checkpoints.mode
     print_arguments(run)
     print_parameters(run)
-    if cfg.checkpoint.async_save:
-        from megatron_lite.checkpoint.io.async_save import AsyncSaver
-        run.async_saver = AsyncSaver(persistent=cfg.checkpoint.use_persistent_ckpt_worker)
-    restore(run, decision)
+    checkpoints.restore(run)
     with preserved_rng(run.state.rng):   # a fresh run and a restart must draw the same numbers
         if data_iterators is None:
             iterators = build_data(run)
@@ -517,5 +515,5 @@ def pretrain(cfg, data_iterators=None, load: bool = True) -> Run:
             print_rank0("\n".join(summary_lines(iterators.datasets)), run.state)
         else:
             train_iter, valid_iter = data_iterators(run)
-    train(run, train_iter, valid_iter, save_fn=maybe_save_checkpoint, exit_signal=exit_signal)
+    train(run, train_iter, valid_iter, checkpoints=checkpoints, exit_signal=exit_signal)
     return run

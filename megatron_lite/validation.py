@@ -263,9 +263,15 @@ def _check_tiktoken_special_tokens(d, vocab_size) -> None:
 
 def _check_checkpoint(cfg: RunConfig) -> None:
     c = cfg.checkpoint
-    if c.ckpt_format != "megatron_lite":
-        raise _error(f"--ckpt-format {c.ckpt_format}: writing Megatron-LM's checkpoint formats is not supported by "
-                     f"megatron_lite yet; drop the flag to save in megatron_lite's format")
+    if c.ckpt_format not in ("megatron_lite", "torch", "torch_dist"):
+        raise _error(f"--ckpt-format {c.ckpt_format}: megatron_lite writes megatron_lite, torch (Megatron-LM legacy) "
+                     f"and torch_dist checkpoints; pick one of those")
+    if c.ckpt_format != "megatron_lite" and c.async_save:
+        raise _error(f"--async-save writes megatron_lite checkpoints only; drop it or use --ckpt-format megatron_lite "
+                     f"(not {c.ckpt_format})")
+    if c.ckpt_format != "megatron_lite" and c.save_weights_only_interval:
+        raise _error(f"--save-weights-only-interval writes megatron_lite checkpoints only; drop it or use "
+                     f"--ckpt-format megatron_lite (not {c.ckpt_format})")
     if c.finetune and c.reset_sample_stat:
         raise _error("--finetune and --reset-sample-stat are different modes; pick one")
     if c.finetune and not c.load and not c.pretrained_checkpoint:

@@ -1,4 +1,4 @@
-"""What a checkpoint holds, and the load modes of DESIGN.md's table.
+"""The CheckpointManager: what a checkpoint holds, the load modes of DESIGN.md's table, and saving.
 
 Per (tp, pp) rank, `mp_rank_TT_PPP/model_optim_rng.pt` (written by DP rank 0):
     {"format_version", "iteration", "mode", "model": stage state_dict, "progress": counters,
@@ -31,11 +31,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.arguments import ConfigError, validate
+from megatron_lite.checkpoint.formats import FORMAT_NAMES, OWN_FORMAT, SourceCheckpoint, format_module
 from megatron_lite.checkpoint.io import layout
+from megatron_lite.checkpoint.io.async_save import AsyncSaver
 from megatron_lite.checkpoint.recovery import choose_checkpoint, format_recovery_report
 from megatron_lite.checkpoint.retention import apply_retention
 from megatron_lite.checkpoint.io.storage import load_file, read_metadata, save_files
-from megatron_lite.config import ModelConfig, RunConfig, default_ffn_hidden_size
+from megatron_lite.config import ModelConfig, RunConfig
 from megatron_lite.initialize import Run, model_dtype, print_rank0
 from megatron_lite.parallel.random import get_rng_state, set_rng_state
 from megatron_lite.parallel.state import ParallelState
@@ -80,12 +82,26 @@ class LoadDecision:
     action: str = "none"            # none | resume | finetune | further-train | weights
     own_restart: bool = False       # resuming a finetune/further-train run's own checkpoint
     shard: Optional[dict] = None    # this rank's model_optim_rng.pt, read once during restore
+    source: Optional[SourceCheckpoint] = None   # the reader of a checkpoint in one of Megatron-LM's formats
+
+    @property
+    def iteration(self):
+        return self.plan.iteration if self.plan is not None else None
 
 
 def _plan(directory: str, ckpt_step, state):
     """The checkpoint to load from `directory` (verified once, here), or None when it has none."""
     plan = choose_checkpoint(directory, ckpt_step, state, allow_weights_only=True)
     return plan if plan.iteration is not None else None
+
+
+def _opened(plan) -> tuple:
+    """(metadata, reader) of a chosen checkpoint: megatron_lite's metadata.json, or for one of
+    Megatron-LM's formats its reader and the metadata it derives from the saved args."""
+    if plan.format == OWN_FORMAT:
+        return plan.metadata or read_metadata(plan.iter_dir), None
+    source = format_module(plan.format).open_checkpoint(plan.iter_dir)
+    return source.metadata, source
 
 
 def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
@@ -99,12 +115,13 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
         plan = _plan(directory, c.ckpt_step if directory == c.load else None, state)
         if plan is None:
             continue
-        meta = plan.metadata or read_metadata(plan.iter_dir)
+        meta, source = _opened(plan)
+        found = dict(load_dir=directory, plan=plan, metadata=meta, source=source)
         if plan.kind == "weights":   # never resumed from: only a finetune starts from it
             if directory != c.load:
                 continue
             if mode == "finetune":
-                return LoadDecision(directory, plan, meta, "finetune")
+                return LoadDecision(**found, action="finetune")
             if not c.pretrained_checkpoint:
                 raise ConfigError(f"{c.load} holds only a weights-only checkpoint ({plan.iter_dir}): it has no "
                                   f"optimizer state to resume; load it with --finetune or --pretrained-checkpoint")
@@ -112,15 +129,16 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
         if mode == "pretrain" or meta.get("mode", "pretrain") == mode:
             # a restart of a finetune/further-train run: its mode flags (--no-load-optim, ...) were
             # for the first start; everything it saved is restored
-            return LoadDecision(directory, plan, meta, "resume", own_restart=mode != "pretrain")
+            return LoadDecision(**found, action="resume", own_restart=mode != "pretrain")
         if directory == c.load:
-            return LoadDecision(directory, plan, meta, mode)
+            return LoadDecision(**found, action=mode)
     # 2. weights from elsewhere
     if c.pretrained_checkpoint:
         plan = _plan(c.pretrained_checkpoint, None, state)
         if plan is None:
             raise ConfigError(f"--pretrained-checkpoint {c.pretrained_checkpoint} holds no intact checkpoint")
-        return LoadDecision(c.pretrained_checkpoint, plan, plan.metadata or read_metadata(plan.iter_dir), "weights")
+        meta, source = _opened(plan)
+        return LoadDecision(c.pretrained_checkpoint, plan, meta, "weights", source=source)
     if c.load and (c.exit_on_missing_checkpoint or mode != "pretrain" or c.ckpt_step is not None):
         raise ConfigError(f"--load {c.load}: no checkpoint found; check the path (or drop --load to start from "
                           f"scratch)")
@@ -144,22 +162,31 @@ def check_model_config(cfg: RunConfig, decision: LoadDecision, world_size: int =
         except ConfigError as e:
             raise ConfigError(f"{e} (--use-checkpoint-args took {', '.join(taken)} from "
                               f"{decision.plan.iter_dir})") from None
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved_model = ModelConfig(**{k: v for k, v in saved.items() if k in known})
     diffs = []
     for name in ARCHITECTURE_FIELDS:
         if name == "vocab_size" or name not in saved:
             continue
-        mine, theirs = getattr(cfg.model, name), saved[name]
-        if name == "ffn_hidden_size" and mine is None:
-            mine = default_ffn_hidden_size(cfg.model.hidden_size, cfg.model.swiglu)
-        if name == "num_query_groups" and not cfg.model.group_query_attention and not saved.get(
-                "group_query_attention"):
-            continue
+        mine, theirs = _effective(cfg.model, name), _effective(saved_model, name)
         if mine != theirs:
-            diffs.append(f"{name}={theirs} (flags say {mine})")
+            diffs.append(f"{name}={saved[name] if saved[name] is not None else theirs} (flags say "
+                         f"{getattr(cfg.model, name) if getattr(cfg.model, name) is not None else mine})")
     if diffs:
         fix = ("drop those flags to take the checkpoint's values" if cfg.checkpoint.use_checkpoint_args else
                "pass --use-checkpoint-args to take the checkpoint's model config, or fix the flags")
         raise ConfigError(f"checkpoint {decision.plan.iter_dir} was saved with " + ", ".join(diffs) + "; " + fix)
+
+
+def _effective(m: ModelConfig, name: str):
+    """The value a field has in the built model: a size left unset (None) is the one derived from
+    the others, so a checkpoint that spells it out (Megatron-LM's args do) agrees with flags that
+    leave it to the default."""
+    derived = {"ffn_hidden_size": lambda: m.ffn_size, "kv_channels": lambda: m.head_dim,
+               "num_query_groups": lambda: m.query_groups,
+               "max_position_embeddings": lambda: (m.max_position_embeddings or m.seq_length
+                                                   if m.position_embedding_type == "learned_absolute" else None)}
+    return derived[name]() if name in derived else getattr(m, name)
 
 
 def _take_checkpoint_args(cfg: RunConfig, saved_cfg: dict) -> List[str]:
@@ -188,225 +215,298 @@ def _same_layout(meta: dict, state: ParallelState) -> bool:
     return p.get("tp") == state.tp_size and p.get("pp") == state.pp_size
 
 
-def _load_model_weights(run: Run, decision: LoadDecision) -> str:
-    state, module = run.state, run.module
-    plan, meta = decision.plan, decision.metadata
-    if _same_layout(meta, state):
-        module.load_state_dict(_cast_like(_model_file(run, decision)["model"], module), strict=True)
-        return "loaded"
-    from megatron_lite.checkpoint.reshard.sharding import open_piece_reader, reshard_rank_state
-
-    local = reshard_rank_state(meta["tensors"], open_piece_reader(plan.iter_dir), run.cfg.model, state.tp_size, state.pp_size,
-                               state.tp_rank, state.pp_rank)
-    module.load_state_dict(_cast_like(local, module), strict=True)
-    saved = meta["parallel"]
-    return f"loaded, resharded from TP={saved['tp']} PP={saved['pp']}"
-
-
 def _cast_like(sd: Dict[str, torch.Tensor], module) -> Dict[str, torch.Tensor]:
     own = module.state_dict()
     return {k: v.to(own[k].dtype) if k in own and torch.is_tensor(v) else v for k, v in sd.items()}
 
 
-def _load_optimizer(run: Run, decision: LoadDecision) -> str:
-    """The saved optimizer state, resharded when the layout (or the ZeRO-1 setting) changed."""
-    state, meta = run.state, decision.metadata
-    if not meta.get("has_optimizer", True):
-        raise ConfigError(f"{decision.plan.iter_dir} was saved with --no-save-optim; pass --no-load-optim")
-    zero1 = run.cfg.parallel.use_distributed_optimizer
-    saved = meta["parallel"]
-    unchanged = (_same_layout(meta, state) and zero1 == meta.get("distributed_optimizer", False)
-                 and (not zero1 or saved.get("dp") == state.dp_size))
-    if unchanged:
-        if zero1:
-            path = layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)
-            opt_sd = load_file(decision.load_dir, decision.plan.iteration, path)
-        else:
-            opt_sd = _model_file(run, decision)["optimizer"]
-        run.optimizer.load_state_dict(opt_sd)
-        return "loaded"
-    from megatron_lite.checkpoint.reshard.optimizer import reshard_optimizer_state
-
-    run.optimizer.load_state_dict(reshard_optimizer_state(run, decision.load_dir, decision.plan.iteration, meta))
-    was = "ZeRO-1" if meta.get("distributed_optimizer") else "replicated"
-    return f"loaded, resharded from TP={saved['tp']} PP={saved['pp']} DP={saved.get('dp')} ({was})"
-
-
-def _model_file(run: Run, decision: LoadDecision) -> dict:
-    """This rank's model_optim_rng.pt (rank (0, 0)'s when the layout changed: the counters and
-    the schedule are the same in every file), read from disk once per restore."""
-    if decision.shard is None:
-        same = _same_layout(decision.metadata, run.state)
-        tp, pp = (run.state.tp_rank, run.state.pp_rank) if same else (0, 0)
-        decision.shard = load_file(decision.load_dir, decision.plan.iteration, layout.model_shard_path(tp, pp))
-    return decision.shard
-
-
-def restore(run: Run, decision: LoadDecision) -> None:
-    """Restore what the decision's action says; print the recovery report on rank 0."""
-    c, action = run.cfg.checkpoint, decision.action
-    if decision.own_restart:
-        c = dataclasses.replace(c, load_optim=True, load_rng=True, load_lr_scheduler=True)
-    restored: Dict[str, str] = {}
-    if action == "none":
-        if c.load or c.save:
-            print_rank0(f"checkpoint: nothing to load in {c.load or c.save}; starting from scratch", run.state)
-        return
-    saved_vocab = decision.metadata.get("config", {}).get("model", {}).get("vocab_size")
-    if saved_vocab is not None and saved_vocab != run.cfg.model.vocab_size:
-        raise ConfigError(f"checkpoint {decision.plan.iter_dir} was trained with a vocabulary of {saved_vocab} "
-                          f"tokens but the tokenizer has {run.cfg.model.vocab_size}; use the checkpoint's tokenizer "
-                          f"(--tokenizer-type/--tokenizer-model/--vocab-size)")
-    restored["weights"] = _load_model_weights(run, decision)
-    run.optimizer.reload_model_params()   # fp32 main params follow the loaded weights
-    full = action in ("resume", "further-train")
-    if full and c.load_optim:
-        restored["optimizer"] = _load_optimizer(run, decision)
-    else:
-        restored["optimizer"] = "fresh (" + ("--no-load-optim" if full else f"{action} mode") + ")"
-    shard = _model_file(run, decision) if full else None
-    if full and (action == "resume" or c.load_lr_scheduler):
-        continuing = action == "further-train" or (decision.own_restart and run.mode == "further-train")
-        if continuing and not run.scheduler.override_opt_param_scheduler:
-            run.scheduler.use_checkpoint_opt_param_scheduler = True   # the schedule continues as saved
-        try:
-            run.scheduler.load_state_dict(shard["opt_param_scheduler"])
-        except ValueError as e:   # the flags' schedule disagrees with the checkpoint's
-            raise ConfigError(str(e)) from None
-        restored["lr scheduler"] = "loaded"
-    else:
-        restored["lr scheduler"] = "fresh (" + ("--no-load-lr-scheduler" if full else f"{action} mode") + ")"
-    if action == "resume":
-        run.progress.load_state_dict(shard["progress"])
-        restored["iteration and consumed samples"] = (
-            f"restored (iteration {run.progress.iteration}, {run.progress.consumed_train_samples} samples)")
-    else:
-        restored["iteration and consumed samples"] = f"reset to 0 ({action} mode)"
-    saved_rng = shard.get("rng_state") if full else None
-    same_layout = _same_layout(decision.metadata, run.state)
-    if full and c.load_rng and saved_rng is not None and len(saved_rng) == run.state.dp_size and same_layout:
-        set_rng_state(saved_rng[run.state.dp_rank], run.state.rng)
-        restored["rng"] = "restored"
-    elif not full:
-        restored["rng"] = "fresh seed"
-    elif not c.load_rng:
-        restored["rng"] = "fresh seed (--no-load-rng)"
-    elif saved_rng is None:
-        restored["rng"] = "fresh seed (saved with --no-save-rng)"
-    else:
-        p = decision.metadata["parallel"]
-        restored["rng"] = (f"fresh seed (saved at TP={p['tp']} PP={p['pp']} DP={p.get('dp')}: per-rank "
-                           f"generators do not carry over to another layout)")
-    restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
-                                 else "from the first sample")
-    run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule
-    decision.shard = None   # free the CPU copy
-    run.loaded_iteration = decision.plan.iteration
-    if action == "resume":
-        run.last_saved_iteration = run.progress.iteration   # nothing new to save until it trains
-    run.loaded_dir = decision.load_dir
-    run.load_report = format_recovery_report(decision.plan, {"mode": action, **restored})
-    print_rank0(run.load_report, run.state)
-
-
-# ------------------------------------------------------------------------------------ saving
-
-def _gather_rng_over_dp(run: Run) -> list:
-    mine = get_rng_state(run.state.rng)
-    if run.state.dp_size == 1:
+def _gather_rng_over_dp(state: ParallelState) -> list:
+    mine = get_rng_state(state.rng)
+    if state.dp_size == 1:
         return [mine]
-    everyone = [None] * run.state.dp_size
-    dist.all_gather_object(everyone, mine, group=run.state.dp_group)
+    everyone = [None] * state.dp_size
+    dist.all_gather_object(everyone, mine, group=state.dp_group)
     return everyone
 
 
-def save_checkpoint(run: Run, kind: str = "full") -> None:
-    """Collective: every rank writes its shard; the iteration directory is committed atomically."""
-    from megatron_lite.checkpoint.reshard.sharding import build_tensor_index
+def shard_contents(iteration, mode: str, model: Dict[str, torch.Tensor], *, progress: Optional[dict] = None,
+                   scheduler: Optional[dict] = None, rng: Optional[list] = None,
+                   optimizer: Optional[dict] = None) -> dict:
+    """What a (tp, pp) rank's model_optim_rng.pt holds (format in the module docstring): the one
+    definition, used by training's saves (full: with progress and scheduler) and by
+    tools/checkpoint/convert.py (weights only)."""
+    shard = {"format_version": FORMAT_VERSION, "iteration": iteration, "mode": mode, "model": model}
+    extra = {"progress": progress, "opt_param_scheduler": scheduler, "rng_state": rng, "optimizer": optimizer}
+    shard.update({k: v for k, v in extra.items() if v is not None})
+    return shard
 
-    cfg, state, p = run.cfg, run.state, run.progress
-    c = cfg.checkpoint
-    if run.tensor_index is None:   # the layout does not change during a run: build it once
-        run.tensor_index = build_tensor_index(cfg.model, state.tp_size, state.pp_size, model_dtype(cfg))
-    full = kind == "full"
-    files = {}
-    rng = _gather_rng_over_dp(run) if full and c.save_rng else None
-    if state.dp_rank == 0:
-        shard = {"format_version": FORMAT_VERSION, "iteration": p.iteration, "mode": run.mode,
-                 "model": run.module.state_dict()}
-        if full:
-            shard["progress"] = p.state_dict()
-            shard["opt_param_scheduler"] = run.scheduler.state_dict()
-            if rng is not None:
-                shard["rng_state"] = rng
-            if c.save_optim and not cfg.parallel.use_distributed_optimizer:
-                shard["optimizer"] = run.optimizer.state_dict()
-        files[layout.model_shard_path(state.tp_rank, state.pp_rank)] = shard
-    if full and c.save_optim and cfg.parallel.use_distributed_optimizer:
-        files[layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)] = \
-            run.optimizer.state_dict()
-    metadata = {"config": cfg.to_dict(), "mode": run.mode,
-                "parallel": {"tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size},
-                "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
-                "has_optimizer": full and c.save_optim, "has_rng": full and c.save_rng,
-                "progress": p.state_dict(),
-                "tensors": run.tensor_index}
-    # weights-only checkpoints live apart, so they never shadow a full one of the same iteration
-    directory = c.save if full else os.path.join(c.save, WEIGHTS_SUBDIR)
-    finish_async_save(run)
-    t0 = time.time()
-    result = save_files(directory, p.iteration, files, state, metadata, kind=kind, async_saver=run.async_saver)
-    what = "checkpoint" if full else "weights-only checkpoint"
-    if run.async_saver is None:
-        print_rank0(f"saved {what} at iteration {p.iteration} to {directory} in {result.seconds:.2f} s "
-                    f"({result.bytes_written / 1e6:.1f} MB)", run.state)
-    else:
-        print_rank0(f"saving {what} at iteration {p.iteration} to {directory} in the background "
-                    f"(training blocked {time.time() - t0:.2f} s)", run.state)
-    if full and c.keep_last_n_checkpoints and state.rank == 0:
-        protect = {run.loaded_iteration} if getattr(run, "loaded_dir", None) == c.save else set()
+
+class CheckpointManager:
+    """Everything a run does with checkpoints: the load decision (made before the model exists, so
+    that --use-checkpoint-args can shape it), restore and its recovery report, interval and exit
+    saves in the --ckpt-format chosen, async saves, retention.
+
+        checkpoints = CheckpointManager(cfg, state)
+        checkpoints.decide()            # before build_run
+        checkpoints.restore(run)        # after it
+        checkpoints.save_if_due(run)    # after each iteration; checkpoints.save_at_end(run) when it stops
+    """
+
+    def __init__(self, cfg: RunConfig, state: ParallelState):
+        self.cfg, self.state = cfg, state
+        self.mode = requested_mode(cfg)           # recorded in the checkpoints this run writes
+        self.decision = LoadDecision()
+        self.load_report: Optional[str] = None
+        self.loaded_dir: Optional[str] = None
+        self.loaded_iteration = None
+        self.last_saved_iteration: Optional[int] = None
+        self.tensor_index: Optional[dict] = None  # the global tensor index, built at the first save
+        c = cfg.checkpoint
+        self.async_saver = AsyncSaver(persistent=c.use_persistent_ckpt_worker) if c.async_save else None
+
+    # ------------------------------------------------------------------------- load
+
+    def decide(self, load: bool = True) -> LoadDecision:
+        """Choose what to load (identical on every rank) and check the flags against it;
+        `load=False` starts from scratch whatever --load and --save hold."""
+        self.decision = decide_load(self.cfg, self.state) if load else LoadDecision()
+        check_model_config(self.cfg, self.decision, self.state.world_size)
+        return self.decision
+
+    def restore(self, run: Run) -> None:
+        """Restore what the decision's action says; print the recovery report on rank 0."""
+        d = self.decision
+        c, action = run.cfg.checkpoint, d.action
+        if d.own_restart:
+            c = dataclasses.replace(c, load_optim=True, load_rng=True, load_lr_scheduler=True)
+        if action == "none":
+            if c.load or c.save:
+                print_rank0(f"checkpoint: nothing to load in {c.load or c.save}; starting from scratch", run.state)
+            return
+        saved_vocab = d.metadata.get("config", {}).get("model", {}).get("vocab_size")
+        if saved_vocab is not None and saved_vocab != run.cfg.model.vocab_size:
+            raise ConfigError(f"checkpoint {d.plan.iter_dir} was trained with a vocabulary of {saved_vocab} "
+                              f"tokens but the tokenizer has {run.cfg.model.vocab_size}; use the checkpoint's "
+                              f"tokenizer (--tokenizer-type/--tokenizer-model/--vocab-size)")
+        restored: Dict[str, str] = {}
+        if d.source is not None:
+            restored["format"] = FORMAT_NAMES[d.plan.format]
+        restored["weights"] = self._load_weights(run)
+        run.optimizer.reload_model_params()   # fp32 main params follow the loaded weights
+        full = action in ("resume", "further-train")
+        if full and c.load_optim:
+            restored["optimizer"] = self._load_optimizer(run)
+        else:
+            restored["optimizer"] = "fresh (" + ("--no-load-optim" if full else f"{action} mode") + ")"
+        if full and (action == "resume" or c.load_lr_scheduler):
+            restored["lr scheduler"] = self._load_scheduler(run)
+        else:
+            restored["lr scheduler"] = "fresh (" + ("--no-load-lr-scheduler" if full else f"{action} mode") + ")"
+        if action == "resume":
+            progress = d.metadata["progress"] if d.source is not None else self._shard(run)["progress"]
+            run.progress.load_state_dict(progress)
+            restored["iteration and consumed samples"] = (
+                f"restored (iteration {run.progress.iteration}, {run.progress.consumed_train_samples} samples)")
+        else:
+            restored["iteration and consumed samples"] = f"reset to 0 ({action} mode)"
+        restored["rng"] = self._load_rng(run, c, full)
+        restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
+                                     else "from the first sample")
+        run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule
+        d.shard = None          # free the CPU copy
+        self.loaded_iteration, self.loaded_dir = d.plan.iteration, d.load_dir
+        if action == "resume":
+            self.last_saved_iteration = run.progress.iteration   # nothing new to save until it trains
+        self.load_report = format_recovery_report(d.plan, {"mode": action, **restored})
+        print_rank0(self.load_report, run.state)
+
+    def _shard(self, run: Run) -> dict:
+        """This rank's model_optim_rng.pt (rank (0, 0)'s when the layout changed: the counters and
+        the schedule are the same in every file), read from disk once per restore."""
+        d = self.decision
+        if d.shard is None:
+            tp, pp = (run.state.tp_rank, run.state.pp_rank) if _same_layout(d.metadata, run.state) else (0, 0)
+            d.shard = load_file(d.load_dir, d.plan.iteration, layout.model_shard_path(tp, pp))
+        return d.shard
+
+    def _load_weights(self, run: Run) -> str:
+        d, state, module = self.decision, run.state, run.module
+        saved = d.metadata.get("parallel", {})
+        resharded = "" if _same_layout(d.metadata, state) else \
+            f", resharded from TP={saved.get('tp')} PP={saved.get('pp')}"
+        if d.source is not None:
+            local = d.source.model_state(run.cfg.model, state.tp_size, state.pp_size, state.tp_rank, state.pp_rank)
+        elif not resharded:
+            local = self._shard(run)["model"]
+        else:
+            from megatron_lite.checkpoint.reshard.sharding import open_piece_reader, reshard_rank_state
+
+            local = reshard_rank_state(d.metadata["tensors"], open_piece_reader(d.plan.iter_dir), run.cfg.model,
+                                       state.tp_size, state.pp_size, state.tp_rank, state.pp_rank)
+        module.load_state_dict(_cast_like(local, module), strict=True)
+        return "loaded" + resharded
+
+    def _load_optimizer(self, run: Run) -> str:
+        """The saved optimizer state, resharded when the layout (or the ZeRO-1 setting) changed."""
+        d, state, meta = self.decision, run.state, self.decision.metadata
+        if d.source is not None:
+            sd, why = d.source.optimizer_state(run)
+            if sd is None:
+                return f"fresh ({why})"
+            run.optimizer.load_state_dict(sd)
+            return "loaded"
+        if not meta.get("has_optimizer", True):
+            raise ConfigError(f"{d.plan.iter_dir} was saved with --no-save-optim; pass --no-load-optim")
+        zero1 = run.cfg.parallel.use_distributed_optimizer
+        saved = meta["parallel"]
+        unchanged = (_same_layout(meta, state) and zero1 == meta.get("distributed_optimizer", False)
+                     and (not zero1 or saved.get("dp") == state.dp_size))
+        if unchanged:
+            if zero1:
+                path = layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)
+                opt_sd = load_file(d.load_dir, d.plan.iteration, path)
+            else:
+                opt_sd = self._shard(run)["optimizer"]
+            run.optimizer.load_state_dict(opt_sd)
+            return "loaded"
+        from megatron_lite.checkpoint.reshard.optimizer import reshard_optimizer_state
+
+        run.optimizer.load_state_dict(reshard_optimizer_state(run, d.load_dir, d.plan.iteration, meta))
+        was = "ZeRO-1" if meta.get("distributed_optimizer") else "replicated"
+        return f"loaded, resharded from TP={saved['tp']} PP={saved['pp']} DP={saved.get('dp')} ({was})"
+
+    def _load_scheduler(self, run: Run) -> str:
+        d = self.decision
+        continuing = d.action == "further-train" or (d.own_restart and run.mode == "further-train")
+        if continuing and not run.scheduler.override_opt_param_scheduler:
+            run.scheduler.use_checkpoint_opt_param_scheduler = True   # the schedule continues as saved
+        if d.source is not None:
+            sd, why = d.source.scheduler_state()
+            if sd is None:
+                return f"fresh ({why})"
+        else:
+            sd = self._shard(run)["opt_param_scheduler"]
+        try:
+            run.scheduler.load_state_dict(sd)
+        except ValueError as e:   # the flags' schedule disagrees with the checkpoint's
+            raise ConfigError(str(e)) from None
+        return "loaded"
+
+    def _load_rng(self, run: Run, c, full: bool) -> str:
+        d = self.decision
+        if not full:
+            return "fresh seed"
+        if not c.load_rng:
+            return "fresh seed (--no-load-rng)"
+        if d.source is not None:
+            rng, why = d.source.rng_state(run.state)
+            if rng is None:
+                return f"fresh seed ({why})"
+            set_rng_state(rng, run.state.rng)
+            return "restored"
+        saved_rng = self._shard(run).get("rng_state")
+        if saved_rng is None:
+            return "fresh seed (saved with --no-save-rng)"
+        if len(saved_rng) == run.state.dp_size and _same_layout(d.metadata, run.state):
+            set_rng_state(saved_rng[run.state.dp_rank], run.state.rng)
+            return "restored"
+        p = d.metadata["parallel"]
+        return (f"fresh seed (saved at TP={p['tp']} PP={p['pp']} DP={p.get('dp')}: per-rank generators do not "
+                f"carry over to another layout)")
+
+    # ------------------------------------------------------------------------- save
+
+    def saves_due(self, iteration: int) -> List[str]:
+        """The kinds of checkpoint ('full', 'weights') that the save intervals ask for at `iteration`."""
+        c = self.cfg.checkpoint
+        if not c.save:
+            return []
+        return [kind for kind, every in (("full", c.save_interval), ("weights", c.save_weights_only_interval))
+                if every and iteration % every == 0]
+
+    def save_if_due(self, run: Run) -> None:
+        """After each iteration: the saves the intervals ask for."""
+        for kind in self.saves_due(run.progress.iteration):
+            self.save(run, kind)
+
+    def save_at_end(self, run: Run) -> None:
+        """When the loop stops (done, exit flag, signal): a full checkpoint unless this iteration has
+        one, then wait for any background save to commit."""
+        if not self.cfg.checkpoint.save:
+            return
+        if self.last_saved_iteration != run.progress.iteration:
+            self.save(run, "full")
+        self.finish()
+
+    def save(self, run: Run, kind: str = "full") -> None:
+        """Collective: every rank writes its shard; the iteration directory is committed atomically."""
+        c = run.cfg.checkpoint
+        if c.ckpt_format != OWN_FORMAT:   # validation allows only full, synchronous saves here
+            self.finish()
+            t0 = time.time()
+            format_module(c.ckpt_format).save(run, c.save)
+            print_rank0(f"saved checkpoint at iteration {run.progress.iteration} to {c.save} in "
+                        f"{FORMAT_NAMES[c.ckpt_format]} format in {time.time() - t0:.2f} s", run.state)
+        else:
+            self._save_own(run, kind)
+        if kind == "full":
+            self.last_saved_iteration = run.progress.iteration
+            self._apply_retention(run)
+
+    def _save_own(self, run: Run, kind: str) -> None:
+        from megatron_lite.checkpoint.reshard.sharding import build_tensor_index
+
+        cfg, state, p = run.cfg, run.state, run.progress
+        c = cfg.checkpoint
+        if self.tensor_index is None:   # the layout does not change during a run: build it once
+            self.tensor_index = build_tensor_index(cfg.model, state.tp_size, state.pp_size, model_dtype(cfg))
+        full = kind == "full"
+        files = {}
+        rng = _gather_rng_over_dp(state) if full and c.save_rng else None
+        if state.dp_rank == 0:
+            own_optimizer = full and c.save_optim and not cfg.parallel.use_distributed_optimizer
+            files[layout.model_shard_path(state.tp_rank, state.pp_rank)] = shard_contents(
+                p.iteration, run.mode, run.module.state_dict(), progress=p.state_dict() if full else None,
+                scheduler=run.scheduler.state_dict() if full else None, rng=rng,
+                optimizer=run.optimizer.state_dict() if own_optimizer else None)
+        if full and c.save_optim and cfg.parallel.use_distributed_optimizer:
+            files[layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)] = \
+                run.optimizer.state_dict()
+        metadata = {"config": cfg.to_dict(), "mode": run.mode,
+                    "parallel": {"tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size},
+                    "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
+                    "has_optimizer": full and c.save_optim, "has_rng": full and c.save_rng,
+                    "progress": p.state_dict(),
+                    "tensors": self.tensor_index}
+        # weights-only checkpoints live apart, so they never shadow a full one of the same iteration
+        directory = c.save if full else os.path.join(c.save, WEIGHTS_SUBDIR)
+        self.finish()
+        t0 = time.time()
+        result = save_files(directory, p.iteration, files, state, metadata, kind=kind, async_saver=self.async_saver)
+        what = "checkpoint" if full else "weights-only checkpoint"
+        if self.async_saver is None:
+            print_rank0(f"saved {what} at iteration {p.iteration} to {directory} in {result.seconds:.2f} s "
+                        f"({result.bytes_written / 1e6:.1f} MB)", state)
+        else:
+            print_rank0(f"saving {what} at iteration {p.iteration} to {directory} in the background "
+                        f"(training blocked {time.time() - t0:.2f} s)", state)
+
+    def _apply_retention(self, run: Run) -> None:
+        c = run.cfg.checkpoint
+        if not c.keep_last_n_checkpoints or run.state.rank != 0:
+            return
+        protect = {self.loaded_iteration} if self.loaded_dir == c.save else set()
         deleted = apply_retention(c.save, c.keep_last_n_checkpoints, protect)
         if deleted:
             print_rank0(f"deleted checkpoints {deleted} (--keep-last-n-checkpoints {c.keep_last_n_checkpoints})",
                         run.state)
 
+    def finish(self) -> None:
+        """Collective: wait for the background save in flight (if any) to commit, and log it."""
+        if self.async_saver is None or not self.async_saver.pending:
+            return
+        result = self.async_saver.finalize()
+        if result is not None:
+            print_rank0(f"committed checkpoint at iteration {result.iteration} in {result.seconds:.2f} s "
+                        f"({result.bytes_written / 1e6:.1f} MB)", self.state)
 
-def finish_async_save(run: Run) -> None:
-    """Collective: wait for the background save in flight (if any) to commit, and log it."""
-    if run.async_saver is None or not run.async_saver.pending:
-        return
-    result = run.async_saver.finalize()
-    if result is not None:
-        print_rank0(f"committed checkpoint at iteration {result.iteration} in {result.seconds:.2f} s "
-                    f"({result.bytes_written / 1e6:.1f} MB)", run.state)
-
-
-def interval_saves(run: Run, it: int) -> List[str]:
-    """The kinds of checkpoint ('full', 'weights') that the save intervals ask for at iteration `it`."""
-    c = run.cfg.checkpoint
-    if not c.save:
-        return []
-    return [kind for kind, every in (("full", c.save_interval), ("weights", c.save_weights_only_interval))
-            if every and it % every == 0]
-
-
-def maybe_save_checkpoint(run: Run, reason: str) -> None:
-    """Called by the loop after each iteration ('interval') and when it stops ('end')."""
-    c, it = run.cfg.checkpoint, run.progress.iteration
-    if not c.save:
-        return
-    if reason == "end":
-        if run.last_saved_iteration != it:
-            save_checkpoint(run, "full")
-            run.last_saved_iteration = it
-        finish_async_save(run)
-        return
-    for kind in interval_saves(run, it):
-        save_checkpoint(run, kind)
-        if kind == "full":
-            run.last_saved_iteration = it
-
-
-def model_config_from(metadata: dict) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in metadata["config"]["model"].items() if k in known})

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from megatron_lite.checkpoint.formats import FORMAT_NAMES, OWN_FORMAT, detect_format, foreign_problems
 from megatron_lite.checkpoint.io.integrity import (CheckpointIntegrityError, CheckpointMetadataError, VerifiedFile,
                                                 check_files, committed_metadata, keep_verified, read_metadata)
 from megatron_lite.checkpoint.io.layout import (MODEL_FILENAME, RELEASE, TRACKER_FILENAME, Iteration, format_iteration,
@@ -45,6 +46,7 @@ class CheckpointInfo:
     size_bytes: int
     saved_at: Optional[str] = None
     status: str = NOT_CHECKED  # set by choose_checkpoint: INTACT, NOT_CHECKED, or why it is not loaded
+    format: str = OWN_FORMAT   # or one of Megatron-LM's (formats.MEGATRON_FORMATS)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class LoadPlan:
     checkpoints: List[CheckpointInfo] = field(default_factory=list)
     metadata: Optional[dict] = None   # the chosen checkpoint's metadata.json
     verified_files: List[VerifiedFile] = field(default_factory=list)   # this rank's model files, read and kept
+    format: str = OWN_FORMAT
 
 
 def _order_key(iteration: Iteration) -> int:
@@ -99,8 +102,12 @@ def find_checkpoints(load_dir: str) -> List[CheckpointInfo]:
             state = "replaced"
         else:
             state = "committed"
-        kind, size, saved_at = None, None, None
+        kind, size, saved_at, fmt = None, None, None, OWN_FORMAT
         if state == "committed":
+            fmt = detect_format(path)
+        if fmt != OWN_FORMAT:
+            kind = "full"
+        elif state == "committed":
             try:
                 meta = read_metadata(path)
                 kind, saved_at = meta.get("kind"), meta.get("saved_at")
@@ -108,7 +115,7 @@ def find_checkpoints(load_dir: str) -> List[CheckpointInfo]:
             except CheckpointMetadataError:
                 pass
         found.append(CheckpointInfo(name, path, iteration, state, kind,
-                                    _bytes_on_disk(path) if size is None else size, saved_at))
+                                    _bytes_on_disk(path) if size is None else size, saved_at, format=fmt))
     found.sort(key=lambda c: (c.state != "committed", -_order_key(c.iteration)))
     return found
 
@@ -150,7 +157,10 @@ def _own_model_files(meta: dict, state: Optional[ParallelState]) -> Tuple[List[s
 
 
 def _check(info: CheckpointInfo, state: Optional[ParallelState]) -> Tuple[Optional[dict], List[str], list]:
-    """(metadata, problems, this rank's verified model files) of one candidate, every rank checking its share."""
+    """(metadata, problems, this rank's verified model files) of one candidate, every rank checking its share.
+    A checkpoint in one of Megatron-LM's formats has no checksums: only its files' presence is checked."""
+    if info.format != OWN_FORMAT:
+        return None, foreign_problems(info.format, info.path), []
     meta, problems = committed_metadata(info.path)
     kept = []
     if not problems:
@@ -229,7 +239,8 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
                 info.status = "failed its checks: " + "; ".join(problems)
                 plan.rejected.append((info.name, info.status))
                 continue
-        info.status = INTACT
+        info.status = INTACT if info.format == OWN_FORMAT else f"{FORMAT_NAMES[info.format]}: complete (no checksums)"
+        plan.format = info.format
         plan.iteration, plan.iter_dir, plan.kind, plan.metadata = info.iteration, info.path, info.kind, meta
         plan.verified_files = kept
         plan.reason = reason_of[id(info)]

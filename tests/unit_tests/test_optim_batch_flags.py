@@ -95,7 +95,7 @@ def test_rampup_run_consumes_the_schedule_and_resumes_identically(tmp_path):
     assert len(straight.history) == 7
     assert straight.progress.consumed_train_samples == 4 + 4 + 4 + 8 + 8 + 12 + 12
     assert straight.scheduler.num_steps == straight.progress.consumed_train_samples
-    assert first.progress.consumed_train_samples == 20 and second.loaded_iteration == 4
+    assert first.progress.consumed_train_samples == 20 and second.checkpoints.loaded_iteration == 4
     assert _history(first) + _history(second) == _history(straight)
     for name, value in _weights(straight).items():
         assert torch.equal(_weights(second)[name], value), name

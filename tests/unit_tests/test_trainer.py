@@ -12,10 +12,10 @@ def test_trainer_resumes_where_it_stopped(tmp_path):
     straight = Trainer(FLAGS + ["--train-iters", "4"]).train()
     first = Trainer(FLAGS + ["--train-iters", "4", "--save", ck, "--load", ck, "--exit-interval", "2"]).train()
     second = Trainer(FLAGS + ["--train-iters", "4", "--save", ck, "--load", ck]).train(resume_training=True)
-    assert second.loaded_iteration == 2
+    assert second.checkpoints.loaded_iteration == 2
     assert [h["lm loss"] for h in first.history + second.history] == [h["lm loss"] for h in straight.history]
     fresh = Trainer(FLAGS + ["--train-iters", "4", "--save", ck, "--load", ck]).train(resume_training=False)
-    assert fresh.loaded_iteration is None and len(fresh.history) == 4
+    assert fresh.checkpoints.loaded_iteration is None and len(fresh.history) == 4
 
 
 class CountingMark:

@@ -1,10 +1,18 @@
-"""Convert checkpoints: Hugging Face <-> megatron_lite, and megatron_lite to another TP/PP layout.
+"""Convert checkpoints: Hugging Face <-> megatron_lite <-> Megatron-LM (torch, torch_dist), at any TP/PP.
 
     python tools/checkpoint/convert.py --loader hf --saver megatron_lite --load-dir HF_DIR --save-dir OUT \\
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 [--params-dtype bf16]
     python tools/checkpoint/convert.py --loader megatron_lite --saver hf --load-dir OUT --save-dir HF_OUT
     python tools/checkpoint/convert.py --loader megatron_lite --saver megatron_lite --load-dir OUT \\
         --save-dir OUT_TP1 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
+    python tools/checkpoint/convert.py --loader megatron --saver megatron_lite --load-dir MEGATRON_SAVE_DIR \
+        --save-dir OUT [--target-tensor-parallel-size 2]
+    python tools/checkpoint/convert.py --loader megatron_lite --saver megatron --saver-ckpt-format torch_dist \
+        --load-dir OUT --save-dir MEGATRON_OUT
+
+`--loader megatron` reads Megatron-LM's legacy `torch` or Megatron-Core's `torch_dist` checkpoints
+(the format is detected); `--saver megatron` writes either, weights only, with the args Megatron-LM's
+load code checks (load it there with --finetune, or --no-load-optim --no-load-rng).
 
 Hugging Face -> megatron_lite writes a weights-only checkpoint `OUT/release` (load it with
 `--finetune --load OUT` or `--pretrained-checkpoint OUT`) and copies the Hugging Face directory
@@ -39,17 +47,23 @@ from typing import Callable, Iterator, Optional, Tuple  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_lite.arguments import pad_vocab_size  # noqa: E402
-from megatron_lite.checkpoint.manager import FORMAT_VERSION  # noqa: E402
+from megatron_lite.checkpoint.manager import shard_contents  # noqa: E402
 from megatron_lite.checkpoint.hf import (UnsupportedModelError, architecture_for, architecture_of,  # noqa: E402
                                          megatron_to_hf, plan_hf_to_megatron)
 from megatron_lite.checkpoint.hf.io import (CONFIG_FILE, GENERATION_CONFIG_FILE, HFCheckpointReader,  # noqa: E402
                                             SafetensorsShardWriter, copy_files, parse_size, read_json,
                                             tokenizer_files, write_json)
 from megatron_lite.checkpoint.io.integrity import CheckpointMetadataError, read_metadata, verify_checkpoint  # noqa: E402
-from megatron_lite.checkpoint.io.layout import METADATA_FILENAME, RELEASE, model_shard_path  # noqa: E402
+from megatron_lite.checkpoint.io.layout import MODEL_FILENAME, METADATA_FILENAME, RELEASE, model_shard_path  # noqa: E402
 from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint  # noqa: E402
+from megatron_lite.checkpoint.formats import (MEGATRON_FORMATS, OWN_FORMAT, SourceCheckpoint,  # noqa: E402
+                                              describe_contents, detect_format, format_module)
+from megatron_lite.checkpoint.formats import megatron_legacy, torch_dist  # noqa: E402
+from megatron_lite.checkpoint.formats.megatron_args import megatron_args_from_config  # noqa: E402
+from megatron_lite.checkpoint.io.layout import TRACKER_FILENAME  # noqa: E402
 from megatron_lite.checkpoint.reshard.sharding import (build_tensor_index, merge_to_global, open_piece_reader,  # noqa: E402
-                                               rank_tensors, reshard_rank_tensors)
+                                                       rank_params, rank_tensors, reshard_rank_tensors,
+                                                       skeleton_state)
 from megatron_lite.checkpoint.io.storage import (CommitSpec, _parallel_layout, commit, prepare_tmp_dir,  # noqa: E402
                                               write_files)
 from megatron_lite.config import ModelConfig, RunConfig  # noqa: E402
@@ -63,8 +77,13 @@ RankTensors = Callable[[int, int], Iterator[Tuple[str, torch.Tensor]]]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--loader", required=True, choices=["hf", "megatron_lite"], help="format of --load-dir")
-    p.add_argument("--saver", required=True, choices=["hf", "megatron_lite"], help="format to write")
+    p.add_argument("--loader", required=True, choices=["hf", "megatron_lite", "megatron"],
+                   help="format of --load-dir (megatron: Megatron-LM's torch or torch_dist, detected)")
+    p.add_argument("--saver", required=True, choices=["hf", "megatron_lite", "megatron"],
+                   help="format to write (megatron: Megatron-LM's, in --saver-ckpt-format)")
+    p.add_argument("--saver-ckpt-format", choices=list(MEGATRON_FORMATS), default="torch",
+                   help="megatron saver: legacy torch (mp_rank_* files, Megatron-LM's converter's format) or "
+                        "torch_dist (Megatron-Core's, any TP/PP on load)")
     p.add_argument("--load-dir", required=True, help="Hugging Face model directory or megatron_lite save directory")
     p.add_argument("--save-dir", required=True, help="output directory; must not exist yet (or be empty)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=None,
@@ -146,8 +165,7 @@ def write_megatron(staging: str, iteration, run_cfg: RunConfig, index: dict, dty
             for key, tensor in tensors_of(tp_rank, pp_rank):
                 model[key] = tensor.to(dtype)
                 progress.add(_nbytes(model[key]))
-            shard = {"format_version": FORMAT_VERSION, "iteration": 0 if iteration == RELEASE else iteration,
-                     "mode": MODE, "model": model}
+            shard = shard_contents(0 if iteration == RELEASE else iteration, MODE, model)
             entries.update(write_files(spec.tmp_dir, {model_shard_path(tp_rank, pp_rank): shard},
                                        rank=pp_rank * tp + tp_rank))
     commit(spec, [entries])
@@ -190,7 +208,130 @@ def _set_true_vocab(cfg: ModelConfig, true_vocab_size: Optional[int], rows: int)
     cfg.vocab_size = true_vocab_size
 
 
-# --------------------------------------------------------------------------- the three directions
+# --------------------------------------------------------------------------- Megatron-LM side
+
+def find_megatron_lm(load_dir: str, ckpt_step: Optional[int]) -> SourceCheckpoint:
+    """The reader of the Megatron-LM checkpoint to convert (torch or torch_dist, detected); --load-dir
+    may name the save directory or one iteration directory in it."""
+    iter_dir = load_dir
+    if detect_format(load_dir) == OWN_FORMAT:
+        found = megatron_legacy.find_iteration(load_dir, ckpt_step)
+        if found is None:
+            raise CheckpointLoadError(f"--load-dir {load_dir} holds no checkpoint (it holds "
+                                      f"{describe_contents(load_dir)})")
+        iter_dir = found[1]
+    fmt = detect_format(iter_dir)
+    if fmt == OWN_FORMAT:
+        raise CheckpointLoadError(f"{iter_dir} is not a Megatron-LM checkpoint (torch or torch_dist); it holds "
+                                  f"{describe_contents(iter_dir)} (a megatron_lite checkpoint converts with "
+                                  f"--loader megatron_lite)")
+    return format_module(fmt).open_checkpoint(iter_dir)
+
+
+def megatron_lm_config(source: SourceCheckpoint) -> RunConfig:
+    """The run config that a Megatron-LM checkpoint's args describe; a vocabulary size the args do
+    not record is taken as the padded one (--true-vocab-size gives the real one)."""
+    run_cfg = RunConfig.from_dict(source.metadata["config"])
+    m = run_cfg.model
+    if m.vocab_size is None:
+        m.vocab_size = m.padded_vocab_size
+    return run_cfg
+
+
+def write_megatron_lm(staging: str, iteration, run_cfg: RunConfig, fmt: str, tensors_of: RankTensors,
+                      dtype: torch.dtype) -> str:
+    """A weights-only Megatron-LM checkpoint `staging/<iteration dir>` in `fmt`, one rank at a time
+    (torch), or as whole tensors in one DCP save (torch_dist, which any TP/PP reads: `run_cfg`'s
+    layout is TP1 x PP1 then)."""
+    tp, pp = run_cfg.parallel.tensor_model_parallel_size, run_cfg.parallel.pipeline_model_parallel_size
+    it = 0 if iteration == RELEASE else iteration
+    progress = Progress(f"writing Megatron-LM {fmt}", _index_bytes(build_tensor_index(run_cfg.model, tp, pp, dtype),
+                                                                    dtype))
+    if fmt == "torch_dist":
+        model = OrderedDict()
+        for key, tensor in tensors_of(0, 0):
+            model[key] = tensor.to(dtype)
+            progress.add(_nbytes(model[key]))
+        torch_dist.write_weights(staging, it, run_cfg, model)
+        with open(os.path.join(staging, TRACKER_FILENAME)) as f:
+            assert f.read().strip() == str(it)
+        return progress.summary()
+    iter_dir = os.path.join(staging, megatron_legacy.iteration_dir_name(it))
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            model = OrderedDict()
+            for key, tensor in tensors_of(tp_rank, pp_rank):
+                model[key] = tensor.to(dtype)
+                progress.add(_nbytes(model[key]))
+            model.update(megatron_legacy.extra_state_keys(model))
+            args = megatron_args_from_config(run_cfg, skeleton_state(tp, pp, tp_rank, pp_rank))
+            args.iteration = it
+            rank_dir = os.path.join(iter_dir, megatron_legacy.shard_dir_name(tp_rank, pp_rank, pp))
+            os.makedirs(rank_dir)
+            torch.save({"args": args, "checkpoint_version": megatron_legacy.CHECKPOINT_VERSION, "iteration": it,
+                        "model": model}, os.path.join(rank_dir, MODEL_FILENAME))
+    with open(os.path.join(staging, TRACKER_FILENAME), "w") as f:
+        f.write(str(it))
+    return progress.summary()
+
+
+def _target_layout(args, source_layout: dict) -> Tuple[int, int]:
+    if args.saver == "hf":
+        return 1, 1
+    if args.saver == "megatron" and args.saver_ckpt_format == "torch_dist":
+        if args.target_tensor_parallel_size or args.target_pipeline_parallel_size:
+            raise ValueError("--target-tensor/pipeline-parallel-size: a torch_dist checkpoint holds whole tensors "
+                             "and loads at any TP/PP; drop the flags")
+        return 1, 1
+    return (args.target_tensor_parallel_size or source_layout["tp"],
+            args.target_pipeline_parallel_size or source_layout["pp"])
+
+
+def _config_dtype(run_cfg: RunConfig) -> torch.dtype:
+    o = run_cfg.optimizer
+    return torch.bfloat16 if o.bf16 else torch.float16 if o.fp16 else torch.float32
+
+
+def from_megatron_lm(args, staging: str, save_dir: str) -> str:
+    """Megatron-LM (torch or torch_dist) -> megatron_lite, hf or Megatron-LM, at any TP/PP."""
+    source = find_megatron_lm(args.load_dir, args.ckpt_step)
+    run_cfg = megatron_lm_config(source)
+    cfg = run_cfg.model
+    _set_true_vocab(cfg, args.true_vocab_size, cfg.padded_vocab_size)
+    if args.make_vocab_size_divisible_by:
+        cfg.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by
+    saved_layout = dict(source.metadata["parallel"])
+    tp, pp = _target_layout(args, saved_layout)
+    dtype = DTYPES[args.params_dtype] if args.params_dtype else _config_dtype(run_cfg)
+    _set_layout(run_cfg, tp, pp, dtype)
+
+    def tensors_of(t: int, p: int):
+        return iter(source.model_state(cfg, tp, pp, t, p).items())
+
+    origin = {"format": source.format, "directory": os.path.abspath(source.iter_dir), "parallel": saved_layout}
+    if args.saver == "megatron_lite":
+        return write_megatron(staging, source.iteration, run_cfg, build_tensor_index(cfg, tp, pp, dtype), dtype,
+                              tensors_of, {"converted_from": origin})
+    if args.saver == "megatron":
+        return write_megatron_lm(staging, source.iteration, run_cfg, args.saver_ckpt_format, tensors_of, dtype)
+    return write_hf(args, staging, run_cfg, dtype, tensors_of(0, 0))
+
+
+def megatron_lite_to_megatron_lm(args, staging: str, save_dir: str) -> str:
+    root, iter_dir, meta = find_megatron(args.load_dir, args.ckpt_step)
+    run_cfg = RunConfig.from_dict(meta["config"])
+    cfg, index = run_cfg.model, meta["tensors"]
+    _set_true_vocab(cfg, args.true_vocab_size, index["embedding.word_embeddings.weight"]["shape"][0])
+    tp, pp = _target_layout(args, meta["parallel"])
+    dtype = DTYPES[args.params_dtype] if args.params_dtype else getattr(
+        torch, index["embedding.word_embeddings.weight"]["dtype"])
+    _set_layout(run_cfg, tp, pp, dtype)
+    read_piece = open_piece_reader(iter_dir)
+    return write_megatron_lm(staging, meta["iteration"], run_cfg, args.saver_ckpt_format,
+                             lambda t, p: reshard_rank_tensors(index, read_piece, cfg, tp, pp, t, p), dtype)
+
+
+# --------------------------------------------------------------------------- the directions
 
 def hf_to_megatron(args, staging: str, save_dir: str) -> str:
     reader = HFCheckpointReader(args.load_dir)
@@ -251,31 +392,39 @@ def megatron_to_megatron(args, staging: str, save_dir: str) -> str:
 def megatron_to_hf_dir(args, staging: str, save_dir: str) -> str:
     root, iter_dir, meta = find_megatron(args.load_dir, args.ckpt_step)
     run_cfg = RunConfig.from_dict(meta["config"])
-    cfg = run_cfg.model
     index = meta["tensors"]
-    _set_true_vocab(cfg, args.true_vocab_size, index["embedding.word_embeddings.weight"]["shape"][0])
-    source_hf = os.path.join(root, HF_SUBDIR)
-    base = read_json(os.path.join(source_hf, CONFIG_FILE)) if os.path.isfile(
-        os.path.join(source_hf, CONFIG_FILE)) else {}
-    arch = architecture_of(base) if base else architecture_for(cfg)
+    _set_true_vocab(run_cfg.model, args.true_vocab_size, index["embedding.word_embeddings.weight"]["shape"][0])
     dtype = DTYPES[args.params_dtype] if args.params_dtype else getattr(
         torch, index["embedding.word_embeddings.weight"]["dtype"])
+    return write_hf(args, staging, run_cfg, dtype, merge_to_global(index, open_piece_reader(iter_dir)),
+                    os.path.join(root, HF_SUBDIR), list(index))
+
+
+def write_hf(args, staging: str, run_cfg: RunConfig, dtype: torch.dtype, global_items, source_hf: str = "",
+             names=()) -> str:
+    """A Hugging Face directory from a stream of (global name, tensor): safetensors shards, config.json
+    (over the source's own HF config when `source_hf` holds one), tokenizer and generation config."""
+    cfg = run_cfg.model
+    base = read_json(os.path.join(source_hf, CONFIG_FILE)) if source_hf and os.path.isfile(
+        os.path.join(source_hf, CONFIG_FILE)) else {}
+    arch = architecture_of(base) if base else architecture_for(cfg)
     dtype_name = str(dtype).replace("torch.", "")
     hf_config = {**base, **arch.hf_config(cfg), "dtype": dtype_name, "torch_dtype": dtype_name}
-    unknown = [n for n in index if n not in arch.rules(cfg)]
+    unknown = [n for n in names if n not in arch.rules(cfg)]
     if unknown:
         raise UnsupportedModelError(f"{unknown[:5]} have no {arch.hf_class} counterpart")
 
     writer = SafetensorsShardWriter(staging, parse_size(args.max_shard_size))
-    progress = Progress("writing safetensors", sum(
-        torch.Size(e["shape"]).numel() for e in index.values()) * torch.empty((), dtype=dtype).element_size())
-    for name, tensor in megatron_to_hf(arch, cfg, merge_to_global(index, open_piece_reader(iter_dir))):
+    total = sum(torch.Size(p.global_shape).numel() for p in rank_params(cfg, 1, 1, 0, 0)) * torch.empty(
+        (), dtype=dtype).element_size()
+    progress = Progress("writing safetensors", total)
+    for name, tensor in megatron_to_hf(arch, cfg, global_items):
         tensor = tensor.to(dtype)
         writer.add(name, tensor)
         progress.add(_nbytes(tensor))
     writer.close()
     write_json(os.path.join(staging, CONFIG_FILE), hf_config)
-    if os.path.isdir(source_hf):
+    if source_hf and os.path.isdir(source_hf):
         copy_files(source_hf, staging, weights=False, skip=(CONFIG_FILE,))
     elif tokenizer_files(run_cfg.data.tokenizer_model):
         for name in tokenizer_files(run_cfg.data.tokenizer_model):
@@ -288,15 +437,17 @@ def megatron_to_hf_dir(args, staging: str, save_dir: str) -> str:
 
 
 DIRECTIONS = {("hf", "megatron_lite"): hf_to_megatron, ("megatron_lite", "megatron_lite"): megatron_to_megatron,
-              ("megatron_lite", "hf"): megatron_to_hf_dir}
+              ("megatron_lite", "hf"): megatron_to_hf_dir, ("megatron_lite", "megatron"): megatron_lite_to_megatron_lm,
+              ("megatron", "megatron_lite"): from_megatron_lm, ("megatron", "megatron"): from_megatron_lm,
+              ("megatron", "hf"): from_megatron_lm}
 
 
 def convert(args: argparse.Namespace) -> str:
     """Run one conversion into a temporary directory and rename it to --save-dir; the summary line."""
     direction = DIRECTIONS.get((args.loader, args.saver))
     if direction is None:
-        raise ValueError(f"--loader {args.loader} --saver {args.saver} is not a conversion; use "
-                         f"hf -> megatron_lite, megatron_lite -> hf, or megatron_lite -> megatron_lite")
+        raise ValueError(f"--loader {args.loader} --saver {args.saver} is not a conversion; use one of "
+                         + ", ".join(f"{a} -> {b}" for a, b in DIRECTIONS))
     save_dir = os.path.abspath(args.save_dir)
     if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
         raise ValueError(f"--save-dir {save_dir} already exists and is not empty; pick a new directory")

@@ -25,6 +25,8 @@ from typing import List, Optional  # noqa: E402
 
 import torch  # noqa: E402
 
+from megatron_lite.checkpoint.formats import (FORMAT_NAMES, OWN_FORMAT, detect_format, foreign_problems,  # noqa: E402
+                                              format_module)
 from megatron_lite.checkpoint.io.integrity import committed_metadata, verify_checkpoint  # noqa: E402
 from megatron_lite.checkpoint.io.layout import (DISTRIB_OPTIM_FILENAME, METADATA_FILENAME, MODEL_FILENAME,  # noqa: E402
                                              format_iteration, parse_dir_name)
@@ -75,8 +77,36 @@ def _shard_contents(iter_dir: str, relpaths: List[str]) -> dict:
             "errors": errors}
 
 
+def describe_megatron(iter_dir: str, fmt: str) -> dict:
+    """The report of a checkpoint in one of Megatron-LM's formats: read from its args (these
+    formats carry no checksums, so "intact" means every file is there and readable)."""
+    problems = foreign_problems(fmt, iter_dir)
+    info = {"path": iter_dir, "name": os.path.basename(os.path.normpath(iter_dir)), "format": FORMAT_NAMES[fmt],
+            "intact": not problems, "problems": problems}
+    if problems:
+        return info
+    try:
+        meta = format_module(fmt).open_checkpoint(iter_dir).metadata
+    except Exception as e:   # unreadable args: reported as the problem
+        info.update(intact=False, problems=[f"cannot be read: {e}"])
+        return info
+    par = meta.get("parallel", {})
+    names = [os.path.join(root, n) for root, _, files in os.walk(iter_dir) for n in files]
+    holds = ["weights"] + [what for what, key in (("optimizer", "has_optimizer"), ("RNG", "has_rng")) if meta.get(key)]
+    info.update({
+        "iteration": meta.get("iteration"), "kind": "full", "saved_at": None,
+        "layout": {"tensor_model_parallel_size": par.get("tp"), "pipeline_model_parallel_size": par.get("pp"),
+                   "data_parallel_size": par.get("dp")},
+        "model_config": meta.get("config", {}).get("model"), "other_metadata": [], "holds": holds, "other_keys": [],
+        "progress": meta.get("progress"), "files": len(names), "total_bytes": sum(os.path.getsize(n) for n in names)})
+    return info
+
+
 def describe(iter_dir: str) -> dict:
     """Everything the tool reports about one iteration directory, checksums included."""
+    fmt = detect_format(iter_dir)
+    if fmt != OWN_FORMAT:
+        return describe_megatron(iter_dir, fmt)
     problems = verify_checkpoint(iter_dir, deep=True)
     meta, _ = committed_metadata(iter_dir)
     info = {"path": iter_dir, "name": os.path.basename(os.path.normpath(iter_dir)), "intact": not problems,
@@ -108,24 +138,29 @@ def describe(iter_dir: str) -> dict:
 
 def _print_checkpoint(info: dict) -> None:
     print(f"{info['name']}  ({info['path']})")
+    if "format" in info:
+        print(f"  format         {info['format']}")
     if "iteration" in info:
         par = info["layout"] or {}
         print(f"  iteration      {info['iteration']}")
-        print(f"  kind           {info['kind']}, saved {info['saved_at']}")
+        print(f"  kind           {info['kind']}" + (f", saved {info['saved_at']}" if info["saved_at"] else ""))
         print(f"  parallel       TP {par.get('tensor_model_parallel_size')} x PP "
               f"{par.get('pipeline_model_parallel_size')} x DP {par.get('data_parallel_size')}")
         if info["model_config"]:
             print("  model config   " + " ".join(f"{k}={v}" for k, v in info["model_config"].items()))
-        print(f"  holds          {', '.join(info['holds']) or 'nothing recognised'}"
-              f" ({info['model_tensors']} weight tensors, {info['model_elements']:,} elements"
-              + (f"; {info['distributed_optimizer_shards']} distributed-optimizer shards" if
-                 info["distributed_optimizer_shards"] else "") + ")")
+        counts = (f" ({info['model_tensors']} weight tensors, {info['model_elements']:,} elements"
+                  + (f"; {info['distributed_optimizer_shards']} distributed-optimizer shards" if
+                     info["distributed_optimizer_shards"] else "") + ")") if "model_tensors" in info else ""
+        print(f"  holds          {', '.join(info['holds']) or 'nothing recognised'}{counts}")
+        if info.get("progress"):
+            print("  progress       " + " ".join(f"{k}={v}" for k, v in info["progress"].items()))
         if info["other_keys"]:
             print(f"  other keys     {', '.join(info['other_keys'])}")
         if info["other_metadata"]:
             print(f"  metadata       {', '.join(info['other_metadata'])}")
         print(f"  files          {info['files']}, {human_bytes(info['total_bytes'])}")
-    print("  integrity      " + ("intact, every checksum verified" if info["intact"] else "FAILED"))
+    intact = "complete (this format has no checksums)" if "format" in info else "intact, every checksum verified"
+    print("  integrity      " + (intact if info["intact"] else "FAILED"))
     for p in info["problems"]:
         print(f"    {p}")
 

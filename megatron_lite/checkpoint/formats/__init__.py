@@ -14,7 +14,10 @@ format, so the load modes, the recovery report and the resharding are the same f
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import json
+import os
+import zipfile
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -59,3 +62,79 @@ class SourceCheckpoint:
     def rng_state(self, state: ParallelState) -> Tuple[Optional[dict], str]:
         """This rank's generators in `parallel.random.set_rng_state`'s format, or None and why not."""
         raise NotImplementedError
+
+
+FORMAT_NAMES = {OWN_FORMAT: "megatron_lite", "torch": "Megatron-LM legacy (torch)",
+                "torch_dist": "Megatron-Core distributed (torch_dist)"}
+
+
+def format_module(name: str):
+    """The reader/writer module of a Megatron-LM format."""
+    if name == "torch":
+        from megatron_lite.checkpoint.formats import megatron_legacy as module
+    elif name == "torch_dist":
+        from megatron_lite.checkpoint.formats import torch_dist as module
+    else:
+        raise ValueError(f"{name} is not a Megatron-LM checkpoint format (one of {', '.join(MEGATRON_FORMATS)})")
+    return module
+
+
+def _legacy_shards(iter_dir: str) -> List[str]:
+    return sorted(os.path.join(iter_dir, d, "model_optim_rng.pt") for d in os.listdir(iter_dir)
+                  if d.startswith("mp_rank_") and os.path.isfile(os.path.join(iter_dir, d, "model_optim_rng.pt")))
+
+
+def _pickle_names(path: str) -> bytes:
+    """The pickle stream of a torch zip file (key names and class names, no tensor data), unpickled by nobody."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            return z.read(name) if name else b""
+    except (OSError, zipfile.BadZipFile):
+        return b""
+
+
+def detect_format(iter_dir: str) -> str:
+    """The format of one iteration directory. A directory in none of Megatron-LM's formats counts as
+    megatron_lite's, so that its own checks say what is wrong with it. Megatron-LM's legacy files are
+    told from megatron_lite's (same names) by the keys in their pickle: `checkpoint_version`, and no
+    `format_version`; Megatron-Core's metadata.json by its `sharded_backend`."""
+    if not os.path.isdir(iter_dir):
+        return OWN_FORMAT
+    if os.path.isfile(os.path.join(iter_dir, "metadata.json")):
+        try:
+            with open(os.path.join(iter_dir, "metadata.json"), encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError):
+            return OWN_FORMAT   # damaged: megatron_lite's own checks say how
+        return "torch_dist" if isinstance(meta, dict) and "sharded_backend" in meta else OWN_FORMAT
+    shards = _legacy_shards(iter_dir)
+    if shards:
+        names = _pickle_names(shards[0])
+        if b"checkpoint_version" in names and b"format_version" not in names:
+            return "torch"
+    return OWN_FORMAT
+
+
+def foreign_problems(name: str, iter_dir: str) -> List[str]:
+    """What is missing from a Megatron-LM checkpoint (these formats carry no checksums to verify)."""
+    if name == "torch":
+        shards = _legacy_shards(iter_dir)
+        if not shards:
+            return ["no mp_rank_*/model_optim_rng.pt"]
+        return [f"{os.path.relpath(p, iter_dir)} is not a readable torch file" for p in shards if not _pickle_names(p)]
+    if not os.path.isfile(os.path.join(iter_dir, ".metadata")):   # the common state may be inside or in common.pt
+        return ["no .metadata (torch.distributed.checkpoint's index of the *.distcp files)"]
+    return [] if any(n.endswith(".distcp") for n in os.listdir(iter_dir)) else ["no *.distcp files"]
+
+
+def describe_contents(iter_dir: str, limit: int = 8) -> str:
+    """`a, b, c and 4 more` of a directory, for messages about what was found instead of a checkpoint."""
+    try:
+        names = sorted(os.listdir(iter_dir))
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if not names:
+        return "nothing (empty)"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

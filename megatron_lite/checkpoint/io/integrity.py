@@ -154,8 +154,11 @@ def read_metadata(iter_dir: str) -> dict:
     """The parsed metadata.json of a checkpoint directory; CheckpointMetadataError says what is wrong."""
     path = os.path.join(iter_dir, METADATA_FILENAME)
     if not os.path.isfile(path):
-        raise CheckpointMetadataError(f"{iter_dir} has no {METADATA_FILENAME}: it was never committed "
-                                      f"(the save did not finish) or the file was deleted")
+        names = sorted(os.listdir(iter_dir)) if os.path.isdir(iter_dir) else []
+        found = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") or "nothing"
+        raise CheckpointMetadataError(f"{iter_dir} has no {METADATA_FILENAME} and is in none of Megatron-LM's formats "
+                                      f"either (it holds {found}): it was never committed (the save did not "
+                                      f"finish) or the file was deleted")
     try:
         with open(path, "r", encoding="utf-8") as f:
             meta = json.load(f)

@@ -120,8 +120,9 @@ def test_a_missing_shard_is_found(ckpt):
 def test_a_directory_without_metadata_json_is_not_committed(ckpt):
     os.remove(ckpt / "metadata.json")
     [problem] = verify_checkpoint(str(ckpt))
-    assert problem == (f"{ckpt} has no metadata.json: it was never committed (the save did not finish) "
-                       f"or the file was deleted")
+    held = ", ".join(sorted(os.listdir(ckpt)))
+    assert problem == (f"{ckpt} has no metadata.json and is in none of Megatron-LM's formats either (it holds "
+                       f"{held}): it was never committed (the save did not finish) or the file was deleted")
 
 
 def test_a_directory_with_its_temporary_name_is_incomplete(ckpt):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_lite.arguments import ConfigError, parse_args
-from megatron_lite.checkpoint.manager import check_model_config, decide_load, requested_mode, restore
+from megatron_lite.checkpoint.manager import CheckpointManager, check_model_config, decide_load
 from megatron_lite.checkpoint.recovery import CheckpointLoadError
 from megatron_lite.checkpoint.io.storage import load_file
 from megatron_lite.initialize import build_run, setup_parallel
@@ -37,11 +37,11 @@ def _restored(*flags, iters=6):
     """A run restored from its checkpoint flags, stopped before its first iteration."""
     cfg = parse_args(_flags(*flags, iters=iters))
     state = setup_parallel(cfg)
-    decision = decide_load(cfg, state)
-    check_model_config(cfg, decision)
+    checkpoints = CheckpointManager(cfg, state)
+    checkpoints.decide()
     run = build_run(cfg, state)
-    run.mode = requested_mode(cfg)
-    restore(run, decision)
+    run.checkpoints, run.mode = checkpoints, checkpoints.mode
+    checkpoints.restore(run)
     return run
 
 
@@ -56,7 +56,7 @@ def test_finetune_loads_weights_and_starts_fresh(pretrained, tmp_path):
     assert run.progress.iteration == 0 and run.progress.consumed_train_samples == 0
     assert all(m is None or torch.count_nonzero(m) == 0 for m in _moments(run.optimizer.state_dict()).values())
     assert run.scheduler.num_steps == 0 and run.scheduler.get_lr() == 0.0   # a fresh warmup from lr 0
-    assert "reset to 0 (finetune mode)" in run.load_report
+    assert "reset to 0 (finetune mode)" in run.checkpoints.load_report
 
 
 def test_further_train_keeps_optimizer_and_schedule_resets_samples(pretrained, tmp_path):
@@ -74,7 +74,7 @@ def test_further_train_with_new_schedule(pretrained, tmp_path):
     _assert_bitwise(run.optimizer.state_dict()["params"], trained["optimizer"]["params"], "optimizer")
     assert run.scheduler.num_steps == 0 and run.scheduler.get_lr() == 0.0
     assert [g["lr"] for g in run.optimizer.param_groups] == [0.0, 0.0]   # what the first step will use
-    assert "fresh (--no-load-lr-scheduler)" in run.load_report
+    assert "fresh (--no-load-lr-scheduler)" in run.checkpoints.load_report
 
 
 def test_pretrained_checkpoint_loads_weights_only(pretrained, tmp_path):
@@ -106,8 +106,8 @@ def test_interrupted_mode_run_restarts_bitwise(mode, pretrained, tmp_path):
     own = str(tmp_path / "own")
     first = pretrain(parse_args(command(own) + ["--exit-interval", "3"]))
     second = pretrain(parse_args(command(own)))
-    assert second.loaded_dir == own and second.loaded_iteration == 3   # saved on exit, resumed plainly
-    assert "mode                            resume" in second.load_report
+    assert second.checkpoints.loaded_dir == own and second.checkpoints.loaded_iteration == 3   # saved on exit, resumed plainly
+    assert "mode                            resume" in second.checkpoints.load_report
     resumed = _state(second)
     assert _state(first)["history"] + resumed["history"] == straight["history"]
     _assert_bitwise(resumed["model"], straight["model"], "model")
@@ -162,7 +162,7 @@ def test_use_checkpoint_args_fills_only_the_fields_the_flags_leave_unset(pretrai
     assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups) == (4, 32, 64, 2)
     assert (m.normalization, m.swiglu, m.position_embedding_type) == ("RMSNorm", True, "rope")
     assert m.untie_embeddings_and_output_weights and m.seq_length == 8
-    assert run.progress.iteration == 7 and "mode                            resume" in run.load_report
+    assert run.progress.iteration == 7 and "mode                            resume" in run.checkpoints.load_report
     assert shapes == [(2, 8)] * 8   # 2 iterations of 4 microbatches at the explicit 8, not the saved 16
 
 
@@ -219,8 +219,8 @@ def test_damaged_newest_checkpoint_falls_back_and_deletes_nothing(how, why, pret
     _damage(ckpt, how)
     after_damage = sorted(os.listdir(ckpt))
     run = _restored("--load", ckpt, iters=5)
-    assert run.loaded_iteration == 3
-    report = run.load_report
+    assert run.checkpoints.loaded_iteration == 3
+    report = run.checkpoints.load_report
     assert "iter_0000003" in report.split("loading:")[1]
     assert why in report.lower(), report
     assert sorted(os.listdir(ckpt)) == after_damage and len(after_damage) == len(before)
@@ -232,7 +232,7 @@ def test_ckpt_step_on_a_damaged_checkpoint_is_an_error(pretrained, tmp_path):
     _damage(ckpt, "flip-byte")
     with pytest.raises(CheckpointLoadError, match="iter_0000005.*failed its checks"):
         _restored("--load", ckpt, "--ckpt-step", "5", iters=5)
-    assert _restored("--load", ckpt, "--ckpt-step", "3", iters=5).loaded_iteration == 3
+    assert _restored("--load", ckpt, "--ckpt-step", "3", iters=5).checkpoints.loaded_iteration == 3
 
 
 def test_plain_resume_from_weights_only_checkpoint_is_an_error(tmp_path):
@@ -243,7 +243,7 @@ def test_plain_resume_from_weights_only_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="no optimizer state"):
         _restored("--load", weights)
     run = _restored("--pretrained-checkpoint", weights, "--save", str(tmp_path / "new"))
-    assert run.loaded_iteration == 4
+    assert run.checkpoints.loaded_iteration == 4
     assert torch.equal(load_file(weights, 4, "mp_rank_00_000/model_optim_rng.pt")["model"]["embedding.word_embeddings.weight"],
                        run.module.state_dict()["embedding.word_embeddings.weight"])
 
@@ -252,7 +252,7 @@ def test_plain_resume_from_weights_only_checkpoint_is_an_error(tmp_path):
 
 def _layout_run(rank, world_size, flags):
     run = pretrain(parse_args(flags))
-    return {"losses": [h["lm loss"] for h in run.history], "report": run.load_report}
+    return {"losses": [h["lm loss"] for h in run.history], "report": run.checkpoints.load_report}
 
 
 def test_checkpoint_loads_resharded_at_another_layout(pretrained, tmp_path):
@@ -272,7 +272,7 @@ def test_checkpoint_loads_resharded_at_another_layout(pretrained, tmp_path):
 
 def _resume_elsewhere(rank, world_size, flags, ck):
     run = pretrain(parse_args(flags + ["--save", ck + f"-{world_size}", "--load", ck]))
-    return {"losses": [h["lm loss"] for h in run.history], "report": run.load_report,
+    return {"losses": [h["lm loss"] for h in run.history], "report": run.checkpoints.load_report,
             "first": run.progress.iteration}
 
 

@@ -28,7 +28,7 @@ DAMAGE = {
     "flipped-byte": (lambda d: flip_byte(d / "iter_0000003" / MODEL), "iter_0000003",
                      f"{MODEL} failed its crc32 checksum"),
     "deleted-metadata": (lambda d: os.remove(d / "iter_0000003" / "metadata.json"), "iter_0000003",
-                         "has no metadata.json: it was never committed"),
+                         "has no metadata.json and is in none of Megatron-LM's formats"),
     "not-renamed": (_unrename, "iter_0000003.tmp", "incomplete: still has its temporary name"),
 }
 

@@ -59,7 +59,7 @@ def _straight_vs_resumed(rank, world_size, layout_flags, variants, root):
                                              "--exit-interval", "6"]))
         second = pretrain(parse_args(flags + ["--save", ck, "--load", ck, "--save-interval", "100"]))
         out[variant] = {"straight": straight, "first": _state(first), "second": _state(second),
-                        "resumed_at": second.loaded_iteration}
+                        "resumed_at": second.checkpoints.loaded_iteration}
     return out
 
 
