@@ -117,9 +117,9 @@ SCRIPTS = {
                                     "--fp8-amax-compute-algo --fp8-param-gather (FP8 training)"),
     "train_mixtral_8x7b_distributed.sh": (None, "(mixture-of-experts layers)"),
 }
-# config -> the line it stops with once its torch_dist checkpoint flags are dropped (None: it trains);
-# with them it stops at the line that names the torch_dist options (parsing refuses every
-# unsupported flag of a line at once), or without such options at its own feature's line
+# config -> the line it stops with (None: it trains, saving in its --ckpt-format torch_dist); with
+# Megatron-Core's torch_dist tuning options it stops at the line that names them (parsing refuses
+# every unsupported flag of a line at once), and trains or stops as above once they are dropped
 TORCH_DIST_LINE = "(distributed checkpointing (torch_dist) options)"
 CONFIGS = {
     "gpt3_mcore_te_tp2_pp2": None,
@@ -165,8 +165,7 @@ def outcomes(tmp_path_factory):
         argv = shrink(config_argv(name), tmp)
         with_torch_dist = any(f in argv for f in TORCH_DIST if f != "--ckpt-format")
         lines[name] = argv
-        expected[name] = (TORCH_DIST_LINE if with_torch_dist else
-                          refusal or "--ckpt-format torch_dist: writing Megatron-LM's checkpoint formats")
+        expected[name] = TORCH_DIST_LINE if with_torch_dist else refusal
         lines[name + " (megatron_lite checkpoints)"] = without(argv, TORCH_DIST)
         expected[name + " (megatron_lite checkpoints)"] = refusal
     return run_distributed(_run_all, WORLD, lines)[0], expected, lines

@@ -145,7 +145,8 @@ def _megatron_tp2_body(rank, world_size, root):
         got, ours = ml_logits(m, ckpt.model_state(m, 2, 1, state.tp_rank, 0), state, ops)
         run = types.SimpleNamespace(
             cfg=run_config(m), state=state, module=ours, progress=Progress(iteration=7, consumed_train_samples=56),
-            scheduler=types.SimpleNamespace(state_dict=lambda: dict(SCHEDULER)))
+            scheduler=types.SimpleNamespace(state_dict=lambda: dict(SCHEDULER)), mode="pretrain",
+            optimizer=types.SimpleNamespace(state_dict=lambda: {"state": {}, "param_groups": []}))
         megatron_legacy.save(run, os.path.join(root, name + "_ours"))
         shard = os.path.join(root, name + "_ours", "iter_0000007", f"mp_rank_{state.tp_rank:02d}", "model_optim_rng.pt")
         saved = torch.load(shard, weights_only=False)   # as Megatron-LM's load_checkpoint reads it

@@ -93,7 +93,7 @@ def _run(m: ModelConfig, state, module):
     """The parts of a Run that torch_dist.save reads."""
     return types.SimpleNamespace(
         cfg=RunConfig(model=m, data=DataConfig(tokenizer_type="NullTokenizer")), state=state, module=module,
-        progress=Progress(iteration=7, consumed_train_samples=56),
+        progress=Progress(iteration=7, consumed_train_samples=56), mode="pretrain",
         scheduler=types.SimpleNamespace(state_dict=lambda: dict(SCHEDULER)))
 
 
