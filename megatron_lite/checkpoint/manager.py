@@ -1,11 +1,6 @@
-"""The CheckpointManager: what a checkpoint holds, the load modes of DESIGN.md's table, and saving.
-
-Per (tp, pp) rank, `mp_rank_TT_PPP/model_optim_rng.pt` (written by DP rank 0):
-    {"format_version", "iteration", "mode", "model": stage state_dict, "progress": counters,
-     "opt_param_scheduler", "optimizer" (without the distributed optimizer),
-     "rng_state": [one per DP rank]}
-and with the distributed optimizer, `mp_rank_TT_PPP_DDD/distrib_optim.pt` from every DP rank.
-metadata.json carries the run's config, the layout, the mode and the global tensor index.
+"""The CheckpointManager: the load decision, the load modes of DESIGN.md's table, restore and its
+recovery report, and the saves (in --ckpt-format's writer). What a checkpoint of each format holds
+is in formats/: megatron_lite.py (the default), megatron_legacy.py (torch), torch_dist.py.
 
 Modes (the mode a run *requests* comes from its flags; the mode a checkpoint *records* is the
 mode of the run that wrote it):
@@ -32,11 +27,12 @@ import torch.distributed as dist
 
 from megatron_lite.arguments import ConfigError, validate
 from megatron_lite.checkpoint.formats import FORMAT_NAMES, OWN_FORMAT, SourceCheckpoint, format_module
+from megatron_lite.checkpoint.formats.megatron_lite import OwnCheckpoint
 from megatron_lite.checkpoint.io import layout
 from megatron_lite.checkpoint.io.async_save import AsyncSaver
 from megatron_lite.checkpoint.recovery import choose_checkpoint, format_recovery_report
 from megatron_lite.checkpoint.retention import apply_retention
-from megatron_lite.checkpoint.io.storage import load_file, read_metadata, save_files
+from megatron_lite.checkpoint.io.storage import read_metadata, save_files
 from megatron_lite.config import ModelConfig, RunConfig
 from megatron_lite.initialize import Run, model_dtype, print_rank0
 from megatron_lite.parallel.random import get_rng_state, set_rng_state
@@ -81,8 +77,7 @@ class LoadDecision:
     metadata: Optional[dict] = None
     action: str = "none"            # none | resume | finetune | further-train | weights
     own_restart: bool = False       # resuming a finetune/further-train run's own checkpoint
-    shard: Optional[dict] = None    # this rank's model_optim_rng.pt, read once during restore
-    source: Optional[SourceCheckpoint] = None   # the reader of a checkpoint in one of Megatron-LM's formats
+    source: Optional[SourceCheckpoint] = None   # the reader of the chosen checkpoint, whatever its format
 
     @property
     def iteration(self):
@@ -95,11 +90,12 @@ def _plan(directory: str, ckpt_step, state):
     return plan if plan.iteration is not None else None
 
 
-def _opened(plan) -> tuple:
-    """(metadata, reader) of a chosen checkpoint: megatron_lite's metadata.json, or for one of
-    Megatron-LM's formats its reader and the metadata it derives from the saved args."""
+def _opened(directory: str, plan) -> tuple:
+    """(metadata, reader) of a chosen checkpoint: megatron_lite's metadata.json (its verified files
+    travel in the reader), or the metadata one of Megatron-LM's formats derives from its args."""
     if plan.format == OWN_FORMAT:
-        return plan.metadata or read_metadata(plan.iter_dir), None
+        meta = plan.metadata or read_metadata(plan.iter_dir)
+        return meta, OwnCheckpoint(directory, plan, meta)
     source = format_module(plan.format).open_checkpoint(plan.iter_dir)
     return source.metadata, source
 
@@ -115,7 +111,7 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
         plan = _plan(directory, c.ckpt_step if directory == c.load else None, state)
         if plan is None:
             continue
-        meta, source = _opened(plan)
+        meta, source = _opened(directory, plan)
         found = dict(load_dir=directory, plan=plan, metadata=meta, source=source)
         if plan.kind == "weights":   # never resumed from: only a finetune starts from it
             if directory != c.load:
@@ -137,7 +133,7 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
         plan = _plan(c.pretrained_checkpoint, None, state)
         if plan is None:
             raise ConfigError(f"--pretrained-checkpoint {c.pretrained_checkpoint} holds no intact checkpoint")
-        meta, source = _opened(plan)
+        meta, source = _opened(c.pretrained_checkpoint, plan)
         return LoadDecision(c.pretrained_checkpoint, plan, meta, "weights", source=source)
     if c.load and (c.exit_on_missing_checkpoint or mode != "pretrain" or c.ckpt_step is not None):
         raise ConfigError(f"--load {c.load}: no checkpoint found; check the path (or drop --load to start from "
@@ -168,6 +164,8 @@ def check_model_config(cfg: RunConfig, decision: LoadDecision, world_size: int =
     for name in ARCHITECTURE_FIELDS:
         if name == "vocab_size" or name not in saved:
             continue
+        if saved[name] is None and getattr(cfg.model, name) is None:
+            continue   # both derive it from the fields above, which are compared themselves
         mine, theirs = _effective(cfg.model, name), _effective(saved_model, name)
         if mine != theirs:
             diffs.append(f"{name}={saved[name] if saved[name] is not None else theirs} (flags say "
@@ -241,6 +239,15 @@ def shard_contents(iteration, mode: str, model: Dict[str, torch.Tensor], *, prog
     return shard
 
 
+def _loaded(state: Optional[dict], why: str, load) -> str:
+    """Load `state` with `load` and say so for the report ("loaded", or the reader's "loaded, resharded
+    ..."); without one, "fresh (why)"."""
+    if state is None:
+        return f"fresh ({why})"
+    load(state)
+    return why if why.startswith("loaded") else "loaded"
+
+
 class CheckpointManager:
     """Everything a run does with checkpoints: the load decision (made before the model exists, so
     that --use-checkpoint-args can shape it), restore and its recovery report, interval and exit
@@ -289,13 +296,13 @@ class CheckpointManager:
                               f"tokens but the tokenizer has {run.cfg.model.vocab_size}; use the checkpoint's "
                               f"tokenizer (--tokenizer-type/--tokenizer-model/--vocab-size)")
         restored: Dict[str, str] = {}
-        if d.source is not None:
-            restored["format"] = FORMAT_NAMES[d.plan.format]
+        if d.source.format != OWN_FORMAT:
+            restored["format"] = FORMAT_NAMES[d.source.format]
         restored["weights"] = self._load_weights(run)
         run.optimizer.reload_model_params()   # fp32 main params follow the loaded weights
         full = action in ("resume", "further-train")
         if full and c.load_optim:
-            restored["optimizer"] = self._load_optimizer(run)
+            restored["optimizer"] = _loaded(*d.source.optimizer_state(run), run.optimizer.load_state_dict)
         else:
             restored["optimizer"] = "fresh (" + ("--no-load-optim" if full else f"{action} mode") + ")"
         if full and (action == "resume" or c.load_lr_scheduler):
@@ -303,116 +310,49 @@ class CheckpointManager:
         else:
             restored["lr scheduler"] = "fresh (" + ("--no-load-lr-scheduler" if full else f"{action} mode") + ")"
         if action == "resume":
-            progress = d.metadata["progress"] if d.source is not None else self._shard(run)["progress"]
-            run.progress.load_state_dict(progress)
+            run.progress.load_state_dict(d.metadata["progress"])
             restored["iteration and consumed samples"] = (
                 f"restored (iteration {run.progress.iteration}, {run.progress.consumed_train_samples} samples)")
         else:
             restored["iteration and consumed samples"] = f"reset to 0 ({action} mode)"
-        restored["rng"] = self._load_rng(run, c, full)
+        if not full:
+            restored["rng"] = "fresh seed"
+        elif not c.load_rng:
+            restored["rng"] = "fresh seed (--no-load-rng)"
+        else:
+            rng, why = d.source.rng_state(run.state)
+            restored["rng"] = "fresh seed (" + why + ")" if rng is None else "restored"
+            if rng is not None:
+                set_rng_state(rng, run.state.rng)
         restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
                                      else "from the first sample")
         run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule
-        d.shard = None          # free the CPU copy
+        if isinstance(d.source, OwnCheckpoint):
+            d.source.release()   # free the CPU copies
         self.loaded_iteration, self.loaded_dir = d.plan.iteration, d.load_dir
         if action == "resume":
             self.last_saved_iteration = run.progress.iteration   # nothing new to save until it trains
         self.load_report = format_recovery_report(d.plan, {"mode": action, **restored})
         print_rank0(self.load_report, run.state)
 
-    def _shard(self, run: Run) -> dict:
-        """This rank's model_optim_rng.pt (rank (0, 0)'s when the layout changed: the counters and
-        the schedule are the same in every file), read from disk once per restore."""
-        d = self.decision
-        if d.shard is None:
-            tp, pp = (run.state.tp_rank, run.state.pp_rank) if _same_layout(d.metadata, run.state) else (0, 0)
-            d.shard = load_file(d.load_dir, d.plan.iteration, layout.model_shard_path(tp, pp))
-        return d.shard
-
     def _load_weights(self, run: Run) -> str:
         d, state, module = self.decision, run.state, run.module
         saved = d.metadata.get("parallel", {})
         resharded = "" if _same_layout(d.metadata, state) else \
             f", resharded from TP={saved.get('tp')} PP={saved.get('pp')}"
-        if d.source is not None:
-            local = d.source.model_state(run.cfg.model, state.tp_size, state.pp_size, state.tp_rank, state.pp_rank)
-        elif not resharded:
-            local = self._shard(run)["model"]
-        else:
-            from megatron_lite.checkpoint.reshard.sharding import open_piece_reader, reshard_rank_state
-
-            local = reshard_rank_state(d.metadata["tensors"], open_piece_reader(d.plan.iter_dir), run.cfg.model,
-                                       state.tp_size, state.pp_size, state.tp_rank, state.pp_rank)
+        local = d.source.model_state(run.cfg.model, state.tp_size, state.pp_size, state.tp_rank, state.pp_rank)
         module.load_state_dict(_cast_like(local, module), strict=True)
         return "loaded" + resharded
-
-    def _load_optimizer(self, run: Run) -> str:
-        """The saved optimizer state, resharded when the layout (or the ZeRO-1 setting) changed."""
-        d, state, meta = self.decision, run.state, self.decision.metadata
-        if d.source is not None:
-            sd, why = d.source.optimizer_state(run)
-            if sd is None:
-                return f"fresh ({why})"
-            run.optimizer.load_state_dict(sd)
-            return "loaded"
-        if not meta.get("has_optimizer", True):
-            raise ConfigError(f"{d.plan.iter_dir} was saved with --no-save-optim; pass --no-load-optim")
-        zero1 = run.cfg.parallel.use_distributed_optimizer
-        saved = meta["parallel"]
-        unchanged = (_same_layout(meta, state) and zero1 == meta.get("distributed_optimizer", False)
-                     and (not zero1 or saved.get("dp") == state.dp_size))
-        if unchanged:
-            if zero1:
-                path = layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)
-                opt_sd = load_file(d.load_dir, d.plan.iteration, path)
-            else:
-                opt_sd = self._shard(run)["optimizer"]
-            run.optimizer.load_state_dict(opt_sd)
-            return "loaded"
-        from megatron_lite.checkpoint.reshard.optimizer import reshard_optimizer_state
-
-        run.optimizer.load_state_dict(reshard_optimizer_state(run, d.load_dir, d.plan.iteration, meta))
-        was = "ZeRO-1" if meta.get("distributed_optimizer") else "replicated"
-        return f"loaded, resharded from TP={saved['tp']} PP={saved['pp']} DP={saved.get('dp')} ({was})"
 
     def _load_scheduler(self, run: Run) -> str:
         d = self.decision
         continuing = d.action == "further-train" or (d.own_restart and run.mode == "further-train")
         if continuing and not run.scheduler.override_opt_param_scheduler:
             run.scheduler.use_checkpoint_opt_param_scheduler = True   # the schedule continues as saved
-        if d.source is not None:
-            sd, why = d.source.scheduler_state()
-            if sd is None:
-                return f"fresh ({why})"
-        else:
-            sd = self._shard(run)["opt_param_scheduler"]
         try:
-            run.scheduler.load_state_dict(sd)
+            return _loaded(*d.source.scheduler_state(), run.scheduler.load_state_dict)
         except ValueError as e:   # the flags' schedule disagrees with the checkpoint's
             raise ConfigError(str(e)) from None
-        return "loaded"
-
-    def _load_rng(self, run: Run, c, full: bool) -> str:
-        d = self.decision
-        if not full:
-            return "fresh seed"
-        if not c.load_rng:
-            return "fresh seed (--no-load-rng)"
-        if d.source is not None:
-            rng, why = d.source.rng_state(run.state)
-            if rng is None:
-                return f"fresh seed ({why})"
-            set_rng_state(rng, run.state.rng)
-            return "restored"
-        saved_rng = self._shard(run).get("rng_state")
-        if saved_rng is None:
-            return "fresh seed (saved with --no-save-rng)"
-        if len(saved_rng) == run.state.dp_size and _same_layout(d.metadata, run.state):
-            set_rng_state(saved_rng[run.state.dp_rank], run.state.rng)
-            return "restored"
-        p = d.metadata["parallel"]
-        return (f"fresh seed (saved at TP={p['tp']} PP={p['pp']} DP={p.get('dp')}: per-rank generators do not "
-                f"carry over to another layout)")
 
     # ------------------------------------------------------------------------- save
 

@@ -32,7 +32,6 @@ ONLY_THE_DEFAULT = {
     "rerun_mode": (["--rerun-mode", "validate_results"], "--rerun-mode validate_results: the rerun state machine"),
     "cross_entropy_fusion_impl": (["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te"],
                                   "Transformer Engine cross entropy loss fusion is disabled"),
-    "ckpt_format": (["--ckpt-format", "torch_dist"], "--ckpt-format torch_dist: writing Megatron-LM's checkpoint"),
 }
 
 # deprecated spellings and gates validation turns into the fields they stand for

@@ -84,7 +84,7 @@ def _legacy_shards(iter_dir: str) -> List[str]:
                   if d.startswith("mp_rank_") and os.path.isfile(os.path.join(iter_dir, d, "model_optim_rng.pt")))
 
 
-def _pickle_names(path: str) -> bytes:
+def pickle_names(path: str) -> bytes:
     """The pickle stream of a torch zip file (key names and class names, no tensor data), unpickled by nobody."""
     try:
         with zipfile.ZipFile(path) as z:
@@ -110,7 +110,7 @@ def detect_format(iter_dir: str) -> str:
         return "torch_dist" if isinstance(meta, dict) and "sharded_backend" in meta else OWN_FORMAT
     shards = _legacy_shards(iter_dir)
     if shards:
-        names = _pickle_names(shards[0])
+        names = pickle_names(shards[0])
         if b"checkpoint_version" in names and b"format_version" not in names:
             return "torch"
     return OWN_FORMAT
@@ -122,7 +122,7 @@ def foreign_problems(name: str, iter_dir: str) -> List[str]:
         shards = _legacy_shards(iter_dir)
         if not shards:
             return ["no mp_rank_*/model_optim_rng.pt"]
-        return [f"{os.path.relpath(p, iter_dir)} is not a readable torch file" for p in shards if not _pickle_names(p)]
+        return [f"{os.path.relpath(p, iter_dir)} is not a readable torch file" for p in shards if not pickle_names(p)]
     if not os.path.isfile(os.path.join(iter_dir, ".metadata")):   # the common state may be inside or in common.pt
         return ["no .metadata (torch.distributed.checkpoint's index of the *.distcp files)"]
     return [] if any(n.endswith(".distcp") for n in os.listdir(iter_dir)) else ["no *.distcp files"]

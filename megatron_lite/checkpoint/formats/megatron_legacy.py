@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint.formats import SourceCheckpoint, _pickle_names
+from megatron_lite.checkpoint.formats import SourceCheckpoint, pickle_names
 from megatron_lite.checkpoint.formats.megatron_args import config_from_megatron_args, megatron_args_from_config
 from megatron_lite.checkpoint.io.layout import tmp_dir_name
 from megatron_lite.checkpoint.io.storage import fsync_dir, write_tracker
@@ -59,7 +59,7 @@ def shard_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
 
 # --------------------------------------------------------------------------- loading without pickles
 
-def _numpy_globals() -> list:
+def numpy_globals() -> list:
     """The numpy classes a saved np.random state (a uint32 array) needs, by name."""
     core = getattr(np, "_core", None) or np.core
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
@@ -68,7 +68,7 @@ def _numpy_globals() -> list:
 def _enum_globals(path: str) -> list:
     """Megatron-LM's enums that its args hold (the attention backend), imported only for a file that
     names them, since importing megatron-core is slow."""
-    if b"megatron.core" not in _pickle_names(path):
+    if b"megatron.core" not in pickle_names(path):
         return []
     try:
         from megatron.core.transformer.enums import AttnBackend
@@ -81,7 +81,7 @@ def _enum_globals(path: str) -> list:
 def load_file(path: str) -> dict:
     """One model_optim_rng.pt with weights_only=True: only argparse.Namespace, numpy's random-state
     array and Megatron's args enums are unpickled; anything else stops with the class named."""
-    allowed = [argparse.Namespace, *_numpy_globals(), *_enum_globals(path)]
+    allowed = [argparse.Namespace, *numpy_globals(), *_enum_globals(path)]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)

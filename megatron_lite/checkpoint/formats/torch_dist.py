@@ -40,12 +40,12 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 
 from megatron_lite.checkpoint.formats import SourceCheckpoint
 from megatron_lite.checkpoint.formats.megatron_args import config_from_megatron_args, megatron_args_from_config
-from megatron_lite.checkpoint.formats.megatron_legacy import (CHECKPOINT_VERSION, MODE_ARG, TE_NAMES, _numpy_globals,
+from megatron_lite.checkpoint.formats.megatron_legacy import (CHECKPOINT_VERSION, MODE_ARG, TE_NAMES, numpy_globals,
                                                               iteration_dir_name, rng_from_megatron, rng_to_megatron)
 from megatron_lite.checkpoint.io.layout import tmp_dir_name
 from megatron_lite.checkpoint.io.storage import fsync_dir, write_tracker
 from megatron_lite.checkpoint.recovery import CheckpointLoadError
-from megatron_lite.checkpoint.reshard.sharding import _rank_indices, _runs, rank_params, rank_state
+from megatron_lite.checkpoint.reshard.sharding import rank_indices, runs_of, rank_params, rank_state
 from megatron_lite.config import ModelConfig
 from megatron_lite.parallel.state import ParallelState
 
@@ -93,7 +93,7 @@ def _unpickle(data: bytes, where: str):
     """A pickled object list with weights_only=True; only the classes Megatron's args and RNG
     states need (argparse.Namespace, numpy's random-state array, Megatron's enums) are allowed."""
     import argparse
-    allowed = [argparse.Namespace, *_numpy_globals()]
+    allowed = [argparse.Namespace, *numpy_globals()]
     if b"megatron.core" in data:      # args name Megatron-Core's AttnBackend enum
         try:
             from megatron.core.transformer.enums import AttnBackend
@@ -271,7 +271,7 @@ def _local_shards(run) -> Dict[str, Tuple[Tuple[int, ...], List[Tuple[List[int],
         tensor = state[p.key].detach().cpu()
         shape = list(p.global_shape)
         ranges = ([[0, p.shape[p.partition_dim]]] if p.partition_dim < 0 else
-                  _runs(_rank_indices(p.global_shape[p.partition_dim], p, st.tp_size, st.tp_rank)))
+                  runs_of(rank_indices(p.global_shape[p.partition_dim], p, st.tp_size, st.tp_rank)))
         dim = max(p.partition_dim, 0)
         done = 0
         pieces = []

@@ -8,9 +8,9 @@ random corruption with probability 1 - 2^-32; truncation is caught by the size c
 The algorithm's name is recorded in metadata.json so that it can change without breaking
 old checkpoints.
 
-A file verified whole by `read_verified` stays in memory, registered by path, until
-`take_verified` hands it to the loader (storage.load_file) or its holder drops it: choosing a
-checkpoint and loading it then read each byte once.
+A file verified whole by `keep_verified` stays in memory, held by the load plan (and so by the
+manager's load decision), until `storage.load_file(verified=...)` takes it or the plan is
+dropped: choosing a checkpoint and loading it then read each byte once.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -92,9 +90,16 @@ class VerifiedFile:
     def __init__(self, path: str, buffer: mmap.mmap, fingerprint: tuple) -> None:
         self.path, self.buffer, self.fingerprint = path, buffer, fingerprint
 
-
-_verified: "weakref.WeakValueDictionary[str, VerifiedFile]" = weakref.WeakValueDictionary()
-_verified_lock = threading.Lock()
+    def take(self) -> Optional[mmap.mmap]:
+        """The bytes, if the file is unchanged on disk since they were verified; once only."""
+        buffer, self.buffer = self.buffer, None
+        if buffer is None:
+            return None
+        try:
+            unchanged = _fingerprint(os.stat(self.path)) == self.fingerprint
+        except OSError:
+            unchanged = False
+        return buffer if unchanged else None
 
 
 def _fingerprint(st: os.stat_result) -> tuple:
@@ -117,8 +122,8 @@ def read_verified(iter_dir: str, meta: dict, relpath: str) -> Tuple[mmap.mmap, O
 
 
 def keep_verified(iter_dir: str, meta: dict, relpath: str) -> VerifiedFile:
-    """Read and verify one file whole and register it for `take_verified`; the caller holds the result
-    (the registration lapses when it is dropped). Raises CheckpointIntegrityError."""
+    """Read and verify one file whole; the caller holds the result (the load plan does, and hands it
+    to `storage.load_file(verified=...)`). Raises CheckpointIntegrityError."""
     path = os.path.join(iter_dir, relpath)
     try:
         size = os.path.getsize(path)
@@ -130,24 +135,17 @@ def keep_verified(iter_dir: str, meta: dict, relpath: str) -> VerifiedFile:
     buffer, problem = read_verified(iter_dir, meta, relpath)
     if problem:
         raise CheckpointIntegrityError(problem, iter_dir)
-    verified = VerifiedFile(path, buffer, _fingerprint(os.stat(path)))
-    with _verified_lock:
-        _verified[os.path.realpath(path)] = verified
-    return verified
+    return VerifiedFile(path, buffer, _fingerprint(os.stat(path)))
 
 
-def take_verified(path: str) -> Optional[mmap.mmap]:
-    """The bytes of `path` if `keep_verified` read them and the file is unchanged since; once only."""
-    with _verified_lock:
-        verified = _verified.pop(os.path.realpath(path), None)
-    if verified is None or verified.buffer is None:
-        return None
-    buffer, verified.buffer = verified.buffer, None
-    try:
-        unchanged = _fingerprint(os.stat(path)) == verified.fingerprint
-    except OSError:
-        unchanged = False
-    return buffer if unchanged else None
+def take_verified(path: str, verified: Iterable[VerifiedFile]) -> Optional[mmap.mmap]:
+    """The bytes of `path` from the verified files that travel with a load decision, if one of them
+    is that file, unchanged since; once only."""
+    real = os.path.realpath(path)
+    for v in verified:
+        if os.path.realpath(v.path) == real:
+            return v.take()
+    return None
 
 
 def read_metadata(iter_dir: str) -> dict:

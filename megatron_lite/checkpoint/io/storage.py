@@ -32,13 +32,14 @@ import pickle
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_lite.checkpoint.io.integrity import (CHECKSUM_ALGORITHM, FORMAT_VERSION, CheckpointIntegrityError,
-                                                CheckpointMetadataError, read_metadata, read_verified, take_verified)
+                                                CheckpointMetadataError, VerifiedFile, read_metadata, read_verified,
+                                                take_verified)
 from megatron_lite.checkpoint.io.layout import (METADATA_FILENAME, Iteration, check_iteration, check_relpath,
                                              iteration_dir_name, parse_shard_dir, replaced_dir_name,
                                              resolve_iteration_dir, tmp_dir_name, tracker_path, tracker_tmp_path)
@@ -353,12 +354,12 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
                       sum(e["size"] for g in gathered for e in g[1].values()), committed=True)
 
 
-def load_file(load_dir: str, iteration: Iteration, relpath: str):
+def load_file(load_dir: str, iteration: Iteration, relpath: str, verified: Iterable[VerifiedFile] = ()):
     """One file of a committed checkpoint, loaded on the CPU without unpickling code, checked against
     metadata.json while it is read.
 
-    The file is read once (or taken from memory where choosing the checkpoint verified it
-    already) and its tensors are windows of that memory. A damaged file raises
+    The file is read once (or taken from `verified`, the files that choosing the checkpoint
+    verified and kept, when it is one of them) and its tensors are windows of that memory. A damaged file raises
     CheckpointIntegrityError and returns nothing; a file holding code raises
     pickle.UnpicklingError.
     """
@@ -369,7 +370,7 @@ def load_file(load_dir: str, iteration: Iteration, relpath: str):
         raise FileNotFoundError(f"{path} does not exist: the checkpoint was saved with another parallel layout or "
                                 f"without this part; see what it holds with "
                                 f"`python tools/checkpoint/inspect.py {iter_dir}`")
-    buffer, problem = take_verified(path), None
+    buffer, problem = take_verified(path, verified), None
     if buffer is None:
         buffer, problem = read_verified(iter_dir, read_metadata(iter_dir), relpath)
     try:

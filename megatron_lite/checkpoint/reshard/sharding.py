@@ -104,7 +104,7 @@ def rank_params(model_cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank:
     return out
 
 
-def _runs(indices: torch.Tensor) -> List[List[int]]:
+def runs_of(indices: torch.Tensor) -> List[List[int]]:
     """[[start, stop), ...]: the contiguous runs of a list of indices, in order."""
     runs: List[List[int]] = []
     for i in indices.tolist():
@@ -127,7 +127,7 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 def _take(source: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
     """The entries `positions` of `source` along `dim`. Runs of consecutive positions are copied
     as slices (memcpy speed, unlike index_select); a tensor taken whole is not copied at all."""
-    runs = _runs(positions)
+    runs = runs_of(positions)
     if runs == [[0, source.shape[dim]]]:
         return _owned(source)
     if len(runs) > 64:      # e.g. a vocabulary extended by repeating its last row
@@ -135,7 +135,7 @@ def _take(source: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tens
     return torch.cat([source.narrow(dim, a, b - a) for a, b in runs], dim=dim)
 
 
-def _rank_indices(length: int, param: LocalParam, tp: int, tp_rank: int) -> torch.Tensor:
+def rank_indices(length: int, param: LocalParam, tp: int, tp_rank: int) -> torch.Tensor:
     """Global positions along partition_dim of this rank's local slots, in local order."""
     return shard(torch.arange(length), 0, tp_rank, tp, param.partition_chunks)
 
@@ -152,7 +152,7 @@ def build_tensor_index(model_cfg: ModelConfig, tp: int, pp: int, dtype: torch.dt
                 piece = {"file": model_shard_path(tp_rank, pp_rank), "key": p.key, "tp_rank": tp_rank,
                          "pp_rank": pp_rank, "shape": list(p.shape)}
                 if p.partition_dim >= 0:
-                    piece["ranges"] = _runs(_rank_indices(p.global_shape[p.partition_dim], p, tp, tp_rank))
+                    piece["ranges"] = runs_of(rank_indices(p.global_shape[p.partition_dim], p, tp, tp_rank))
                 entry["pieces"].append(piece)
     return index
 
@@ -167,7 +167,7 @@ def _wanted_rows(p: LocalParam, source_rows: int, tp: int, tp_rank: int) -> torc
     if source_rows != length and p.global_name not in VOCAB_TENSORS:
         raise ValueError(f"{p.global_name} has {source_rows} entries along dim {p.partition_dim} in the source "
                          f"but the model needs {length}: the model config differs from the checkpoint's")
-    return _rank_indices(length, p, tp, tp_rank).clamp_(max=source_rows - 1)
+    return rank_indices(length, p, tp, tp_rank).clamp_(max=source_rows - 1)
 
 
 def _check_shape(name: str, got, want, dims_that_may_differ=()) -> None:
@@ -285,7 +285,7 @@ def _rows_from_pieces(name: str, entry: dict, read_piece: ReadPiece, wanted: tor
     out = parts[0][1].new_empty(shape)
     for slots, part in parts:
         done = 0
-        for a, b in _runs(slots):
+        for a, b in runs_of(slots):
             out.narrow(dim, a, b - a).copy_(part.narrow(dim, done, b - a))
             done += b - a
     return out

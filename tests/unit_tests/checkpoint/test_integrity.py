@@ -97,11 +97,14 @@ def test_choosing_a_checkpoint_reads_the_model_file_once_for_the_loader(ckpt, mo
     plan = choose_checkpoint(str(ckpt.parent))
     assert [v.path for v in plan.verified_files] == [str(ckpt / MODEL)]
     expected = torch.load(ckpt / MODEL, weights_only=True)
-    assert torch.equal(load_file(str(ckpt.parent), 1, MODEL)["model"]["w"], expected["model"]["w"])
+    loaded = load_file(str(ckpt.parent), 1, MODEL, verified=plan.verified_files)
+    assert torch.equal(loaded["model"]["w"], expected["model"]["w"])
     assert reads == [True]                                   # verified while read, then taken from memory
     assert plan.verified_files[0].buffer is None             # the plan no longer holds the bytes
-    load_file(str(ckpt.parent), 1, MODEL)
+    load_file(str(ckpt.parent), 1, MODEL, verified=plan.verified_files)
     assert reads == [True, True]                             # once only: a second load reads again
+    load_file(str(ckpt.parent), 1, MODEL)
+    assert reads == [True, True, True]                       # no decision, no kept buffer: read from disk
 
 
 def test_a_file_replaced_after_it_was_verified_is_read_and_checked_again(ckpt):
@@ -109,7 +112,7 @@ def test_a_file_replaced_after_it_was_verified_is_read_and_checked_again(ckpt):
     assert len(plan.verified_files) == 1
     flip_byte(ckpt / MODEL)
     with pytest.raises(CheckpointIntegrityError, match="failed its crc32 checksum"):
-        load_file(str(ckpt.parent), 1, MODEL)
+        load_file(str(ckpt.parent), 1, MODEL, verified=plan.verified_files)
 
 
 def test_a_missing_shard_is_found(ckpt):

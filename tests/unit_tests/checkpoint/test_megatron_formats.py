@@ -136,3 +136,27 @@ def test_convert_refuses_a_directory_that_is_not_megatron_lm(tmp_path):
     assert out.returncode == 2 and not os.path.exists(tmp_path / "out")
     assert out.stderr.strip().endswith("is not a Megatron-LM checkpoint (torch or torch_dist); it holds nothing "
                                        "(empty) (a megatron_lite checkpoint converts with --loader megatron_lite)")
+
+
+def _tp2_pp2_body(rank, world_size, root):
+    layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+    out = {"straight": _history(pretrain(parse_args(BASE + layout)))}
+    for fmt in ("torch", "torch_dist"):
+        d = os.path.join(root, fmt)
+        flags = BASE + layout + ["--save", d, "--load", d, "--ckpt-format", fmt]
+        pretrain(parse_args(flags + ["--exit-interval", "2"]))
+        second = pretrain(parse_args(flags))
+        out[fmt] = {"resumed": _history(second), "report": second.checkpoints.load_report}
+    return out
+
+
+def test_tp2_pp2_runs_resume_from_their_megatron_format_checkpoints(tmp_path):
+    from tests.unit_tests.dist_utils import run_distributed
+
+    results = run_distributed(_tp2_pp2_body, 4, str(tmp_path))
+    last = results[2]   # (tp_rank 0, last stage): the rank that logs the loss
+    straight = last["straight"]
+    assert last["torch"]["resumed"] == straight[2:]
+    assert "resharded" not in last["torch"]["report"] and "rng                             restored" in \
+        last["torch"]["report"]
+    assert last["torch_dist"]["resumed"][0][:3] == straight[2][:3]
