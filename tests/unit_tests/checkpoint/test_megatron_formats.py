@@ -160,3 +160,68 @@ def test_tp2_pp2_runs_resume_from_their_megatron_format_checkpoints(tmp_path):
     assert "resharded" not in last["torch"]["report"] and "rng                             restored" in \
         last["torch"]["report"]
     assert last["torch_dist"]["resumed"][0][:3] == straight[2][:3]
+
+
+def _megatron_written_resume_body(rank, world_size, root):
+    """Megatron-Core's model written as Megatron-LM's training writes a legacy checkpoint at
+    iteration 100 (640 samples consumed, its schedule 640 samples in); megatron_lite resumes it
+    with Megatron-LM's flags for that (--use-checkpoint-args --use-checkpoint-opt_param-scheduler)
+    for one iteration on a batch it is given, and Megatron-Core computes that batch's loss and its
+    own scheduler's learning rate after the step (the optimizer's state is not mapped, so only the
+    first iteration is determined by the checkpoint alone)."""
+    import itertools
+
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from tests.unit_tests.checkpoint.megatron_core_reference import build_core_gpt, initialize_core
+    from tests.unit_tests.checkpoint.test_megatron_legacy import (MODELS, SCHEDULER, VOCAB, megatron_lm_args,
+                                                                  write_megatron_file)
+
+    m = MODELS["llama"]
+    initialize_core(1, 1)
+    core = build_core_gpt(m, seed=3)
+    write_megatron_file(root, 100, 0, megatron_lm_args(m, 1, 1), core.state_dict())
+    tokens = torch.randint(0, VOCAB, (8, 17), generator=torch.Generator().manual_seed(5))
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(8, 16),
+             "position_ids": torch.arange(16).expand(8, 16)}
+    core.eval()
+    with torch.no_grad():
+        mask = torch.triu(torch.ones(16, 16), diagonal=1).bool()[None, None]
+        logits = core(batch["tokens"], batch["position_ids"], mask)
+    # megatron_lite's softmax runs over the true vocabulary (the padding rows are masked out, as Hugging
+    # Face's model has none); Megatron-Core's own loss also counts the padded rows of the vocabulary
+    true_vocab = VOCAB   # --vocab-size VOCAB - 1 plus the NullTokenizer's end-of-document token
+    want_loss = torch.nn.functional.cross_entropy(logits[..., :true_vocab].reshape(-1, true_vocab),
+                                                  batch["labels"].reshape(-1)).item()
+    params = torch.nn.Parameter(torch.zeros(1))
+    sched = OptimizerParamScheduler(torch.optim.SGD([params], lr=0.0), init_lr=0.0, max_lr=3e-4, min_lr=3e-5,
+                                    lr_warmup_steps=64, lr_decay_steps=6400, lr_decay_style="cosine",
+                                    start_wd=0.1, end_wd=0.1, wd_incr_steps=6400, wd_incr_style="constant",
+                                    use_checkpoint_opt_param_scheduler=True)
+    sched.load_state_dict(dict(SCHEDULER))
+    applied_lr = sched.optimizer.param_groups[0]["lr"]     # the rate of iteration 101's update
+    sched.step(increment=8)
+    next_lr = sched.optimizer.param_groups[0]["lr"]        # after it, for iteration 102
+
+    flags = ["--load", root, "--use-checkpoint-args", "--use-checkpoint-opt_param-scheduler", "--tokenizer-type",
+             "NullTokenizer", "--vocab-size", str(VOCAB - 1), "--micro-batch-size", "8", "--global-batch-size", "8",
+             "--train-iters", "101", "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine",
+             "--lr-warmup-iters", "8", "--weight-decay", "0.1", "--eval-interval", "0", "--log-interval", "1"]
+    run = pretrain(parse_args(flags), data_iterators=lambda run: (itertools.repeat(batch), None))
+    return {"history": run.history, "report": run.checkpoints.load_report, "want_loss": want_loss,
+            "applied_lr": applied_lr, "next_lr": next_lr, "num_steps": run.scheduler.num_steps,
+            "lr_after": run.optimizer.param_groups[0]["lr"]}
+
+
+def test_resume_from_a_megatron_written_checkpoint_continues_its_loss_and_schedule(tmp_path):
+    from tests.unit_tests.dist_utils import run_distributed
+
+    [r] = run_distributed(_megatron_written_resume_body, 1, str(tmp_path))
+    [h] = r["history"]
+    assert h["iteration"] == 101
+    assert abs(h["lm loss"] - r["want_loss"]) < 1e-5, (h["lm loss"], r["want_loss"])
+    assert h["lr"] == pytest.approx(r["applied_lr"], rel=1e-12)
+    assert r["num_steps"] == 648 and r["lr_after"] == pytest.approx(r["next_lr"], rel=1e-12)
+    assert "restored (iteration 100, 640 samples)" in r["report"]
+    assert "Megatron-LM's optimizer state is not mapped" in r["report"]
