@@ -314,7 +314,8 @@ class CheckpointConfig:
                             choices=["megatron_lite", "torch", "torch_dist", "torch_dcp", "fsdp_dtensor"])
     save_interval: Optional[int] = flag(None, "iterations between checkpoints")
     save_weights_only_interval: Optional[int] = flag(None, "iterations between weights-only checkpoints")
-    ckpt_step: Optional[int] = flag(None, "load this iteration instead of the latest")
+    ckpt_step: Optional[str] = flag(None, "load this iteration instead of the latest, or `best`: the one with the "
+                                    "lowest validation loss (best_checkpointed_iteration.txt)")
     finetune: bool = flag(False, "load weights only; reset iteration, optimizer and scheduler")
     reset_sample_stat: bool = flag(False, "further-train: reset iteration and consumed samples, keep optimizer")
     pretrained_checkpoint: Optional[str] = flag(None, "load weights only from this directory")

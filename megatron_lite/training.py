@@ -435,7 +435,10 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
             if eval_due:
                 if t.manual_gc_eval:
                     _manual_gc(run)
-                log_validation(run, writer, p.iteration, evaluate(run, valid_iter))
+                loss = evaluate(run, valid_iter)
+                log_validation(run, writer, p.iteration, loss)
+                if checkpoints is not None:
+                    checkpoints.record_validation(p.iteration, loss)
                 if t.manual_gc_eval:
                     _manual_gc(run, generation=0)
             if checkpoints is not None:

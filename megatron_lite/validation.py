@@ -263,6 +263,8 @@ def _check_tiktoken_special_tokens(d, vocab_size) -> None:
 
 def _check_checkpoint(cfg: RunConfig) -> None:
     c = cfg.checkpoint
+    if c.ckpt_step is not None and not (str(c.ckpt_step).isdigit() or c.ckpt_step == "best"):
+        raise _error(f"--ckpt-step {c.ckpt_step}: give an iteration number or `best`")
     if c.ckpt_format not in ("megatron_lite", "torch", "torch_dist"):
         raise _error(f"--ckpt-format {c.ckpt_format}: megatron_lite writes megatron_lite, torch (Megatron-LM legacy) "
                      f"and torch_dist checkpoints; pick one of those")

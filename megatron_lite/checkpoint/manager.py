@@ -29,10 +29,11 @@ from megatron_lite.arguments import ConfigError, validate
 from megatron_lite.checkpoint.formats import FORMAT_NAMES, OWN_FORMAT, SourceCheckpoint, format_module
 from megatron_lite.checkpoint.formats.megatron_lite import OwnCheckpoint
 from megatron_lite.checkpoint.io import layout
+from megatron_lite.checkpoint.io.layout import BEST_FILENAME
 from megatron_lite.checkpoint.io.async_save import AsyncSaver
-from megatron_lite.checkpoint.recovery import choose_checkpoint, format_recovery_report
+from megatron_lite.checkpoint.recovery import choose_checkpoint, format_recovery_report, read_tracker
 from megatron_lite.checkpoint.retention import apply_retention
-from megatron_lite.checkpoint.io.storage import read_metadata, save_files
+from megatron_lite.checkpoint.io.storage import read_metadata, save_files, write_tracker
 from megatron_lite.config import ModelConfig, RunConfig
 from megatron_lite.initialize import Run, model_dtype, print_rank0
 from megatron_lite.parallel.random import get_rng_state, set_rng_state
@@ -84,9 +85,11 @@ class LoadDecision:
         return self.plan.iteration if self.plan is not None else None
 
 
-def _plan(directory: str, ckpt_step, state):
+def _plan(directory: str, ckpt_step, state, best: bool = False):
     """The checkpoint to load from `directory` (verified once, here), or None when it has none."""
     plan = choose_checkpoint(directory, ckpt_step, state, allow_weights_only=True)
+    if best and plan.iteration is not None:
+        plan.reason = "best"
     return plan if plan.iteration is not None else None
 
 
@@ -100,6 +103,19 @@ def _opened(directory: str, plan) -> tuple:
     return source.metadata, source
 
 
+def _ckpt_step(c) -> Optional[int]:
+    """--ckpt-step as an iteration: a number, or `best`, the iteration best_checkpointed_iteration.txt names."""
+    if c.ckpt_step is None:
+        return None
+    if c.ckpt_step != "best":
+        return int(c.ckpt_step)
+    best, problem = read_tracker(c.load, BEST_FILENAME)
+    if best is None:
+        raise ConfigError(f"--ckpt-step best: {c.load}/{BEST_FILENAME} is {problem}; it names the checkpoint with "
+                          f"the lowest validation loss once a run with --eval-interval has saved after an evaluation")
+    return best
+
+
 def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
     c, mode = cfg.checkpoint, requested_mode(cfg)
     if c.load and not os.path.isdir(c.load) and (
@@ -108,7 +124,8 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
                           f"there passes the same directory to --save), or drop --load to train from scratch")
     # 1. this run's own checkpoints (a restart of the same command line) or --load's
     for directory in [d for d in dict.fromkeys([c.save, c.load]) if d]:
-        plan = _plan(directory, c.ckpt_step if directory == c.load else None, state)
+        plan = _plan(directory, _ckpt_step(c) if directory == c.load else None, state,
+                     best=directory == c.load and c.ckpt_step == "best")
         if plan is None:
             continue
         meta, source = _opened(directory, plan)
@@ -268,6 +285,8 @@ class CheckpointManager:
         self.loaded_iteration = None
         self.last_saved_iteration: Optional[int] = None
         self.tensor_index: Optional[dict] = None  # the global tensor index, built at the first save
+        self.validation: Optional[dict] = None    # the latest evaluation: {"iteration", "lm loss"}
+        self._pending_best: Optional[tuple] = None   # (iteration, loss) of the background save in flight
         c = cfg.checkpoint
         self.async_saver = AsyncSaver(persistent=c.use_persistent_ckpt_worker) if c.async_save else None
 
@@ -356,6 +375,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------- save
 
+    def record_validation(self, iteration: int, loss: Optional[float]) -> None:
+        """The loop's latest validation loss: the next full checkpoint records it in metadata.json and
+        competes for best_checkpointed_iteration.txt with it."""
+        if loss is not None:
+            self.validation = {"iteration": iteration, "lm loss": float(loss)}
+
     def saves_due(self, iteration: int) -> List[str]:
         """The kinds of checkpoint ('full', 'weights') that the save intervals ask for at `iteration`."""
         c = self.cfg.checkpoint
@@ -418,24 +443,52 @@ class CheckpointManager:
                     "has_optimizer": full and c.save_optim, "has_rng": full and c.save_rng,
                     "progress": p.state_dict(),
                     "tensors": self.tensor_index}
+        if full and self.validation is not None:
+            metadata["validation"] = self.validation
         # weights-only checkpoints live apart, so they never shadow a full one of the same iteration
         directory = c.save if full else os.path.join(c.save, WEIGHTS_SUBDIR)
         self.finish()
         t0 = time.time()
         result = save_files(directory, p.iteration, files, state, metadata, kind=kind, async_saver=self.async_saver)
         what = "checkpoint" if full else "weights-only checkpoint"
+        best = (p.iteration, self.validation["lm loss"]) if full and self.validation is not None else None
         if self.async_saver is None:
             print_rank0(f"saved {what} at iteration {p.iteration} to {directory} in {result.seconds:.2f} s "
                         f"({result.bytes_written / 1e6:.1f} MB)", state)
+            self._note_best(best)
         else:
             print_rank0(f"saving {what} at iteration {p.iteration} to {directory} in the background "
                         f"(training blocked {time.time() - t0:.2f} s)", state)
+            self._pending_best = best
+
+    def best_iteration(self) -> Optional[int]:
+        best, _ = read_tracker(self.cfg.checkpoint.save, BEST_FILENAME)
+        return best
+
+    def _note_best(self, best: Optional[tuple]) -> None:
+        """Rank 0, once a full checkpoint with a validation loss is committed: name it in
+        best_checkpointed_iteration.txt (replaced atomically) when its loss is below the best's."""
+        if best is None or self.state.rank != 0:
+            return
+        iteration, loss = best
+        save = self.cfg.checkpoint.save
+        current = self.best_iteration()
+        if current is not None and current != iteration:
+            try:
+                held = read_metadata(os.path.join(save, layout.iteration_dir_name(current))).get("validation", {})
+            except ValueError:   # the best one is gone or damaged: the new one takes its place
+                held = {}
+            if held.get("lm loss", float("inf")) <= loss:
+                return
+        write_tracker(save, iteration, BEST_FILENAME)
+        print_rank0(f"best checkpoint: iteration {iteration} (validation lm loss {loss:.6E})", self.state)
 
     def _apply_retention(self, run: Run) -> None:
         c = run.cfg.checkpoint
         if not c.keep_last_n_checkpoints or run.state.rank != 0:
             return
         protect = {self.loaded_iteration} if self.loaded_dir == c.save else set()
+        protect.add(self.best_iteration())   # --keep-last-n-checkpoints never deletes the best one
         deleted = apply_retention(c.save, c.keep_last_n_checkpoints, protect)
         if deleted:
             print_rank0(f"deleted checkpoints {deleted} (--keep-last-n-checkpoints {c.keep_last_n_checkpoints})",
@@ -449,4 +502,6 @@ class CheckpointManager:
         if result is not None:
             print_rank0(f"committed checkpoint at iteration {result.iteration} in {result.seconds:.2f} s "
                         f"({result.bytes_written / 1e6:.1f} MB)", self.state)
+            self._note_best(self._pending_best)
+        self._pending_best = None
 

@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Tuple
 from megatron_lite.checkpoint.formats import FORMAT_NAMES, OWN_FORMAT, detect_format, foreign_problems
 from megatron_lite.checkpoint.io.integrity import (CheckpointIntegrityError, CheckpointMetadataError, VerifiedFile,
                                                 check_files, committed_metadata, keep_verified, read_metadata)
-from megatron_lite.checkpoint.io.layout import (MODEL_FILENAME, RELEASE, TRACKER_FILENAME, Iteration, format_iteration,
-                                             iteration_dir_name, parse_dir_name, parse_shard_dir, tracker_path)
+from megatron_lite.checkpoint.io.layout import (BEST_FILENAME, MODEL_FILENAME, RELEASE, TRACKER_FILENAME, Iteration,
+                                                format_iteration, iteration_dir_name, parse_dir_name, parse_shard_dir)
 from megatron_lite.checkpoint.io.storage import all_gather_object, broadcast_object
 from megatron_lite.parallel.state import ParallelState
 
@@ -120,10 +120,11 @@ def find_checkpoints(load_dir: str) -> List[CheckpointInfo]:
     return found
 
 
-def read_tracker(load_dir: str) -> Tuple[Optional[Iteration], Optional[str]]:
-    """(iteration named by latest_checkpointed_iteration.txt, None) or (None, what is wrong with it)."""
+def read_tracker(load_dir: str, name: str = TRACKER_FILENAME) -> Tuple[Optional[Iteration], Optional[str]]:
+    """(iteration named by latest_checkpointed_iteration.txt, or by another tracker such as
+    best_checkpointed_iteration.txt, None) or (None, what is wrong with it)."""
     try:
-        with open(tracker_path(load_dir), encoding="utf-8") as f:
+        with open(os.path.join(load_dir, name), encoding="utf-8") as f:
             text = f.read().strip()
     except FileNotFoundError:
         return None, "missing"
@@ -272,6 +273,7 @@ def human_bytes(n: float) -> str:
 
 
 _REASONS = {"tracker": f"named by {TRACKER_FILENAME}", "--ckpt-step": "requested with --ckpt-step",
+            "best": f"--ckpt-step best: named by {BEST_FILENAME}",
             "fallback": "fallback: the newest intact checkpoint"}
 _MAX_LISTED = 12
 
@@ -281,6 +283,9 @@ def format_recovery_report(plan: LoadPlan, restored: Dict[str, str]) -> str:
     lines = [f"checkpoint recovery report for {plan.load_dir}"]
     tracker = format_iteration(plan.tracker_iteration) if plan.tracker_iteration is not None else "nothing"
     lines.append(f"  tracker {TRACKER_FILENAME} names {tracker}")
+    best, _ = read_tracker(plan.load_dir, BEST_FILENAME)
+    if best is not None:
+        lines.append(f"  best    {BEST_FILENAME} names {format_iteration(best)} (lowest validation loss)")
     if plan.checkpoints:
         lines.append("  found (newest first):")
         width = max(len(c.name) for c in plan.checkpoints)

@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from megatron_lite.checkpoint.formats import (FORMAT_NAMES, OWN_FORMAT, detect_format, foreign_problems,  # noqa: E402
                                               format_module)
 from megatron_lite.checkpoint.io.integrity import committed_metadata, verify_checkpoint  # noqa: E402
-from megatron_lite.checkpoint.io.layout import (DISTRIB_OPTIM_FILENAME, METADATA_FILENAME, MODEL_FILENAME,  # noqa: E402
-                                             format_iteration, parse_dir_name)
+from megatron_lite.checkpoint.io.layout import (BEST_FILENAME, DISTRIB_OPTIM_FILENAME, METADATA_FILENAME,  # noqa: E402
+                                                MODEL_FILENAME, format_iteration, parse_dir_name)
 from megatron_lite.checkpoint.recovery import find_checkpoints, human_bytes, read_tracker  # noqa: E402
 from megatron_lite.checkpoint.io.storage import RESERVED_METADATA_KEYS  # noqa: E402
 
@@ -123,6 +123,7 @@ def describe(iter_dir: str) -> dict:
     known = {n for _, names in _HOLDINGS for n in names}
     info.update({
         "iteration": meta.get("iteration"), "kind": meta.get("kind"), "saved_at": meta.get("saved_at"),
+        "validation": meta.get("validation"),
         "layout": meta.get("layout"), "model_config": _model_config(meta),
         "other_metadata": sorted(k for k in meta if k not in RESERVED_METADATA_KEYS and k != "config"),
         "holds": holds, "other_keys": sorted(k for k in keys if not any(k.startswith(n) for n in known)),
@@ -152,6 +153,9 @@ def _print_checkpoint(info: dict) -> None:
                   + (f"; {info['distributed_optimizer_shards']} distributed-optimizer shards" if
                      info["distributed_optimizer_shards"] else "") + ")") if "model_tensors" in info else ""
         print(f"  holds          {', '.join(info['holds']) or 'nothing recognised'}{counts}")
+        if info.get("validation"):
+            v = info["validation"]
+            print(f"  validation     lm loss {v['lm loss']:.6E} (evaluated at iteration {v['iteration']})")
         if info.get("progress"):
             print("  progress       " + " ".join(f"{k}={v}" for k, v in info["progress"].items()))
         if info["other_keys"]:
@@ -170,11 +174,13 @@ def inspect_dir(path: str) -> dict:
     path = os.path.normpath(path)
     single = parse_dir_name(os.path.basename(path)) is not None or os.path.isfile(os.path.join(path, METADATA_FILENAME))
     if single:
-        return {"save_dir": None, "tracker": None, "checkpoints": [describe(path)], "leftovers": []}
+        return {"save_dir": None, "tracker": None, "best": None, "checkpoints": [describe(path)], "leftovers": []}
     tracker, tracker_problem = read_tracker(path)
+    best, _ = read_tracker(path, BEST_FILENAME)
     found = find_checkpoints(path)
     return {"save_dir": path,
             "tracker": format_iteration(tracker) if tracker is not None else f"({tracker_problem})",
+            "best": format_iteration(best) if best is not None else None,
             "checkpoints": [describe(c.path) for c in found if c.state == "committed"],
             "leftovers": [{"name": c.name, "state": c.state, "bytes": c.size_bytes}
                           for c in found if c.state != "committed"]}
@@ -192,7 +198,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(report, indent=1))
     else:
         if report["save_dir"] is not None:
-            print(f"save directory {report['save_dir']}: tracker names {report['tracker']}, "
+            best = f", best (lowest validation loss) {report['best']}" if report["best"] else ""
+            print(f"save directory {report['save_dir']}: tracker names {report['tracker']}{best}, "
                   f"{len(report['checkpoints'])} committed checkpoints")
         for info in report["checkpoints"]:
             _print_checkpoint(info)

@@ -20,6 +20,7 @@ from typing import Optional, Tuple, Union
 Iteration = Union[int, str]   # an iteration number, or RELEASE
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+BEST_FILENAME = "best_checkpointed_iteration.txt"   # the full checkpoint with the lowest validation loss
 METADATA_FILENAME = "metadata.json"
 MODEL_FILENAME = "model_optim_rng.pt"
 DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
@@ -104,9 +105,9 @@ def tracker_path(save_dir: str) -> str:
     return os.path.join(save_dir, TRACKER_FILENAME)
 
 
-def tracker_tmp_path(save_dir: str) -> str:
-    """The tracker's new content is written here, fsynced, then renamed over the tracker."""
-    return os.path.join(save_dir, "." + TRACKER_FILENAME + TMP_SUFFIX)
+def tracker_tmp_path(save_dir: str, name: str = TRACKER_FILENAME) -> str:
+    """A tracker's new content is written here, fsynced, then renamed over the tracker."""
+    return os.path.join(save_dir, "." + name + TMP_SUFFIX)
 
 
 def check_relpath(relpath: str) -> None:

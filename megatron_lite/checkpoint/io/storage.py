@@ -40,9 +40,9 @@ import torch.distributed as dist
 from megatron_lite.checkpoint.io.integrity import (CHECKSUM_ALGORITHM, FORMAT_VERSION, CheckpointIntegrityError,
                                                 CheckpointMetadataError, VerifiedFile, read_metadata, read_verified,
                                                 take_verified)
-from megatron_lite.checkpoint.io.layout import (METADATA_FILENAME, Iteration, check_iteration, check_relpath,
-                                             iteration_dir_name, parse_shard_dir, replaced_dir_name,
-                                             resolve_iteration_dir, tmp_dir_name, tracker_path, tracker_tmp_path)
+from megatron_lite.checkpoint.io.layout import (METADATA_FILENAME, TRACKER_FILENAME, Iteration, check_iteration,
+                                                check_relpath, iteration_dir_name, parse_shard_dir, replaced_dir_name,
+                                                resolve_iteration_dir, tmp_dir_name, tracker_tmp_path)
 from megatron_lite.checkpoint.io.torchfile import unpickle_torch_file, write_torch_file
 from megatron_lite.parallel.state import ParallelState
 
@@ -222,10 +222,12 @@ def write_files(tmp_dir: str, payload: Dict[str, object], rank: int) -> Dict[str
     return entries
 
 
-def write_tracker(save_dir: str, iteration: Iteration) -> None:
-    """Replace latest_checkpointed_iteration.txt atomically: write a temporary file, fsync, rename."""
-    write_durably(tracker_tmp_path(save_dir), str(iteration).encode())
-    os.replace(tracker_tmp_path(save_dir), tracker_path(save_dir))
+def write_tracker(save_dir: str, iteration: Iteration, name: str = TRACKER_FILENAME) -> None:
+    """Replace latest_checkpointed_iteration.txt (or another tracker: best_checkpointed_iteration.txt)
+    atomically: write a temporary file, fsync, rename."""
+    tmp = tracker_tmp_path(save_dir, name)
+    write_durably(tmp, str(iteration).encode())
+    os.replace(tmp, os.path.join(save_dir, name))
     fsync_dir(save_dir)
 
 
