@@ -18,6 +18,8 @@ CONFIG_SECTIONS = ("model", "data", "train", "optimizer", "parallel")
 RUNTIME_FIELDS = {"transformer_impl", "distributed_backend", "fused_kernels"}
 RENAMED = {"norm_epsilon": ("norm_epsilon", "layernorm_epsilon")}
 
+MODE_ARG = "megatron_lite_mode"   # in args: the mode of the megatron_lite run that wrote it
+
 
 def _plain(value):
     """A saved value as megatron_lite's config holds it (enums by name, tuples as lists)."""
@@ -85,3 +87,20 @@ def megatron_args_from_config(cfg: RunConfig, state) -> argparse.Namespace:
         rank=0,
     )
     return argparse.Namespace(**values)
+
+
+def metadata_from_megatron(fmt: str, iteration, args, saved: dict, **holds) -> dict:
+    """The SourceCheckpoint metadata of a Megatron-LM checkpoint: config, layout and progress from
+    its args (the data-parallel size as Megatron derives it when args lack it), the flops count from
+    the saved dict (`saved`: the legacy file or the torch_dist common state), and `holds`
+    (has_optimizer, has_rng, distributed_optimizer) as the reader found them."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    dp = getattr(args, "data_parallel_size", None) or getattr(args, "world_size", tp * pp) // (tp * pp)
+    return {
+        "format": fmt, "iteration": iteration, "mode": getattr(args, MODE_ARG, "pretrain"),
+        "config": config_from_megatron_args(args), "parallel": {"tp": tp, "pp": pp, "dp": dp},
+        "progress": {"iteration": iteration if isinstance(iteration, int) else 0,
+                     "consumed_train_samples": getattr(args, "consumed_train_samples", 0),
+                     "consumed_valid_samples": getattr(args, "consumed_valid_samples", 0),
+                     "floating_point_operations_so_far": saved.get("num_floating_point_operations_so_far", 0)},
+        **holds}

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.checkpoint.formats import SourceCheckpoint, pickle_names
-from megatron_lite.checkpoint.formats.megatron_args import config_from_megatron_args, megatron_args_from_config
+from megatron_lite.checkpoint.formats.megatron_args import (MODE_ARG, megatron_args_from_config,
+                                                           metadata_from_megatron)
 from megatron_lite.checkpoint.io.layout import tmp_dir_name
 from megatron_lite.checkpoint.io.storage import fsync_dir, write_tracker
 from megatron_lite.checkpoint.recovery import CheckpointLoadError
@@ -37,7 +38,6 @@ FORMAT = "torch"
 MODEL_FILENAME = "model_optim_rng.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
-MODE_ARG = "megatron_lite_mode"                  # in args: the mode of the megatron_lite run that wrote it
 OWN_OPTIMIZER_KEY = "megatron_lite_optimizer"    # megatron_lite's optimizer state_dict, beside Megatron's keys
 
 TE_NAMES = (  # Transformer Engine spec suffix -> local spec suffix
@@ -168,19 +168,10 @@ class LegacyCheckpoint(SourceCheckpoint):
                                       f"{', '.join(missing) or 'nothing'}; copy the missing rank directories")
         self.distributed_optimizer = any(os.path.isfile(os.path.join(iter_dir, d, "distrib_optim.pt"))
                                          for d in os.listdir(iter_dir))
-        dp = getattr(args, "data_parallel_size", None) or (
-            getattr(args, "world_size", self.tp * self.pp) // (self.tp * self.pp))
-        self.metadata = {
-            "format": FORMAT, "iteration": self.iteration, "mode": getattr(args, MODE_ARG, "pretrain"),
-            "config": config_from_megatron_args(args),
-            "parallel": {"tp": self.tp, "pp": self.pp, "dp": dp},
-            "progress": {"iteration": self.iteration if isinstance(self.iteration, int) else 0,
-                         "consumed_train_samples": getattr(args, "consumed_train_samples", 0),
-                         "consumed_valid_samples": getattr(args, "consumed_valid_samples", 0),
-                         "floating_point_operations_so_far": first.get("num_floating_point_operations_so_far", 0)},
-            "has_optimizer": "optimizer" in first or OWN_OPTIMIZER_KEY in first or self.distributed_optimizer,
-            "has_rng": "rng_state" in first, "distributed_optimizer": self.distributed_optimizer,
-        }
+        self.metadata = metadata_from_megatron(
+            FORMAT, self.iteration, args, first,
+            has_optimizer="optimizer" in first or OWN_OPTIMIZER_KEY in first or self.distributed_optimizer,
+            has_rng="rng_state" in first, distributed_optimizer=self.distributed_optimizer)
 
     def _file(self, rank_dir: str) -> dict:
         if rank_dir not in self._cache:

@@ -39,8 +39,8 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, Sharde
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
 from megatron_lite.checkpoint.formats import SourceCheckpoint
-from megatron_lite.checkpoint.formats.megatron_args import config_from_megatron_args, megatron_args_from_config
-from megatron_lite.checkpoint.formats.megatron_legacy import (CHECKPOINT_VERSION, MODE_ARG, TE_NAMES, numpy_globals,
+from megatron_lite.checkpoint.formats.megatron_args import MODE_ARG, megatron_args_from_config, metadata_from_megatron
+from megatron_lite.checkpoint.formats.megatron_legacy import (CHECKPOINT_VERSION, TE_NAMES, numpy_globals,
                                                               iteration_dir_name, rng_from_megatron, rng_to_megatron)
 from megatron_lite.checkpoint.io.layout import tmp_dir_name
 from megatron_lite.checkpoint.io.storage import fsync_dir, write_tracker
@@ -153,21 +153,12 @@ class TorchDistCheckpoint(SourceCheckpoint):
         self.iteration = common.get("iteration", 0)
         self.tp = args.tensor_model_parallel_size
         self.pp = args.pipeline_model_parallel_size
-        dp = getattr(args, "data_parallel_size", None) or (
-            getattr(args, "world_size", self.tp * self.pp) // (self.tp * self.pp))
         self._rng_keys = {k for k in self._index if k.startswith("rng_state/shard_")}
         self.distributed_optimizer = any(k.startswith("optimizer.") for k in self._index)
-        self.metadata = {
-            "format": FORMAT, "iteration": self.iteration, "mode": getattr(args, MODE_ARG, "pretrain"),
-            "config": config_from_megatron_args(args),
-            "parallel": {"tp": self.tp, "pp": self.pp, "dp": dp},
-            "progress": {"iteration": self.iteration if isinstance(self.iteration, int) else 0,
-                         "consumed_train_samples": getattr(args, "consumed_train_samples", 0),
-                         "consumed_valid_samples": getattr(args, "consumed_valid_samples", 0),
-                         "floating_point_operations_so_far": common.get("num_floating_point_operations_so_far", 0)},
-            "has_optimizer": self.distributed_optimizer, "has_rng": bool(self._rng_keys),
-            "distributed_optimizer": bool(getattr(args, "use_distributed_optimizer", False)),
-        }
+        self.metadata = metadata_from_megatron(
+            FORMAT, self.iteration, args, common, has_optimizer=self.distributed_optimizer,
+            has_rng=bool(self._rng_keys),
+            distributed_optimizer=bool(getattr(args, "use_distributed_optimizer", False)))
 
     def _common(self) -> dict:
         legacy = os.path.join(self.iter_dir, LEGACY_COMMON_FILENAME)
