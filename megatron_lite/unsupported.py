@@ -69,7 +69,7 @@ UNSUPPORTED_FEATURES: Dict[str, List[str]] = {
         "--async-strategy", "--async-ckpt-use-cpu-shm", "--verify-integrity", "--auto-detect-ckpt-format",
         "--save-retain-interval", "--use-mp-args-from-checkpoint-args",
     ],
-    "inference (megatron_lite trains; generation is the Trainer API's)": [
+    "Megatron-Core's inference engines (megatron_lite generates with tools/generate.py)": [
         "--inference-max-seq-length", "--inference-max-requests", "--inference-max-batch-size",
         "--inference-logging-step-interval", "--inference-ckpt-non-strict", "--inference-repeat-n",
         "--inference-fuse-tp-communication", "--inference-dynamic-batching-buffer-size-gb",
@@ -80,7 +80,7 @@ UNSUPPORTED_FEATURES: Dict[str, List[str]] = {
         "--inference-dynamic-batching-unified-memory-level", "--inference-dynamic-batching-sampling-backend",
         "--inference-dynamic-batching-cuda-graph-sizing-distribution",
         "--inference-dynamic-batching-async-sched-mode", "--prompts", "--prompt-file", "--prompt-file-num-truncate",
-        "--num-tokens-to-generate", "--temperature", "--top_k", "--top_p", "--top-n-logprobs", "--return-log-probs",
+        "--top-n-logprobs", "--return-log-probs",
         "--output-path", "--output-every-n-results", "--incoming-requests-per-sec", "--incoming-requests-per-step",
         "--max-tokens-to-oom", "--termination-id", "--stop-words", "--flash-decode", "--enable-chunked-prefill",
         "--use-legacy-static-engine", "--use-coordinator", "--use-flashinfer-fused-rope", "--async-mode",

@@ -1,7 +1,9 @@
 """Self-attention: the fused QKV projection, optional per-head q/k norms, rotary embedding, the core
 attention (torch SDPA backends, or explicit scores and softmax), and the output projection.
 
-Tensors are [s, b, ...] outside the core attention and [b, heads, s, d] inside it.
+Tensors are [s, b, ...] outside the core attention and [b, heads, s, d] inside it. With an
+inference context (generation, megatron_lite/inference/) each layer keeps the keys and values of the
+positions seen so far, and a step computes only its new tokens' queries, keys and values.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, ops, dtype, layer_number: int = 1):
         super().__init__()
         self.cfg, self.state, self.ops = cfg, state, ops
+        self.layer_number = layer_number
         d, groups = cfg.head_dim, cfg.query_groups
         self.heads_per_group = cfg.num_attention_heads // groups
         self.local_groups = groups // state.tp_size
@@ -184,7 +187,7 @@ class SelfAttention(nn.Module):
             q, k = self._rotate(q, *rotary), self._rotate(k, *rotary)
         return q, k, v
 
-    def forward(self, x, rotary=None, attention_mask: Optional[torch.Tensor] = None):
+    def forward(self, x, rotary=None, attention_mask: Optional[torch.Tensor] = None, inference_context=None):
         qkv = self.linear_qkv(x)                                   # [s, b, groups_local * (hpg + 2) * d]
         s, b = qkv.shape[:2]
         d, hpg, ng = self.cfg.head_dim, self.heads_per_group, self.local_groups
@@ -192,6 +195,8 @@ class SelfAttention(nn.Module):
         q, k, v = self._split(qkv.view(s, b * ng, hpg + 2, d), rotary)
         q = q.reshape(s, b, ng * hpg, d)
         k, v = k.reshape(s, b, ng, d), v.reshape(s, b, ng, d)
+        if inference_context is not None:
+            k, v = inference_context.update_kv(self.layer_number, k, v)   # [offset + s, b, ng, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))      # [b, heads, s, d]
         if self.recompute_core and self.training and torch.is_grad_enabled():
             ctx = recompute(lambda *qkv_: self.core_attention(*qkv_, attention_mask), self.state.rng, q, k, v)

@@ -166,12 +166,14 @@ class TransformerLayer(nn.Module):
             discard_until_backward(normed, out[0], lambda: norm(x))
         return x, out
 
-    def forward_deferred(self, x, pending=None, rotary=None, attention_mask=None):
-        """The layer on x + pending; returns (y, y_pending), its output being y + y_pending."""
-        x, attn = self._norm_then(self.input_layernorm, x, pending, self.self_attention, rotary, attention_mask)
+    def forward_deferred(self, x, pending=None, rotary=None, attention_mask=None, inference_context=None):
+        """The layer on x + pending; returns (y, y_pending), its output being y + y_pending.
+        `inference_context` (generation) holds the keys and values of the earlier positions."""
+        x, attn = self._norm_then(self.input_layernorm, x, pending, self.self_attention, rotary, attention_mask,
+                                  inference_context)
         x, mlp = self._norm_then(self.pre_mlp_layernorm, x, self._bias_dropout(attn), self.mlp)
         return x, self._bias_dropout(mlp)
 
-    def forward(self, x, rotary=None, attention_mask=None):
-        x, pending = self.forward_deferred(x, None, rotary, attention_mask)
+    def forward(self, x, rotary=None, attention_mask=None, inference_context=None):
+        x, pending = self.forward_deferred(x, None, rotary, attention_mask, inference_context)
         return x + pending

@@ -1,0 +1,71 @@
+"""Generate from a checkpoint with a KV cache, at the TP/PP it is launched with.
+
+    python tools/generate.py --load CKPT --prompt "Once upon a time" --max-new-tokens 32 \\
+        [--greedy | --temperature 0.8 --top-k 50 --top-p 0.9] [--seed 1]
+    torchrun --nproc_per_node 2 tools/generate.py --tensor-model-parallel-size 2 --load CKPT --prompt-ids 5 17 42
+
+--load takes any directory megatron_lite loads: its own checkpoints, tools/checkpoint/convert.py's
+(e.g. from Hugging Face), Megatron-LM's torch and torch_dist; --ckpt-step picks an iteration. The
+model config and the tokenizer are the checkpoint's (flags override them). With --prompt the
+prompt and its continuation are printed as text; with --prompt-ids the generated ids, on one line.
+Generation stops early at the tokenizer's end-of-document token. Loading messages go to stderr,
+so stdout holds only the result. The other flags are pretrain_gpt.py's; a mistake in them stops
+with exit code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch.distributed as dist  # noqa: E402
+
+from megatron_lite.arguments import ConfigError, _Parser, build_parser, parse_args  # noqa: E402
+from megatron_lite.checkpoint.recovery import CheckpointLoadError  # noqa: E402
+from megatron_lite.inference import generate, load_for_inference  # noqa: E402
+
+
+def _prompt_parser() -> argparse.ArgumentParser:
+    parser = _Parser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--prompt", help="text to continue (tokenized with the checkpoint's tokenizer)")
+    parser.add_argument("--prompt-ids", nargs="+", type=int, metavar="ID", help="token ids to continue")
+    parser.add_argument("-h", "--help", action="store_true")
+    return parser
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def main(argv=None) -> int:
+    try:
+        own, rest = _prompt_parser().parse_known_args(argv)
+        if own.help:
+            print(__doc__ + "\n" + _prompt_parser().format_help() + "\n" + build_parser().format_help())
+            return 0
+        if (own.prompt is None) == (own.prompt_ids is None):
+            raise ConfigError("give the prompt as --prompt TEXT or as --prompt-ids ID [ID ...], one of the two")
+        cfg = parse_args(rest)
+        with contextlib.redirect_stdout(sys.stderr):
+            run = load_for_inference(cfg)
+        prompt = own.prompt_ids if own.prompt_ids is not None else run.tokenizer.tokenize(own.prompt)
+        new = generate(run, [prompt], cfg.inference, seed=cfg.train.seed, stop_token_id=run.tokenizer.eod)[0]
+        if _rank() == 0:
+            text = " ".join(map(str, new)) if own.prompt_ids is not None else run.tokenizer.detokenize(prompt + new)
+            print(text, flush=True)
+    except (ConfigError, CheckpointLoadError) as e:   # the same on every rank: rank 0 says it
+        if _rank() == 0:
+            print(f"generate.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
