@@ -62,6 +62,7 @@ class LoadPlan:
     metadata: Optional[dict] = None   # the chosen checkpoint's metadata.json
     verified_files: List[VerifiedFile] = field(default_factory=list)   # this rank's model files, read and kept
     format: str = OWN_FORMAT
+    step_flag: str = "--ckpt-step"   # the flag that picks an iteration of load_dir, named in messages
 
 
 def _order_key(iteration: Iteration) -> int:
@@ -181,7 +182,7 @@ def _check(info: CheckpointInfo, state: Optional[ParallelState]) -> Tuple[Option
 
 
 def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Optional[ParallelState] = None, *,
-                      allow_weights_only: bool = False) -> LoadPlan:
+                      allow_weights_only: bool = False, step_flag: str = "--ckpt-step") -> LoadPlan:
     """The checkpoint to load from `load_dir`; collective over all ranks when `state` is distributed.
 
     With `ckpt_step`, that iteration or CheckpointLoadError if it is missing or fails its
@@ -190,12 +191,14 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
     tracker may have been moved back on purpose). Weights-only checkpoints count only with
     `allow_weights_only`; skipped ones are listed in `rejected` when nothing else is found.
     Iteration None means nothing to load; a directory whose checkpoints all fail their
-    checks is an error rather than a silent fresh start.
+    checks is an error rather than a silent fresh start. `step_flag` is the flag messages name
+    for `ckpt_step` (--load-weights-from-step for the weights' directory).
     """
     survey = broadcast_object((find_checkpoints(load_dir), read_tracker(load_dir))
                               if state is None or state.rank == 0 else None, state)
     checkpoints, (tracker_iteration, tracker_problem) = survey
-    plan = LoadPlan(load_dir, None, None, "none", tracker_iteration=tracker_iteration, checkpoints=checkpoints)
+    plan = LoadPlan(load_dir, None, None, "none", tracker_iteration=tracker_iteration, checkpoints=checkpoints,
+                    step_flag=step_flag)
     committed = {c.iteration: c for c in checkpoints if c.state == "committed"}
     for c in checkpoints:
         if c.state == "incomplete":
@@ -210,12 +213,12 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
         info = committed.get(ckpt_step)
         if info is None:
             available = ", ".join(str(i) for i in committed) or "none"
-            raise CheckpointLoadError(f"--ckpt-step {ckpt_step}: {load_dir} has no committed checkpoint "
+            raise CheckpointLoadError(f"{step_flag} {ckpt_step}: {load_dir} has no committed checkpoint "
                                       f"{iteration_dir_name(ckpt_step)} (committed iterations: {available})")
         meta, problems, kept = _check(info, state)
         if problems:
             raise CheckpointLoadError(f"checkpoint {info.name} in {load_dir} failed its checks: {'; '.join(problems)}; "
-                                      f"pick another with --ckpt-step or drop it to load the newest intact one")
+                                      f"pick another with {step_flag} or drop it to load the newest intact one")
         candidates, reason_of = [info], {id(info): "--ckpt-step"}
     else:
         if tracker_problem is not None and any(c.kind == "full" for c in committed.values()):
@@ -258,7 +261,7 @@ def choose_checkpoint(load_dir: str, ckpt_step: Optional[int] = None, state: Opt
             newer = c.state == "committed" and _order_key(c.iteration) > _order_key(plan.iteration)
             if newer and c.status == NOT_CHECKED:
                 c.status = (f"newer than the tracker's {format_iteration(plan.iteration)}, not loaded "
-                            f"(load it with --ckpt-step {c.iteration})")
+                            f"(load it with {step_flag} {c.iteration})")
     return plan
 
 
@@ -272,38 +275,51 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
 
 
-_REASONS = {"tracker": f"named by {TRACKER_FILENAME}", "--ckpt-step": "requested with --ckpt-step",
-            "best": f"--ckpt-step best: named by {BEST_FILENAME}",
-            "fallback": "fallback: the newest intact checkpoint"}
 _MAX_LISTED = 12
 
 
-def format_recovery_report(plan: LoadPlan, restored: Dict[str, str]) -> str:
-    """One block for rank 0's log: what was found, what is loaded and why, and what was restored or reset."""
-    lines = [f"checkpoint recovery report for {plan.load_dir}"]
+def _load_reason(plan: LoadPlan) -> str:
+    """Why the plan's checkpoint was chosen, in the report's words."""
+    return {"tracker": f"named by {TRACKER_FILENAME}", "--ckpt-step": f"requested with {plan.step_flag}",
+            "best": f"{plan.step_flag} best: named by {BEST_FILENAME}",
+            "fallback": "fallback: the newest intact checkpoint"}[plan.reason]
+
+
+def _survey(plan: LoadPlan, indent: str) -> List[str]:
+    """The report's lines on one directory: trackers, what was found, what was not loaded and why, the choice."""
     tracker = format_iteration(plan.tracker_iteration) if plan.tracker_iteration is not None else "nothing"
-    lines.append(f"  tracker {TRACKER_FILENAME} names {tracker}")
+    lines = [f"tracker {TRACKER_FILENAME} names {tracker}"]
     best, _ = read_tracker(plan.load_dir, BEST_FILENAME)
     if best is not None:
-        lines.append(f"  best    {BEST_FILENAME} names {format_iteration(best)} (lowest validation loss)")
+        lines.append(f"best    {BEST_FILENAME} names {format_iteration(best)} (lowest validation loss)")
     if plan.checkpoints:
-        lines.append("  found (newest first):")
+        lines.append("found (newest first):")
         width = max(len(c.name) for c in plan.checkpoints)
         for c in plan.checkpoints[:_MAX_LISTED]:
             mark = "   <- loaded" if c.path == plan.iter_dir else ""
-            lines.append(f"    {c.name:<{width}}  {c.kind or '?':<7}  {human_bytes(c.size_bytes):>9}  "
+            lines.append(f"  {c.name:<{width}}  {c.kind or '?':<7}  {human_bytes(c.size_bytes):>9}  "
                          f"{c.status}{mark}")
         if len(plan.checkpoints) > _MAX_LISTED:
-            lines.append(f"    ... and {len(plan.checkpoints) - _MAX_LISTED} older")
+            lines.append(f"  ... and {len(plan.checkpoints) - _MAX_LISTED} older")
     else:
-        lines.append("  found: no checkpoints")
+        lines.append("found: no checkpoints")
     if plan.rejected:
-        lines.append("  not loaded:")
-        lines += [f"    {name}: {why}" for name, why in plan.rejected]
+        lines.append("not loaded:")
+        lines += [f"  {name}: {why}" for name, why in plan.rejected]
     if plan.iteration is None:
-        lines.append("  loading: nothing, training starts from scratch")
+        lines.append("loading: nothing, training starts from scratch")
     else:
-        lines.append(f"  loading: {os.path.basename(plan.iter_dir)} ({plan.kind}), {_REASONS[plan.reason]}")
+        lines.append(f"loading: {os.path.basename(plan.iter_dir)} ({plan.kind}), {_load_reason(plan)}")
+    return [indent + line for line in lines]
+
+
+def format_recovery_report(plan: LoadPlan, restored: Dict[str, str], weights_plan: Optional[LoadPlan] = None) -> str:
+    """One block for rank 0's log: what was found, what is loaded and why, and what was restored or reset;
+    with `weights_plan` (--load-weights-from), the same survey of the directory the weights come from."""
+    lines = [f"checkpoint recovery report for {plan.load_dir}"] + _survey(plan, "  ")
+    if weights_plan is not None:
+        lines.append(f"  weights from {weights_plan.load_dir} (--load-weights-from):")
+        lines += _survey(weights_plan, "    ")
     if restored:
         lines.append("  restored:")
         width = max(len(k) for k in restored)
