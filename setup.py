@@ -66,7 +66,7 @@ setup(
     package_data={"megatron_lite": ["data/corpus/*.txt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.1", "numpy", "pyyaml"],
-    extras_require={"test": ["pytest", "transformers>=4.40", "safetensors", "tokenizers", "regex", "tiktoken",
+    extras_require={"test": ["pytest", "transformers>=4.40", "peft", "safetensors", "tokenizers", "regex", "tiktoken",
                                 "sentencepiece", "tensorboard", "wandb"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

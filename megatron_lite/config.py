@@ -28,6 +28,7 @@ def flag(default, help: str = "", *, name: Optional[str] = None, store_false: bo
 # mlp_act (the MLP activation's output only), which is megatron_lite's
 SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "mlp_act")
 ATTENTION_BACKENDS = ("flash", "fused", "unfused", "local", "auto")
+LORA_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 TOKENIZER_TYPES = ("ByteLevelTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer",
                    "TikTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 
@@ -102,6 +103,12 @@ class ModelConfig:
         "activation's output)", nargs="*")
     transformer_impl: str = flag("local", "layer implementation", choices=["local", "transformer_engine"])
     fused_kernels: bool = flag(True, "force plain torch ops", name="--no-fused-kernels", store_false=True)
+    lora_rank: int = flag(0, "LoRA: rank of the low-rank adapters on --lora-target-modules, everything else frozen; "
+                          "checkpoints then hold only the adapters and name their base checkpoint (0: no LoRA)")
+    lora_alpha: float = flag(8.0, "LoRA: the adapters' output is scaled by alpha / rank (PEFT's lora_alpha)")
+    lora_dropout: float = flag(0.0, "LoRA: dropout on the adapters' input")
+    lora_target_modules: List[str] = flag(list(LORA_TARGET_MODULES), "LoRA: the linear layers that get adapters",
+                                          nargs="+", choices=list(LORA_TARGET_MODULES))
 
     @property
     def head_dim(self) -> int:
@@ -273,6 +280,10 @@ class LoggingConfig:
     profile_step_start: int = flag(10, "first profiled iteration")
     profile_step_end: int = flag(12, "iteration at which profiling stops")
     profile_ranks: List[int] = flag([0], "global ranks that profile", nargs="+")
+    generate_interval: Optional[int] = flag(None, "every N iterations, generate from --generate-prompt and print the "
+                                            "sample on rank 0 (--greedy, --temperature, ... as tools/generate.py); "
+                                            "training is unchanged by it")
+    generate_prompt: Optional[str] = flag(None, "the prompt of the --generate-interval samples")
 
 
 @dataclass
@@ -315,10 +326,15 @@ class CheckpointConfig:
     save_interval: Optional[int] = flag(None, "iterations between checkpoints")
     save_weights_only_interval: Optional[int] = flag(None, "iterations between weights-only checkpoints")
     ckpt_step: Optional[str] = flag(None, "load this iteration instead of the latest, or `best`: the one with the "
-                                    "lowest validation loss (best_checkpointed_iteration.txt)")
+                                    "lowest validation loss (best_checkpointed_iteration.txt); `auto`: the latest "
+                                    "intact, as without the flag")
     finetune: bool = flag(False, "load weights only; reset iteration, optimizer and scheduler")
     reset_sample_stat: bool = flag(False, "further-train: reset iteration and consumed samples, keep optimizer")
     pretrained_checkpoint: Optional[str] = flag(None, "load weights only from this directory")
+    load_weights_from: Optional[str] = flag(None, "take the model weights from this checkpoint directory (weights-only "
+                                            "or full, any format) and the training state from --load's")
+    load_weights_from_step: Optional[str] = flag(None, "the iteration of --load-weights-from to take: a number, "
+                                                 "`best`, or `auto` (the default: the latest intact)")
     load_optim: bool = flag(True, "do not load optimizer state", name="--no-load-optim", store_false=True)
     load_rng: bool = flag(True, "do not load RNG states", name="--no-load-rng", store_false=True)
     load_lr_scheduler: bool = flag(True, "start a fresh LR schedule", name="--no-load-lr-scheduler", store_false=True)
@@ -337,6 +353,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """Sampling for tools/generate.py and the --generate-interval samples; the sampling RNG is
+    seeded with --seed and is its own, so sampling never moves training's random stream."""
+    max_new_tokens: int = flag(32, "tokens to generate after the prompt", aliases=["--num-tokens-to-generate"])
+    greedy: bool = flag(False, "take the most likely token at every step (argmax) instead of sampling")
+    temperature: float = flag(1.0, "sampling: divide the logits by this (> 0)")
+    top_k: int = flag(0, "sampling: only among the k most likely tokens (0: all)", aliases=["--top_k"])
+    top_p: float = flag(0.0, "sampling: only among the most likely tokens whose probabilities add up to p "
+                        "(nucleus; 0 or 1: all)", aliases=["--top_p"])
+
+
+@dataclass
 class RunConfig:
     """The whole tree. `arguments.parse_args` builds it; `validate` checks it once.
 
@@ -349,6 +377,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     explicit: set = field(default_factory=set, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -370,4 +399,5 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "optimizer": OptimizerConfig,
-            "train": TrainConfig, "logging": LoggingConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
+            "train": TrainConfig, "logging": LoggingConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
+            "inference": InferenceConfig}

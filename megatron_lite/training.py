@@ -19,6 +19,7 @@ from typing import Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_lite.inference.generate import print_training_sample
 from megatron_lite.initialize import Run, build_run, model_dtype, print_rank0, setup_parallel
 from megatron_lite.logging_utils import (MetricsWriter, StepProfiler, Timers, check_weight_hash_across_dp_replicas,
                                          memory_stats, num_floating_point_operations, num_zeros_in_grad,
@@ -358,7 +359,8 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
     a young-generation one after it (unless --no-manual-gc-eval).
 
     `checkpoints` (a CheckpointManager) saves after each iteration as its intervals ask, and
-    once more when the loop stops."""
+    once more when the loop stops. --generate-interval prints a sample from the model every N
+    iterations (inference/generate.py), without changing what training computes."""
     t, p, lc, s = run.cfg.train, run.progress, run.cfg.logging, run.state
     total = total_train_iters(run)
     exit_signal = exit_signal or ExitSignal(t.exit_signal_handler)
@@ -426,7 +428,8 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
             eval_due = valid_iter is not None and t.eval_interval and p.iteration % t.eval_interval == 0
             exit_due = t.exit_interval and p.iteration % t.exit_interval == 0
             save_due = checkpoints is not None and checkpoints.saves_due(p.iteration)
-            if eval_due or exit_due or checks_every_iteration or save_due:
+            sample_due = lc.generate_interval and p.iteration % lc.generate_interval == 0
+            if eval_due or exit_due or checks_every_iteration or save_due or sample_due:
                 finish(*pending)
                 pending = None
             every = t.check_weight_hash_across_dp_replicas_interval
@@ -441,6 +444,8 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
                     checkpoints.record_validation(p.iteration, loss)
                 if t.manual_gc_eval:
                     _manual_gc(run, generation=0)
+            if sample_due:
+                print_training_sample(run)
             if checkpoints is not None:
                 checkpoints.save_if_due(run)
             if t.manual_gc_interval and p.iteration % t.manual_gc_interval == 0:
@@ -493,11 +498,12 @@ def build_data(run: Run):
         consumed_valid_samples=run.progress.consumed_valid_samples)
 
 
-def pretrain(cfg, data_iterators=None, load: bool = True) -> Run:
+def pretrain(cfg, data_iterators=None, load: bool = True, resume_own: bool = True) -> Run:
     """Everything `pretrain_gpt.py` does: groups, load decision, build, restore, train, save.
 
     `data_iterators(run) -> (train_iter, valid_iter)` replaces the configured datasets;
-    `load=False` starts from scratch whatever --load and --save hold."""
+    `load=False` starts from scratch whatever --load and --save hold; `resume_own=False` loads from
+    --load alone, in the mode the flags ask for, whatever --save holds."""
     from megatron_lite.checkpoint.manager import CheckpointManager
     from megatron_lite.data import summary_lines
     from megatron_lite.summary import print_arguments, print_parameters
@@ -505,7 +511,7 @@ def pretrain(cfg, data_iterators=None, load: bool = True) -> Run:
     exit_signal = ExitSignal(cfg.train.exit_signal_handler)   # a signal during start-up is honoured too
     state = setup_parallel(cfg)
     checkpoints = CheckpointManager(cfg, state)
-    checkpoints.decide(load)
+    checkpoints.decide(load, resume_own)
     run = build_run(cfg, state)
     run.checkpoints, run.mode = checkpoints, checkpoints.mode
     print_arguments(run)

@@ -124,6 +124,23 @@ def _check_model(cfg: RunConfig) -> None:
         raise _error("Transformer Engine cross entropy loss fusion is disabled due to stability issues. "
                      "Use --cross-entropy-fusion-impl native, or omit --cross-entropy-loss-fusion.")
     _check_recompute(cfg)
+    _check_lora(cfg)
+
+
+def _check_lora(cfg: RunConfig) -> None:
+    m = cfg.model
+    if m.lora_rank < 0:
+        raise _error(f"--lora-rank {m.lora_rank}: give a positive rank (0 turns LoRA off)")
+    if not m.lora_rank:
+        return
+    if not 0.0 <= m.lora_dropout < 1.0:
+        raise _error(f"--lora-dropout {m.lora_dropout}: give a probability in [0, 1)")
+    if not m.lora_target_modules:
+        raise _error("--lora-target-modules: name at least one of linear_qkv, linear_proj, linear_fc1, linear_fc2")
+    if cfg.checkpoint.ckpt_format != "megatron_lite":
+        raise _error(f"--lora-rank: adapter-only checkpoints are megatron_lite's; save with --ckpt-format "
+                     f"megatron_lite (not {cfg.checkpoint.ckpt_format}) and export them with "
+                     f"tools/checkpoint/convert.py --saver peft")
 
 
 def _check_recompute(cfg: RunConfig) -> None:
@@ -263,8 +280,9 @@ def _check_tiktoken_special_tokens(d, vocab_size) -> None:
 
 def _check_checkpoint(cfg: RunConfig) -> None:
     c = cfg.checkpoint
-    if c.ckpt_step is not None and not (str(c.ckpt_step).isdigit() or c.ckpt_step == "best"):
-        raise _error(f"--ckpt-step {c.ckpt_step}: give an iteration number or `best`")
+    for name, step in (("--ckpt-step", c.ckpt_step), ("--load-weights-from-step", c.load_weights_from_step)):
+        if step is not None and not (str(step).isdigit() or step in ("best", "auto")):
+            raise _error(f"{name} {step}: give an iteration number, `best` or `auto` (the latest intact)")
     if c.ckpt_format not in ("megatron_lite", "torch", "torch_dist"):
         raise _error(f"--ckpt-format {c.ckpt_format}: megatron_lite writes megatron_lite, torch (Megatron-LM legacy) "
                      f"and torch_dist checkpoints; pick one of those")
@@ -278,10 +296,37 @@ def _check_checkpoint(cfg: RunConfig) -> None:
         raise _error("--finetune and --reset-sample-stat are different modes; pick one")
     if c.finetune and not c.load and not c.pretrained_checkpoint:
         raise _error("--finetune needs --load DIR (the checkpoint to start from)")
+    _check_load_weights_from(cfg)
     if c.save_interval is not None and c.save_interval <= 0:
         raise _error("--save-interval must be positive")
     if (c.save_interval or c.save_weights_only_interval) and not c.save:
         raise _error("--save-interval needs --save DIR")
+
+
+def _check_load_weights_from(cfg: RunConfig) -> None:
+    """--load-weights-from replaces the weights of a resume (or further-train) from --load; the other
+    ways to take weights from a directory are the modes that start without --load's training state."""
+    c = cfg.checkpoint
+    if c.load_weights_from_step is not None and not c.load_weights_from:
+        raise _error("--load-weights-from-step needs --load-weights-from DIR (the directory it picks an iteration of)")
+    if not c.load_weights_from:
+        return
+    if not c.load:
+        raise _error("--load-weights-from needs --load DIR (the checkpoint whose optimizer, LR schedule, iteration "
+                     "and RNG go with the weights); for the weights alone use --pretrained-checkpoint")
+    if c.finetune:
+        raise _error("--load-weights-from keeps --load's training state, which --finetune resets; to finetune those "
+                     "weights pass their directory as --load (or --pretrained-checkpoint) instead")
+    if c.pretrained_checkpoint:
+        raise _error("--load-weights-from and --pretrained-checkpoint both name where the weights come from; pick one "
+                     "(--load-weights-from: with --load's training state; --pretrained-checkpoint: fresh)")
+    if cfg.model.lora_rank:
+        raise _error("--load-weights-from with --lora-rank: a LoRA run's frozen base comes from --pretrained-checkpoint "
+                     "or --load; drop --load-weights-from")
+    if c.save and c.ckpt_format != "megatron_lite":
+        raise _error(f"--load-weights-from: only megatron_lite checkpoints record which weights they were trained "
+                     f"from, so that a restart does not take them again; save with --ckpt-format megatron_lite "
+                     f"(not {c.ckpt_format})")
 
 
 def _check_logging(cfg: RunConfig) -> None:
@@ -295,6 +340,26 @@ def _check_logging(cfg: RunConfig) -> None:
         raise _error("--wandb-project needs --wandb-exp-name NAME (the W&B run name)")
 
 
+def _check_inference(cfg: RunConfig) -> None:
+    i, g = cfg.inference, cfg.logging
+    if i.max_new_tokens < 1:
+        raise _error(f"--max-new-tokens {i.max_new_tokens} must be at least 1")
+    if i.temperature <= 0:
+        raise _error(f"--temperature {i.temperature} must be positive; use --greedy for the most likely token")
+    if i.top_k < 0:
+        raise _error(f"--top-k {i.top_k} must be >= 0 (0: no top-k filtering)")
+    if not 0.0 <= i.top_p <= 1.0:
+        raise _error(f"--top-p {i.top_p} must be between 0 and 1 (0 or 1: no nucleus filtering)")
+    sampling = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p")
+                if f"inference.{name}" in cfg.explicit]
+    if i.greedy and sampling:
+        raise _error(f"--greedy takes the most likely token, {' and '.join(sampling)} shape sampling; drop one")
+    if g.generate_interval is not None and g.generate_interval <= 0:
+        raise _error("--generate-interval must be positive")
+    if (g.generate_interval is None) != (g.generate_prompt is None):
+        raise _error("--generate-interval N and --generate-prompt TEXT go together: give both or neither")
+
+
 def validate(cfg: RunConfig, world_size: int) -> RunConfig:
     """Check combinations once, before any process group is made; fill derived defaults."""
     dp = _check_parallel(cfg, world_size)
@@ -304,4 +369,5 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
     _check_data(cfg)
     _check_checkpoint(cfg)
     _check_logging(cfg)
+    _check_inference(cfg)
     return cfg

@@ -8,7 +8,9 @@
 #   MICRO_BATCH_SIZE=1 GLOBAL_BATCH_SIZE=8
 #   RUNS_DIR=./runs    where checkpoints and logs go by default:
 #     PRETRAIN_CKPT=$RUNS_DIR/pretrain  FINETUNE_CKPT=$RUNS_DIR/finetune
-#     FURTHER_TRAIN_CKPT=$RUNS_DIR/further_train  LOG_DIR=$RUNS_DIR/logs
+#     FURTHER_TRAIN_CKPT=$RUNS_DIR/further_train  WEIGHTS_FROM_CKPT=$RUNS_DIR/load_weights_from
+#     LORA_CKPT=$RUNS_DIR/lora
+#     LOG_DIR=$RUNS_DIR/logs
 #   TRAIN_ITERS, SAVE_INTERVAL   per script (each script names its defaults)
 #   EVAL_INTERVAL=100  iterations between validation runs (0: none)
 #   EXIT_INTERVAL      unset: train to the end; N: save and stop at the next multiple of N
@@ -28,6 +30,8 @@ RUNS_DIR=${RUNS_DIR:-./runs}
 PRETRAIN_CKPT=${PRETRAIN_CKPT:-$RUNS_DIR/pretrain}
 FINETUNE_CKPT=${FINETUNE_CKPT:-$RUNS_DIR/finetune}
 FURTHER_TRAIN_CKPT=${FURTHER_TRAIN_CKPT:-$RUNS_DIR/further_train}
+WEIGHTS_FROM_CKPT=${WEIGHTS_FROM_CKPT:-$RUNS_DIR/load_weights_from}
+LORA_CKPT=${LORA_CKPT:-$RUNS_DIR/lora}
 LOG_DIR=${LOG_DIR:-$RUNS_DIR/logs}
 
 # One CPU thread per process, as torchrun sets for more than one process: with a tiny model,

@@ -9,6 +9,7 @@ mode of the run that wrote it):
     further-train  --reset-sample-stat: weights, optimizer, scheduler (unless
                    --no-load-lr-scheduler), RNG; iteration and consumed samples reset
     weights        --pretrained-checkpoint DIR: weights only, used when --load has nothing
+--load-weights-from DIR2 replaces the weights of a resume or further-train with DIR2's (weights_from.py).
 A run whose own --save (or --load) directory already holds a checkpoint recorded in the mode it
 requests has already done that mode's reset: it resumes plainly, so one launch script serves the
 first start and every restart.
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.arguments import ConfigError, validate
+from megatron_lite.checkpoint import adapters
 from megatron_lite.checkpoint.formats import FORMAT_NAMES, OWN_FORMAT, SourceCheckpoint, format_module
 from megatron_lite.checkpoint.formats.megatron_lite import OwnCheckpoint
 from megatron_lite.checkpoint.io import layout
@@ -33,9 +35,11 @@ from megatron_lite.checkpoint.io.layout import BEST_FILENAME
 from megatron_lite.checkpoint.io.async_save import AsyncSaver
 from megatron_lite.checkpoint.recovery import choose_checkpoint, format_recovery_report, read_tracker
 from megatron_lite.checkpoint.retention import apply_retention
+from megatron_lite.checkpoint.weights_from import STEP_FLAG, WeightsSource, attribute_sources, keeping_main_params
 from megatron_lite.checkpoint.io.storage import read_metadata, save_files, write_tracker
 from megatron_lite.config import ModelConfig, RunConfig
 from megatron_lite.initialize import Run, model_dtype, print_rank0
+from megatron_lite.model.lora import lora_settings
 from megatron_lite.parallel.random import get_rng_state, set_rng_state
 from megatron_lite.parallel.state import ParallelState
 
@@ -79,15 +83,16 @@ class LoadDecision:
     action: str = "none"            # none | resume | finetune | further-train | weights
     own_restart: bool = False       # resuming a finetune/further-train run's own checkpoint
     source: Optional[SourceCheckpoint] = None   # the reader of the chosen checkpoint, whatever its format
+    weights: Optional[WeightsSource] = None     # --load-weights-from's checkpoint, when the weights come from it
 
     @property
     def iteration(self):
         return self.plan.iteration if self.plan is not None else None
 
 
-def _plan(directory: str, ckpt_step, state, best: bool = False):
+def _plan(directory: str, ckpt_step, state, best: bool = False, step_flag: str = "--ckpt-step"):
     """The checkpoint to load from `directory` (verified once, here), or None when it has none."""
-    plan = choose_checkpoint(directory, ckpt_step, state, allow_weights_only=True)
+    plan = choose_checkpoint(directory, ckpt_step, state, allow_weights_only=True, step_flag=step_flag)
     if best and plan.iteration is not None:
         plan.reason = "best"
     return plan if plan.iteration is not None else None
@@ -103,28 +108,61 @@ def _opened(directory: str, plan) -> tuple:
     return source.metadata, source
 
 
-def _ckpt_step(c) -> Optional[int]:
-    """--ckpt-step as an iteration: a number, or `best`, the iteration best_checkpointed_iteration.txt names."""
-    if c.ckpt_step is None:
+def _step(step: Optional[str], directory: str, flag: str) -> Optional[int]:
+    """A step flag (--ckpt-step, --load-weights-from-step) as an iteration of `directory`: None for
+    `auto` or unset (the tracker's, else the newest intact), a number, or `best`, the iteration
+    best_checkpointed_iteration.txt names."""
+    if step in (None, "auto"):
         return None
-    if c.ckpt_step != "best":
-        return int(c.ckpt_step)
-    best, problem = read_tracker(c.load, BEST_FILENAME)
+    if step != "best":
+        return int(step)
+    best, problem = read_tracker(directory, BEST_FILENAME)
     if best is None:
-        raise ConfigError(f"--ckpt-step best: {c.load}/{BEST_FILENAME} is {problem}; it names the checkpoint with "
+        raise ConfigError(f"{flag} best: {directory}/{BEST_FILENAME} is {problem}; it names the checkpoint with "
                           f"the lowest validation loss once a run with --eval-interval has saved after an evaluation")
     return best
 
 
-def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
+def decide_load(cfg: RunConfig, state: ParallelState, resume_own: bool = True) -> LoadDecision:
+    """Where the training state comes from, and with --load-weights-from where the weights do.
+    `resume_own=False` looks only at --load and starts its mode afresh from it (a finetune started
+    again from its base, whatever its --save holds)."""
+    decision = _decide_training_state(cfg, state, resume_own)
+    decision.weights = _decide_weights(cfg, state, decision)
+    return decision
+
+
+def _decide_weights(cfg: RunConfig, state: ParallelState, decision: LoadDecision) -> Optional[WeightsSource]:
+    """--load-weights-from's checkpoint; its weights are not taken again when --load's chosen
+    checkpoint records that it was trained from them (a restart of the same command line)."""
+    c = cfg.checkpoint
+    if not c.load_weights_from:
+        return None
+    if not os.path.isdir(c.load_weights_from):
+        raise ConfigError(f"--load-weights-from {c.load_weights_from}: no such directory; check the path")
+    if decision.action == "none":
+        raise ConfigError(f"--load-weights-from {c.load_weights_from}: --load {c.load} holds no checkpoint whose "
+                          f"training state would go with the weights; pass --load a directory of full checkpoints, "
+                          f"or --pretrained-checkpoint {c.load_weights_from} to start from the weights afresh")
+    plan = _plan(c.load_weights_from, _step(c.load_weights_from_step, c.load_weights_from, STEP_FLAG), state,
+                 best=c.load_weights_from_step == "best", step_flag=STEP_FLAG)
+    if plan is None:
+        raise ConfigError(f"--load-weights-from {c.load_weights_from} holds no intact checkpoint; check the path")
+    meta, source = _opened(c.load_weights_from, plan)
+    weights = WeightsSource(c.load_weights_from, plan, meta, source)
+    weights.applied = decision.metadata.get("weights_from") != weights.record
+    return weights
+
+
+def _decide_training_state(cfg: RunConfig, state: ParallelState, resume_own: bool = True) -> LoadDecision:
     c, mode = cfg.checkpoint, requested_mode(cfg)
     if c.load and not os.path.isdir(c.load) and (
             not c.save or os.path.abspath(c.load) != os.path.abspath(c.save)):
         raise ConfigError(f"--load {c.load}: no such directory; check the path (a first run that will save "
                           f"there passes the same directory to --save), or drop --load to train from scratch")
     # 1. this run's own checkpoints (a restart of the same command line) or --load's
-    for directory in [d for d in dict.fromkeys([c.save, c.load]) if d]:
-        plan = _plan(directory, _ckpt_step(c) if directory == c.load else None, state,
+    for directory in [d for d in dict.fromkeys([c.save if resume_own else None, c.load]) if d]:
+        plan = _plan(directory, _step(c.ckpt_step, c.load, "--ckpt-step") if directory == c.load else None, state,
                      best=directory == c.load and c.ckpt_step == "best")
         if plan is None:
             continue
@@ -136,10 +174,14 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
             if mode == "finetune":
                 return LoadDecision(**found, action="finetune")
             if not c.pretrained_checkpoint:
+                fix = ("--load names the full checkpoint whose training state goes with the weights: pass this "
+                       "directory as --load-weights-from and a directory of full checkpoints as --load"
+                       if c.load_weights_from else "take its weights with --load-weights-from (with a full "
+                       "checkpoint as --load), --finetune or --pretrained-checkpoint")
                 raise ConfigError(f"{c.load} holds only a weights-only checkpoint ({plan.iter_dir}): it has no "
-                                  f"optimizer state to resume; load it with --finetune or --pretrained-checkpoint")
+                                  f"optimizer state to resume; {fix}")
             continue
-        if mode == "pretrain" or meta.get("mode", "pretrain") == mode:
+        if mode == "pretrain" or (resume_own and meta.get("mode", "pretrain") == mode):
             # a restart of a finetune/further-train run: its mode flags (--no-load-optim, ...) were
             # for the first start; everything it saved is restored
             return LoadDecision(**found, action="resume", own_restart=mode != "pretrain")
@@ -152,7 +194,7 @@ def decide_load(cfg: RunConfig, state: ParallelState) -> LoadDecision:
             raise ConfigError(f"--pretrained-checkpoint {c.pretrained_checkpoint} holds no intact checkpoint")
         meta, source = _opened(c.pretrained_checkpoint, plan)
         return LoadDecision(c.pretrained_checkpoint, plan, meta, "weights", source=source)
-    if c.load and (c.exit_on_missing_checkpoint or mode != "pretrain" or c.ckpt_step is not None):
+    if c.load and (c.exit_on_missing_checkpoint or mode != "pretrain" or c.ckpt_step not in (None, "auto")):
         raise ConfigError(f"--load {c.load}: no checkpoint found; check the path (or drop --load to start from "
                           f"scratch)")
     return LoadDecision()
@@ -175,22 +217,35 @@ def check_model_config(cfg: RunConfig, decision: LoadDecision, world_size: int =
         except ConfigError as e:
             raise ConfigError(f"{e} (--use-checkpoint-args took {', '.join(taken)} from "
                               f"{decision.plan.iter_dir})") from None
+    diffs = _architecture_diffs(cfg.model, saved)
+    if diffs:
+        fix = ("drop those flags to take the checkpoint's values" if cfg.checkpoint.use_checkpoint_args else
+               "pass --use-checkpoint-args to take the checkpoint's model config, or fix the flags")
+        raise ConfigError(f"checkpoint {decision.plan.iter_dir} was saved with " + ", ".join(diffs) + "; " + fix)
+    weights = decision.weights
+    diffs = _architecture_diffs(cfg.model, weights.metadata.get("config", {}).get("model", {})) if weights else []
+    if diffs:
+        raise ConfigError(f"checkpoint {weights.plan.iter_dir} (--load-weights-from) was saved with "
+                          f"{', '.join(diffs)}, unlike --load's {decision.plan.iter_dir} and the flags; the weights "
+                          f"must be of the model whose training state is resumed: pick another --load-weights-from "
+                          f"directory or --load-weights-from-step")
+
+
+def _architecture_diffs(model: ModelConfig, saved: dict) -> List[str]:
+    """`name=saved (flags say mine)` for every architecture field a checkpoint's model config differs in."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     saved_model = ModelConfig(**{k: v for k, v in saved.items() if k in known})
     diffs = []
     for name in ARCHITECTURE_FIELDS:
         if name == "vocab_size" or name not in saved:
             continue
-        if saved[name] is None and getattr(cfg.model, name) is None:
+        if saved[name] is None and getattr(model, name) is None:
             continue   # both derive it from the fields above, which are compared themselves
-        mine, theirs = _effective(cfg.model, name), _effective(saved_model, name)
+        mine, theirs = _effective(model, name), _effective(saved_model, name)
         if mine != theirs:
             diffs.append(f"{name}={saved[name] if saved[name] is not None else theirs} (flags say "
-                         f"{getattr(cfg.model, name) if getattr(cfg.model, name) is not None else mine})")
-    if diffs:
-        fix = ("drop those flags to take the checkpoint's values" if cfg.checkpoint.use_checkpoint_args else
-               "pass --use-checkpoint-args to take the checkpoint's model config, or fix the flags")
-        raise ConfigError(f"checkpoint {decision.plan.iter_dir} was saved with " + ", ".join(diffs) + "; " + fix)
+                         f"{getattr(model, name) if getattr(model, name) is not None else mine})")
+    return diffs
 
 
 def _effective(m: ModelConfig, name: str):
@@ -287,15 +342,22 @@ class CheckpointManager:
         self.tensor_index: Optional[dict] = None  # the global tensor index, built at the first save
         self.validation: Optional[dict] = None    # the latest evaluation: {"iteration", "lm loss"}
         self._pending_best: Optional[tuple] = None   # (iteration, loss) of the background save in flight
+        self.weights_from: Optional[dict] = None     # the --load-weights-from record the saves carry on
+        self.base: Optional[dict] = None          # a LoRA run's base checkpoint (adapters.base_record)
+        self.base_bytes = 0
         c = cfg.checkpoint
         self.async_saver = AsyncSaver(persistent=c.use_persistent_ckpt_worker) if c.async_save else None
 
     # ------------------------------------------------------------------------- load
 
-    def decide(self, load: bool = True) -> LoadDecision:
+    def decide(self, load: bool = True, resume_own: bool = True) -> LoadDecision:
         """Choose what to load (identical on every rank) and check the flags against it;
-        `load=False` starts from scratch whatever --load and --save hold."""
-        self.decision = decide_load(self.cfg, self.state) if load else LoadDecision()
+        `load=False` starts from scratch whatever --load and --save hold; `resume_own=False` (see
+        decide_load) ignores --save's checkpoints."""
+        self.decision = decide_load(self.cfg, self.state, resume_own) if load else LoadDecision()
+        if self.cfg.model.lora_rank and self.decision.action == "none":
+            raise ConfigError("--lora-rank trains adapters on a base model: pass its checkpoint with "
+                              "--pretrained-checkpoint DIR (or --load DIR --finetune)")
         check_model_config(self.cfg, self.decision, self.state.world_size)
         return self.decision
 
@@ -309,19 +371,25 @@ class CheckpointManager:
             if c.load or c.save:
                 print_rank0(f"checkpoint: nothing to load in {c.load or c.save}; starting from scratch", run.state)
             return
-        saved_vocab = d.metadata.get("config", {}).get("model", {}).get("vocab_size")
-        if saved_vocab is not None and saved_vocab != run.cfg.model.vocab_size:
-            raise ConfigError(f"checkpoint {d.plan.iter_dir} was trained with a vocabulary of {saved_vocab} "
-                              f"tokens but the tokenizer has {run.cfg.model.vocab_size}; use the checkpoint's "
-                              f"tokenizer (--tokenizer-type/--tokenizer-model/--vocab-size)")
+        weights = d.weights if d.weights is not None and d.weights.applied else None   # else --load's own
+        for chosen in (d, weights) if weights is not None else (d,):
+            saved_vocab = chosen.metadata.get("config", {}).get("model", {}).get("vocab_size")
+            if saved_vocab is not None and saved_vocab != run.cfg.model.vocab_size:
+                raise ConfigError(f"checkpoint {chosen.plan.iter_dir} was trained with a vocabulary of {saved_vocab} "
+                                  f"tokens but the tokenizer has {run.cfg.model.vocab_size}; use the checkpoint's "
+                                  f"tokenizer (--tokenizer-type/--tokenizer-model/--vocab-size)")
         restored: Dict[str, str] = {}
         if d.source.format != OWN_FORMAT:
             restored["format"] = FORMAT_NAMES[d.source.format]
-        restored["weights"] = self._load_weights(run)
+        if weights is not None and weights.source.format != OWN_FORMAT:
+            restored["weights format"] = FORMAT_NAMES[weights.source.format]
+        restored["weights"] = self._load_weights(run, weights)
         run.optimizer.reload_model_params()   # fp32 main params follow the loaded weights
         full = action in ("resume", "further-train")
         if full and c.load_optim:
-            restored["optimizer"] = _loaded(*d.source.optimizer_state(run), run.optimizer.load_state_dict)
+            def load_optimizer(sd):   # with --load-weights-from: moments and step from --load, main params the weights'
+                run.optimizer.load_state_dict(keeping_main_params(sd, run.optimizer) if weights is not None else sd)
+            restored["optimizer"] = _loaded(*d.source.optimizer_state(run), load_optimizer)
         else:
             restored["optimizer"] = "fresh (" + ("--no-load-optim" if full else f"{action} mode") + ")"
         if full and (action == "resume" or c.load_lr_scheduler):
@@ -346,22 +414,35 @@ class CheckpointManager:
         restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
                                      else "from the first sample")
         run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule
-        if isinstance(d.source, OwnCheckpoint):
-            d.source.release()   # free the CPU copies
+        for chosen in (d, weights):
+            if chosen is not None and isinstance(chosen.source, OwnCheckpoint):
+                chosen.source.release()   # free the CPU copies
         self.loaded_iteration, self.loaded_dir = d.plan.iteration, d.load_dir
+        self.weights_from = weights.record if weights is not None else d.metadata.get("weights_from")
         if action == "resume":
             self.last_saved_iteration = run.progress.iteration   # nothing new to save until it trains
-        self.load_report = format_recovery_report(d.plan, {"mode": action, **restored})
+        if d.weights is not None:
+            restored = attribute_sources(restored, d.plan, d.weights)
+        self.load_report = format_recovery_report(d.plan, {"mode": action, **restored},
+                                                  weights.plan if weights is not None else None)
         print_rank0(self.load_report, run.state)
 
-    def _load_weights(self, run: Run) -> str:
+    def _load_weights(self, run: Run, weights: Optional[WeightsSource] = None) -> str:
+        """The model weights of the decision's checkpoint, or of `weights` (--load-weights-from's)."""
         d, state, module = self.decision, run.state, run.module
-        saved = d.metadata.get("parallel", {})
-        resharded = "" if _same_layout(d.metadata, state) else \
+        if run.cfg.model.lora_rank or d.metadata.get("lora"):
+            return self._load_lora_weights(run)
+        chosen = weights or d
+        saved = chosen.metadata.get("parallel", {})
+        resharded = "" if _same_layout(chosen.metadata, state) else \
             f", resharded from TP={saved.get('tp')} PP={saved.get('pp')}"
-        local = d.source.model_state(run.cfg.model, state.tp_size, state.pp_size, state.tp_rank, state.pp_rank)
+        local = chosen.source.model_state(run.cfg.model, state.tp_size, state.pp_size, state.tp_rank, state.pp_rank)
         module.load_state_dict(_cast_like(local, module), strict=True)
         return "loaded" + resharded
+
+    def _load_lora_weights(self, run: Run) -> str:
+        report, self.base, self.base_bytes = adapters.restore_lora_weights(run, self.decision, _opened)
+        return report
 
     def _load_scheduler(self, run: Run) -> str:
         d = self.decision
@@ -425,13 +506,14 @@ class CheckpointManager:
         c = cfg.checkpoint
         if self.tensor_index is None:   # the layout does not change during a run: build it once
             self.tensor_index = build_tensor_index(cfg.model, state.tp_size, state.pp_size, model_dtype(cfg))
-        full = kind == "full"
+        full, lora = kind == "full", bool(cfg.model.lora_rank)
         files = {}
         rng = _gather_rng_over_dp(state) if full and c.save_rng else None
         if state.dp_rank == 0:
             own_optimizer = full and c.save_optim and not cfg.parallel.use_distributed_optimizer
             files[layout.model_shard_path(state.tp_rank, state.pp_rank)] = shard_contents(
-                p.iteration, run.mode, run.module.state_dict(), progress=p.state_dict() if full else None,
+                p.iteration, run.mode, adapters.adapter_state(run.module) if lora else run.module.state_dict(),
+                progress=p.state_dict() if full else None,
                 scheduler=run.scheduler.state_dict() if full else None, rng=rng,
                 optimizer=run.optimizer.state_dict() if own_optimizer else None)
         if full and c.save_optim and cfg.parallel.use_distributed_optimizer:
@@ -445,21 +527,31 @@ class CheckpointManager:
                     "tensors": self.tensor_index}
         if full and self.validation is not None:
             metadata["validation"] = self.validation
+        if self.weights_from is not None:
+            metadata["weights_from"] = self.weights_from
+        if lora:
+            metadata.update(lora=lora_settings(cfg.model), base=self.base)
         # weights-only checkpoints live apart, so they never shadow a full one of the same iteration
         directory = c.save if full else os.path.join(c.save, WEIGHTS_SUBDIR)
         self.finish()
         t0 = time.time()
         result = save_files(directory, p.iteration, files, state, metadata, kind=kind, async_saver=self.async_saver)
-        what = "checkpoint" if full else "weights-only checkpoint"
+        what = ("adapter " if lora else "") + ("checkpoint" if full else "weights-only checkpoint")
         best = (p.iteration, self.validation["lm loss"]) if full and self.validation is not None else None
         if self.async_saver is None:
             print_rank0(f"saved {what} at iteration {p.iteration} to {directory} in {result.seconds:.2f} s "
-                        f"({result.bytes_written / 1e6:.1f} MB)", state)
+                        f"({result.bytes_written / 1e6:.1f} MB{self._fraction_of_base(result.bytes_written)})", state)
             self._note_best(best)
         else:
             print_rank0(f"saving {what} at iteration {p.iteration} to {directory} in the background "
                         f"(training blocked {time.time() - t0:.2f} s)", state)
             self._pending_best = best
+
+    def _fraction_of_base(self, nbytes: int) -> str:
+        """`, 1.25% of the base checkpoint's 40.1 MB` for an adapter checkpoint."""
+        if not self.cfg.model.lora_rank or not self.base_bytes:
+            return ""
+        return f", {100.0 * nbytes / self.base_bytes:.2f}% of the base checkpoint's {self.base_bytes / 1e6:.1f} MB"
 
     def best_iteration(self) -> Optional[int]:
         best, _ = read_tracker(self.cfg.checkpoint.save, BEST_FILENAME)
@@ -501,7 +593,8 @@ class CheckpointManager:
         result = self.async_saver.finalize()
         if result is not None:
             print_rank0(f"committed checkpoint at iteration {result.iteration} in {result.seconds:.2f} s "
-                        f"({result.bytes_written / 1e6:.1f} MB)", self.state)
+                        f"({result.bytes_written / 1e6:.1f} MB{self._fraction_of_base(result.bytes_written)})",
+                        self.state)
             self._note_best(self._pending_best)
         self._pending_best = None
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.model import lora
 from megatron_lite.model.layers import Norm, RotaryEmbedding, TransformerLayer
 from megatron_lite.ops import torch_ops
 from megatron_lite.parallel.random import recompute
@@ -90,6 +91,8 @@ class GPTModel(nn.Module):
                     self.output_layer.weight.shared_embedding = True
         if self.share_embeddings and self.pre_process and not self.post_process:
             self.embedding.word_embeddings.weight.shared_embedding = True
+        if cfg.lora_rank:
+            lora.add_adapters(self, cfg, state)
         if init_weights:   # False for a skeleton (e.g. under `with torch.device("meta")`)
             self._initialize(seed)
         if device is not None:
@@ -118,14 +121,17 @@ class GPTModel(nn.Module):
     @torch.no_grad()
     def _initialize(self, seed: int) -> None:
         for name, p in self.named_parameters():
-            gname = self.global_name(name)
-            if name.endswith("bias"):
+            gname, distribution = self.global_name(name), "normal"
+            if lora.is_adapter(name):
+                std, distribution = lora.adapter_init(name, self.global_shape(name, p))
+            elif name.endswith("bias"):
                 std = None
             elif "layernorm" in name:   # norm weights; zero-centred (applied as 1 + w) with --apply-layernorm-1p
                 std = None if self.cfg.apply_layernorm_1p else "ones"
             else:
                 std = init_std_for(gname, self.cfg.init_method_std, self.cfg.num_layers)
-            init_param_(p, gname, self.global_shape(name, p), std, seed, self.state.tp_rank, self.state.tp_size)
+            init_param_(p, gname, self.global_shape(name, p), std, seed, self.state.tp_rank, self.state.tp_size,
+                        distribution)
 
     def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
         self.input_tensor = tensor
@@ -157,21 +163,35 @@ class GPTModel(nn.Module):
             x = recompute(chunk(i, i + 1), self.state.rng, x, *rot) if i < n else chunk(i, i + 1)(x, *rot)
         return x
 
-    def forward(self, input_ids, position_ids, labels=None, attention_mask=None):
-        x = self.embedding(input_ids, position_ids) if self.pre_process else self.input_tensor
+    def _inference_positions(self, x, inference_context):
+        """(rotary tables, attention mask) of a generation step's tokens, which are the positions
+        offset .. offset + s - 1: the rotary tables are one table for the whole generation, sliced."""
+        start, s = inference_context.sequence_len_offset, x.shape[0]
         rotary = None
         if self.rotary is not None:
+            cos, sin = self.rotary(inference_context.max_sequence_length, x.device, x.dtype)
+            rotary = (cos[start:start + s], sin[start:start + s])
+        return rotary, inference_context.attention_mask(s, x.device)
+
+    def forward(self, input_ids, position_ids, labels=None, attention_mask=None, inference_context=None):
+        """`inference_context` (megatron_lite.inference.InferenceContext): generation with a KV cache;
+        the tokens given are the next ones after the context's sequence_len_offset cached positions."""
+        x = self.embedding(input_ids, position_ids) if self.pre_process else self.input_tensor
+        rotary = None
+        if inference_context is not None:
+            rotary, attention_mask = self._inference_positions(x, inference_context)
+        elif self.rotary is not None:
             seq = input_ids.shape[1] if input_ids is not None else x.shape[0] * (
                 self.state.tp_size if self.state.sequence_parallel else 1)
             rotary = self.rotary(seq, x.device, x.dtype)
         # each layer's last residual add is left to the next norm, which does it in the same kernel
         # (under full recompute a layer is one checkpointed tensor-to-tensor function instead)
         pending = None
-        if self.cfg.recompute_full and self.training:
+        if self.cfg.recompute_full and self.training and inference_context is None:
             x = self._recomputed_layers(x, rotary, attention_mask)
         else:
             for layer in self.decoder.layers:
-                x, pending = layer.forward_deferred(x, pending, rotary, attention_mask)
+                x, pending = layer.forward_deferred(x, pending, rotary, attention_mask, inference_context)
         if not self.post_process:
             return x if pending is None else x + pending
         norm = self.decoder.final_layernorm

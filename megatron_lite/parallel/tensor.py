@@ -50,10 +50,10 @@ def set_partition(param: nn.Parameter, dim: Optional[int], chunks: int = 1) -> n
 
 
 def init_param_(param: nn.Parameter, name: str, global_shape, std: Optional[float], seed: int,
-                tp_rank: int, tp_size: int) -> None:
-    """Fill `param` with its shard of a global N(0, std) tensor (zeros when std is None, ones
-    when std == 'ones'), drawn from a generator seeded by (seed, global name) so the model is
-    the same whatever the TP/PP layout."""
+                tp_rank: int, tp_size: int, distribution: str = "normal") -> None:
+    """Fill `param` with its shard of a global N(0, std) tensor (U(-std, std) with `distribution`
+    "uniform"; zeros when std is None, ones when std == 'ones'), drawn from a generator seeded by
+    (seed, global name) so the model is the same whatever the TP/PP layout."""
     if std is None:
         param.data.zero_()
         return
@@ -61,7 +61,11 @@ def init_param_(param: nn.Parameter, name: str, global_shape, std: Optional[floa
         param.data.fill_(1.0)
         return
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    full = torch.empty(global_shape).normal_(0.0, std, generator=gen)
+    full = torch.empty(global_shape)
+    if distribution == "uniform":
+        full.uniform_(-std, std, generator=gen)
+    else:
+        full.normal_(0.0, std, generator=gen)
     if param.tensor_model_parallel:
         full = shard(full, param.partition_dim, tp_rank, tp_size, param.partition_chunks)
     param.data.copy_(full.to(param.dtype))
@@ -254,7 +258,8 @@ class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split along its output dimension: each rank computes Y[:, shard].
 
     Input is replicated over TP (or, with sequence parallelism, split along s and gathered
-    here); output stays split. With `skip_bias_add` the bias is returned for a later fused op."""
+    here); output stays split. With `skip_bias_add` the bias is returned for a later fused op.
+    An `adapter` (model/lora.py) adds its term for the same input."""
 
     def __init__(self, input_size: int, output_size: int, state: ParallelState, *, bias: bool = True,
                  skip_bias_add: bool = False, partition_chunks: int = 1, dtype=torch.float32,
@@ -268,16 +273,23 @@ class ColumnParallelLinear(nn.Module):
                                     0, partition_chunks)
         self.bias = set_partition(nn.Parameter(torch.zeros(local, dtype=dtype, device=device)),
                                   0, partition_chunks) if bias else None
+        self.adapter = None
 
     def forward(self, x: torch.Tensor):
+        if self.adapter is None:
+            if self.skip_bias_add:
+                return column_parallel_linear(x, self.weight, None, self.state), self.bias
+            return column_parallel_linear(x, self.weight, self.bias, self.state)
+        y = column_parallel_linear(x, self.weight, None, self.state) + self.adapter(x)
         if self.skip_bias_add:
-            return column_parallel_linear(x, self.weight, None, self.state), self.bias
-        return column_parallel_linear(x, self.weight, self.bias, self.state)
+            return y, self.bias
+        return y + self.bias if self.bias is not None else y
 
 
 class RowParallelLinear(nn.Module):
     """Y = X A + b with A split along its input dimension: partial products are summed over TP
-    (all-reduce, or reduce-scatter along s under sequence parallelism); b is added once."""
+    (all-reduce, or reduce-scatter along s under sequence parallelism); b is added once. An
+    `adapter` (model/lora.py) adds its term, already reduced, for the same input."""
 
     def __init__(self, input_size: int, output_size: int, state: ParallelState, *, bias: bool = True,
                  skip_bias_add: bool = False, dtype=torch.float32, device=None):
@@ -291,6 +303,7 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = set_partition(nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device)), None)
             self.bias.sequence_parallel = state.sequence_parallel
+        self.adapter = None
 
     def forward(self, x: torch.Tensor):
         y = linear(x, self.weight)
@@ -298,6 +311,8 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sequence_parallel_region(y, self.state)
         else:
             y = reduce_from_tp_region(y, self.state)
+        if self.adapter is not None:
+            y = y + self.adapter(x)
         if self.skip_bias_add:
             return y, self.bias
         return y + self.bias if self.bias is not None else y

@@ -4,7 +4,9 @@ pretrain.sh stopped by SIGTERM and started again logs the very iterations of an 
 run; finetune.sh starts at iteration 0 from pretrain.sh's checkpoint and, stopped by Ctrl-C
 (SIGINT), continues with finetune_resume.sh from its own checkpoints to the uninterrupted
 finetune's log; further_train.sh restarts the iteration count, continues the pretraining LR
-schedule, stops at EXIT_INTERVAL and continues with further_train_resume.sh.
+schedule, stops at EXIT_INTERVAL and continues with further_train_resume.sh; load_weights_from.sh
+resumes a pretraining checkpoint with an iteration model's weights, and stopped and run again logs
+what it logs uninterrupted.
 The runs are shared between the tests: each script starts torch, so each run costs seconds.
 """
 
@@ -55,10 +57,11 @@ def script_env(runs_dir, **settings) -> dict:
     return env
 
 
-def run_script(name: str, env: dict, stop_after_iteration=None, sig=signal.SIGTERM) -> SimpleNamespace:
-    """Run examples/resume/NAME; with `stop_after_iteration`, send `sig` to the script's process
-    group (as Ctrl-C or `kill` would) once that iteration's log line appears."""
-    proc = subprocess.Popen([os.path.join(EXAMPLES, name)], env=env, stdout=subprocess.PIPE,
+def run_script(name: str, env: dict, stop_after_iteration=None, sig=signal.SIGTERM, args=()) -> SimpleNamespace:
+    """Run examples/resume/NAME with `args` (flags appended to pretrain_gpt.py's); with
+    `stop_after_iteration`, send `sig` to the script's process group (as Ctrl-C or `kill` would)
+    once that iteration's log line appears."""
+    proc = subprocess.Popen([os.path.join(EXAMPLES, name), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     watchdog = threading.Timer(RUN_TIMEOUT_S, os.killpg, (proc.pid, signal.SIGKILL))
     watchdog.start()
@@ -238,3 +241,81 @@ def test_a_resume_script_with_nothing_to_resume_says_to_start_first(tmp_path, sc
     assert run.status == 2
     assert f"{tmp_path / directory} holds no" in run.output
     assert f"start with {script.replace('_resume', '')}" in run.output
+
+
+@pytest.fixture(scope="module")
+def load_weights_from(root):
+    """pretrain.sh for 8 iterations writing iteration models (weights-only at 4 and 8); then
+    load_weights_from.sh with the weights of 4 to iteration 12, uninterrupted, and stopped by
+    EXIT_INTERVAL=10 then run again."""
+    pretrained = run_script("pretrain.sh", script_env(root / "iteration_models", TRAIN_ITERS=8, SAVE_INTERVAL=8),
+                            args=["--save-weights-only-interval", "4"])
+    _assert_ok(pretrained)
+    settings = dict(TRAIN_ITERS=12, SAVE_INTERVAL=100, WEIGHTS_STEP=4,
+                    PRETRAIN_CKPT=root / "iteration_models" / "pretrain")
+    straight = run_script("load_weights_from.sh", script_env(root / "weights_straight", **settings))
+    first = run_script("load_weights_from.sh", script_env(root / "weights_resumed", EXIT_INTERVAL=10, **settings))
+    again = run_script("load_weights_from.sh", script_env(root / "weights_resumed", **settings))
+    return SimpleNamespace(straight=straight, first=first, again=again, ckpt=settings["PRETRAIN_CKPT"])
+
+
+def test_load_weights_from_resumes_the_training_state_with_the_iteration_models_weights(load_weights_from):
+    run, ckpt = load_weights_from.straight, load_weights_from.ckpt
+    _assert_ok(run)
+    assert run.iterations == list(range(9, 13))
+    assert f"loaded from {ckpt / 'weights'}/iter_0000004 (--load-weights-from, --load-weights-from-step 4)" in run.output
+    assert f"loaded from {ckpt}/iter_0000008 (--load, tracker); fp32 main params from the loaded weights" in run.output
+    first_line = next(line for line in run.output.splitlines() if compare_logs.parse_line(line))
+    assert compare_logs.parse_line(first_line)[1]["lr"] == _next_pretrain_lr(ckpt, 8)   # the schedule goes on
+
+
+def test_load_weights_from_stopped_and_run_again_matches_the_uninterrupted_run(root, load_weights_from):
+    first, again = load_weights_from.first, load_weights_from.again
+    _assert_ok(first)
+    _assert_ok(again)
+    assert first.iterations == [9, 10] and again.iterations == [11, 12]
+    assert f"which was trained from {load_weights_from.ckpt / 'weights'}/iter_0000004's weights already" in again.output
+    status, out = compare(root / "weights_straight" / "logs" / "load_weights_from.log",
+                          root / "weights_resumed" / "logs" / "load_weights_from.log")
+    assert (status, out[-1]) == (0, "MATCH: iterations 9-12 identical (lr, loss)")
+
+
+def test_load_weights_from_without_iteration_models_says_how_to_make_them(tmp_path):
+    run = run_script("load_weights_from.sh", script_env(tmp_path))
+    assert run.status == 2
+    assert (f"needs a full checkpoint in {tmp_path / 'pretrain'} and iteration models in "
+            f"{tmp_path / 'pretrain' / 'weights'}; start with pretrain.sh --save-weights-only-interval N") in run.output
+
+
+@pytest.fixture(scope="module")
+def lora(root, pretrain):
+    """lora.sh on the uninterrupted pretrain's checkpoint: uninterrupted, and stopped by SIGTERM after
+    iteration 3 then run again; lora_export.sh on the uninterrupted one."""
+    _assert_ok(pretrain.straight)
+    settings = dict(TRAIN_ITERS=8, SAVE_INTERVAL=4, PRETRAIN_CKPT=root / "straight" / "pretrain")
+    straight = run_script("lora.sh", script_env(root / "lora_straight", **settings))
+    first = run_script("lora.sh", script_env(root / "lora_resumed", **settings), stop_after_iteration=3)
+    again = run_script("lora.sh", script_env(root / "lora_resumed", **settings))
+    export = run_script("lora_export.sh", script_env(root / "lora_straight", PYTHON=sys.executable, **settings))
+    return SimpleNamespace(straight=straight, first=first, again=again, export=export, settings=settings)
+
+
+def test_lora_script_saves_adapters_only_and_resumes_them_to_the_uninterrupted_log(root, lora):
+    for run in (lora.straight, lora.first, lora.again):
+        _assert_ok(run)
+    with open(root / "lora_straight" / "lora" / "iter_0000008" / "metadata.json") as fh:
+        meta = json.load(fh)
+    assert meta["lora"]["rank"] == 8 and all(".adapter.lora_" in name for name in meta["tensors"])
+    assert meta["base"]["dir"] == str(lora.settings["PRETRAIN_CKPT"])
+    assert "% of the base checkpoint's" in lora.straight.output
+    assert "LoRA adapters loaded, base from" in lora.again.output
+    status, out = compare(root / "lora_straight" / "logs" / "lora.log", root / "lora_resumed" / "logs" / "lora.log")
+    assert (status, out[-1]) == (0, "MATCH: iterations 1-8 identical (lr, loss)")
+
+
+def test_lora_export_script_writes_peft_and_merged_models_and_a_sample(root, lora):
+    _assert_ok(lora.export)
+    out = root / "lora_straight" / "lora_export"
+    assert sorted(os.listdir(out / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert os.path.isfile(out / "merged" / "config.json") and os.path.isfile(out / "base_hf" / "config.json")
+    assert lora.export.output.rstrip().splitlines()[-1].startswith("The checkpoint")

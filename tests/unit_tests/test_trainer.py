@@ -71,3 +71,83 @@ def test_loop_reads_each_step_as_train_step_returns_it(capsys, monkeypatch):
     # one step late must not shift the intervals, as it did for the last line)
     ms = [float(line.split("elapsed time per iteration (ms):")[1].split("|")[0]) for line in logged]
     assert ms == [1000.0] * 5
+
+
+# the tiny model of tests/unit_tests/checkpoint/test_resume.py (two layers; dropout on, so RNG restores count)
+MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--mock-data", "--tokenizer-type", "NullTokenizer",
+         "--vocab-size", "127", "--make-vocab-size-divisible-by", "32", "--hidden-dropout", "0.1",
+         "--attention-dropout", "0.1", "--lr", "1e-3", "--lr-warmup-iters", "1", "--seed", "11",
+         "--log-interval", "100", "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+         "--train-iters", "4", "--eval-interval", "4", "--eval-iters", "2"]
+
+
+def _losses(*runs):
+    return [h["lm loss"] for run in runs for h in run.history]
+
+
+def test_train_checkpoint_resumes_a_stopped_run_as_a_straight_run(tmp_path):
+    ck = str(tmp_path / "ck")
+    straight = Trainer(MODEL).train()
+    first = Trainer(MODEL + ["--exit-interval", "2"]).train(train_checkpoint=ck)   # --load and --save ck
+    second = Trainer(MODEL).train(train_checkpoint=ck)
+    assert (second.checkpoints.loaded_dir, second.checkpoints.loaded_iteration) == (ck, 2)
+    assert second.progress.iteration == 4 and [h["iteration"] for h in second.history] == [3, 4]
+    assert _losses(first, second) == _losses(straight)
+
+
+def test_restarted_finetune_resumes_its_own_checkpoint_as_an_uninterrupted_finetune(tmp_path):
+    base, ft, straight_dir = (str(tmp_path / d) for d in ("base", "ft", "straight"))
+    Trainer(MODEL[:-6] + ["--train-iters", "2"]).train(train_checkpoint=base)
+    straight = Trainer(MODEL + ["--save", straight_dir]).finetune(finetune_checkpoint=base)
+    assert straight.checkpoints.loaded_dir == base and straight.checkpoints.decision.action == "finetune"
+    assert [h["iteration"] for h in straight.history] == [1, 2, 3, 4]   # iteration fresh
+    first = Trainer(MODEL + ["--save", ft, "--exit-interval", "2"]).finetune(finetune_checkpoint=base)
+    second = Trainer(MODEL + ["--save", ft]).finetune(finetune_checkpoint=base)
+    d = second.checkpoints.decision
+    assert (second.checkpoints.loaded_dir, second.checkpoints.loaded_iteration) == (ft, 2)
+    assert (d.action, d.own_restart, d.metadata["mode"], second.mode) == ("resume", True, "finetune", "finetune")
+    assert _losses(first, second) == _losses(straight)
+    # resume_training=False: the finetune starts again from base, whatever ft holds
+    again = Trainer(MODEL + ["--save", ft]).finetune(finetune_checkpoint=base, resume_training=False)
+    assert (again.checkpoints.loaded_dir, again.checkpoints.loaded_iteration) == (base, 2)
+    assert again.checkpoints.decision.action == "finetune" and again.mode == "finetune"
+    assert _losses(again) == _losses(straight)
+
+
+def test_evaluate_equals_trainings_own_validation_loss(tmp_path):
+    import pytest
+
+    from megatron_lite.arguments import ConfigError
+
+    ck = str(tmp_path / "ck")
+    trainer = Trainer(MODEL)
+    run = trainer.train(train_checkpoint=ck)
+    assert run.checkpoints.validation["iteration"] == 4
+    logged = run.checkpoints.validation["lm loss"]
+    assert trainer.evaluate() == logged
+    assert trainer.evaluate() == logged and run.progress.consumed_valid_samples == 2 * 4   # moves nothing
+    assert Trainer(MODEL + ["--load", ck]).evaluate() == logged   # the same model, from its checkpoint
+    no_eval = MODEL[:-4] + ["--eval-interval", "0", "--load", ck]
+    with pytest.raises(ConfigError, match="--eval-interval"):
+        Trainer(no_eval).evaluate()
+
+
+def test_generate_greedy_equals_inference_generate_on_the_same_model(tmp_path):
+    import dataclasses
+
+    from megatron_lite.inference.generate import generate
+
+    ck = str(tmp_path / "ck")
+    trainer = Trainer(MODEL)
+    run = trainer.train(train_checkpoint=ck)
+    prompts = [[5, 17, 42], [3, 9]]
+    direct = generate(run, prompts, dataclasses.replace(run.cfg.inference, greedy=True, max_new_tokens=6),
+                      seed=11, stop_token_id=run.tokenizer.eod)
+    ids = trainer.generate(prompts, max_new_tokens=6)
+    assert ids == direct and all(isinstance(t, int) for row in ids for t in row) and len(ids[0]) >= 1
+    assert trainer.generate(["5 17 42"], max_new_tokens=6) == [run.tokenizer.detokenize(direct[0])]
+    assert Trainer(MODEL + ["--load", ck]).generate(prompts, max_new_tokens=6) == direct   # from --load
+    sampled = trainer.generate(prompts, max_new_tokens=6, greedy=False, top_k=5, seed=3)
+    assert sampled == generate(run, prompts, dataclasses.replace(run.cfg.inference, max_new_tokens=6, top_k=5),
+                               seed=3, stop_token_id=run.tokenizer.eod)

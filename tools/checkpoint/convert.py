@@ -47,14 +47,17 @@ from typing import Callable, Iterator, Optional, Tuple  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_lite.arguments import pad_vocab_size  # noqa: E402
+from megatron_lite.checkpoint import adapters  # noqa: E402
 from megatron_lite.checkpoint.manager import shard_contents  # noqa: E402
+from megatron_lite.checkpoint.hf import peft  # noqa: E402
 from megatron_lite.checkpoint.hf import (UnsupportedModelError, architecture_for, architecture_of,  # noqa: E402
                                          megatron_to_hf, plan_hf_to_megatron)
 from megatron_lite.checkpoint.hf.io import (CONFIG_FILE, GENERATION_CONFIG_FILE, HFCheckpointReader,  # noqa: E402
                                             SafetensorsShardWriter, copy_files, parse_size, read_json,
-                                            tokenizer_files, write_json)
+                                            tokenizer_files, write_json, write_safetensors)
 from megatron_lite.checkpoint.io.integrity import CheckpointMetadataError, read_metadata, verify_checkpoint  # noqa: E402
-from megatron_lite.checkpoint.io.layout import MODEL_FILENAME, METADATA_FILENAME, RELEASE, model_shard_path  # noqa: E402
+from megatron_lite.checkpoint.io.layout import (MODEL_FILENAME, METADATA_FILENAME, RELEASE,  # noqa: E402
+                                                iteration_dir_name, model_shard_path)
 from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint  # noqa: E402
 from megatron_lite.checkpoint.formats import (MEGATRON_FORMATS, OWN_FORMAT, SourceCheckpoint,  # noqa: E402
                                               describe_contents, detect_format, format_module)
@@ -67,6 +70,7 @@ from megatron_lite.checkpoint.reshard.sharding import (build_tensor_index, merge
 from megatron_lite.checkpoint.io.storage import (CommitSpec, _parallel_layout, commit, prepare_tmp_dir,  # noqa: E402
                                               write_files)
 from megatron_lite.config import ModelConfig, RunConfig  # noqa: E402
+from megatron_lite.model.lora import base_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_SUBDIR = "hf"
@@ -79,8 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--loader", required=True, choices=["hf", "megatron_lite", "megatron"],
                    help="format of --load-dir (megatron: Megatron-LM's torch or torch_dist, detected)")
-    p.add_argument("--saver", required=True, choices=["hf", "megatron_lite", "megatron"],
-                   help="format to write (megatron: Megatron-LM's, in --saver-ckpt-format)")
+    p.add_argument("--saver", required=True, choices=["hf", "megatron_lite", "megatron", "peft"],
+                   help="format to write (megatron: Megatron-LM's, in --saver-ckpt-format; peft: a LoRA "
+                        "checkpoint's adapters as adapter_model.safetensors + adapter_config.json)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="megatron_lite loader, LoRA checkpoint: write its base model with the adapters merged "
+                        "into the weights (W + alpha/r * B A), in any saver's format")
     p.add_argument("--saver-ckpt-format", choices=list(MEGATRON_FORMATS), default="torch",
                    help="megatron saver: legacy torch (mp_rank_* files, Megatron-LM's converter's format) or "
                         "torch_dist (Megatron-Core's, any TP/PP on load)")
@@ -389,8 +397,73 @@ def megatron_to_megatron(args, staging: str, save_dir: str) -> str:
     return summary
 
 
+# --------------------------------------------------------------------------- LoRA checkpoints
+
+def _global_state(fmt: str, iter_dir: str, model_cfg: ModelConfig):
+    """(global name, tensor) of every tensor of a checkpoint in any format."""
+    if fmt == OWN_FORMAT:
+        return merge_to_global(read_metadata(iter_dir)["tensors"], open_piece_reader(iter_dir))
+    return iter(format_module(fmt).open_checkpoint(iter_dir).model_state(model_cfg, 1, 1, 0, 0).items())
+
+
+def lora_source(args, meta: dict, iter_dir: str) -> Tuple[RunConfig, dict, str, object]:
+    """What a LoRA checkpoint converts from, after checking its base is unchanged: (the base's run
+    config, its tensor index, its Hugging Face folder, its global tensors with the adapters merged)."""
+    base = meta["base"]
+    base_iter = os.path.join(base["dir"], iteration_dir_name(base["iteration"]))
+    if not os.path.isdir(base_iter):
+        raise CheckpointLoadError(f"the base checkpoint {adapters.describe_base(base)} of {iter_dir} is gone")
+    adapters.check_base_unchanged(base, base_iter, iter_dir)
+    run_cfg = RunConfig.from_dict(meta["config"])
+    run_cfg.model = base_config(run_cfg.model)
+    fmt = base["format"]
+    index = read_metadata(base_iter)["tensors"] if fmt == OWN_FORMAT else build_tensor_index(run_cfg.model, 1, 1)
+    adapter = dict(merge_to_global(meta["tensors"], open_piece_reader(iter_dir)))
+    lora = meta["lora"]
+    items = peft.merged(_global_state(fmt, base_iter, run_cfg.model), adapter, lora["alpha"] / lora["rank"])
+    return run_cfg, index, os.path.join(base["dir"], HF_SUBDIR), items
+
+
+def megatron_to_peft(args, staging: str, save_dir: str) -> str:
+    """A LoRA checkpoint's adapters in PEFT's format, for the Hugging Face export of its base."""
+    _, iter_dir, meta = find_megatron(args.load_dir, args.ckpt_step)
+    if "lora" not in meta:
+        raise ValueError(f"{iter_dir} holds no LoRA adapters (it is a whole model): --saver peft writes the "
+                         f"adapters of a run trained with --lora-rank")
+    cfg = base_config(RunConfig.from_dict(meta["config"]).model)
+    base_hf = os.path.join(meta["base"]["dir"], HF_SUBDIR, CONFIG_FILE)
+    arch = architecture_of(read_json(base_hf)) if os.path.isfile(base_hf) else architecture_for(cfg)
+    index = meta["tensors"]
+    dtype = DTYPES[args.params_dtype] if args.params_dtype else getattr(torch, next(iter(index.values()))["dtype"])
+    progress = Progress("writing PEFT adapters", _index_bytes(index, dtype))
+    tensors = OrderedDict()
+    for name, tensor in peft.peft_tensors(arch, cfg, merge_to_global(index, open_piece_reader(iter_dir))):
+        tensors[name] = tensor.to(dtype)
+        progress.add(_nbytes(tensors[name]))
+    write_safetensors(os.path.join(staging, peft.ADAPTER_WEIGHTS_FILE), tensors)
+    base_model = os.path.dirname(base_hf) if os.path.isfile(base_hf) else meta["base"]["dir"]
+    write_json(os.path.join(staging, peft.ADAPTER_CONFIG_FILE),
+               peft.peft_config(arch, cfg, meta["lora"], peft.target_modules(arch, cfg, index), base_model))
+    return progress.summary()
+
+
+def _refuse_adapters(args, meta: dict, iter_dir: str) -> None:
+    if "lora" in meta and not args.merge_lora:
+        raise ValueError(f"{iter_dir} holds only LoRA adapters (of the base {adapters.describe_base(meta['base'])}): "
+                         f"export them with --saver peft, or pass --merge-lora to write the merged model")
+    if args.merge_lora and "lora" not in meta:
+        raise ValueError(f"--merge-lora: {iter_dir} holds no LoRA adapters; drop the flag")
+
+
 def megatron_to_hf_dir(args, staging: str, save_dir: str) -> str:
     root, iter_dir, meta = find_megatron(args.load_dir, args.ckpt_step)
+    _refuse_adapters(args, meta, iter_dir)
+    if args.merge_lora:
+        run_cfg, index, source_hf, items = lora_source(args, meta, iter_dir)
+        dtype = DTYPES[args.params_dtype] if args.params_dtype else getattr(
+            torch, index["embedding.word_embeddings.weight"]["dtype"])
+        _set_true_vocab(run_cfg.model, args.true_vocab_size, index["embedding.word_embeddings.weight"]["shape"][0])
+        return write_hf(args, staging, run_cfg, dtype, items, source_hf, list(index))
     run_cfg = RunConfig.from_dict(meta["config"])
     index = meta["tensors"]
     _set_true_vocab(run_cfg.model, args.true_vocab_size, index["embedding.word_embeddings.weight"]["shape"][0])
@@ -439,7 +512,7 @@ def write_hf(args, staging: str, run_cfg: RunConfig, dtype: torch.dtype, global_
 DIRECTIONS = {("hf", "megatron_lite"): hf_to_megatron, ("megatron_lite", "megatron_lite"): megatron_to_megatron,
               ("megatron_lite", "hf"): megatron_to_hf_dir, ("megatron_lite", "megatron"): megatron_lite_to_megatron_lm,
               ("megatron", "megatron_lite"): from_megatron_lm, ("megatron", "megatron"): from_megatron_lm,
-              ("megatron", "hf"): from_megatron_lm}
+              ("megatron", "hf"): from_megatron_lm, ("megatron_lite", "peft"): megatron_to_peft}
 
 
 def convert(args: argparse.Namespace) -> str:
@@ -449,6 +522,9 @@ def convert(args: argparse.Namespace) -> str:
         raise ValueError(f"--loader {args.loader} --saver {args.saver} is not a conversion; use one of "
                          + ", ".join(f"{a} -> {b}" for a, b in DIRECTIONS))
     save_dir = os.path.abspath(args.save_dir)
+    if args.merge_lora and (args.loader, args.saver) != ("megatron_lite", "hf"):
+        raise ValueError("--merge-lora converts a megatron_lite LoRA checkpoint to Hugging Face (--loader "
+                         "megatron_lite --saver hf)")
     if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
         raise ValueError(f"--save-dir {save_dir} already exists and is not empty; pick a new directory")
     staging = f"{save_dir}.converting-{os.getpid()}"

@@ -42,6 +42,7 @@ import torch
 from megatron_lite.checkpoint.io.layout import model_shard_path
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.gpt import GPTModel
+from megatron_lite.model.lora import is_adapter
 from megatron_lite.parallel.state import ParallelState
 from megatron_lite.parallel.tensor import shard, unshard
 
@@ -90,7 +91,10 @@ def skeleton_state(tp: int, pp: int, tp_rank: int, pp_rank: int) -> ParallelStat
 
 def rank_params(model_cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int,
                 dtype: torch.dtype = torch.float32) -> List[LocalParam]:
-    """The parameters of rank (tp_rank, pp_rank), in state_dict order, from a meta-device skeleton."""
+    """The parameters of rank (tp_rank, pp_rank), in state_dict order, from a meta-device skeleton.
+
+    Of a LoRA model (--lora-rank) only the adapters: what such a run trains, saves and reshards
+    (`lora.base_config` gives the frozen base model's)."""
     _check_layout(model_cfg, tp, pp)
     with torch.device("meta"):
         model = GPTModel(model_cfg, skeleton_state(tp, pp, tp_rank, pp_rank), None, dtype=dtype,
@@ -99,6 +103,8 @@ def rank_params(model_cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank:
     out = []
     for key in model.state_dict(keep_vars=True):
         p = params[key]
+        if model_cfg.lora_rank and not is_adapter(key):
+            continue
         out.append(LocalParam(key, model.global_name(key), tuple(p.shape), tuple(model.global_shape(key, p)),
                               p.partition_dim if p.tensor_model_parallel else -1, p.partition_chunks, p.dtype))
     return out
