@@ -8,7 +8,7 @@ GPU it runs on CPU (gloo).
 
 A bad flag, YAML file, dataset or checkpoint (ConfigError, CheckpointLoadError) ends the run
 with exit code 2 and one line on rank 0's stderr (every rank finds the same problem; only
-rank 0 says it). Once the run has
+rank 0 says it); a non-finite loss or grad norm (--check-for-nan-in-loss-and-grad) with exit code 3. Once the run has
 finished and saved, SIGINT and SIGTERM are ignored: a Ctrl-C while the processes exit does not
 turn a finished run into a failed one.
 """
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_lite.arguments import ConfigError, parse_args
 from megatron_lite.checkpoint.recovery import CheckpointLoadError
-from megatron_lite.training import pretrain
+from megatron_lite.training import NonFiniteLossError, pretrain
 
 
 def _rank() -> int:
@@ -38,6 +38,10 @@ def main(argv=None) -> int:
         if _rank() == 0:
             print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLossError as e:   # every rank sees the same (reduced) loss and grad norm
+        if _rank() == 0:
+            print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -241,6 +241,9 @@ class TrainConfig:
     exit_duration_in_mins: Optional[float] = flag(None, "save and stop after this many minutes")
     exit_signal_handler: bool = flag(False, "on SIGTERM/SIGINT finish the iteration, save and exit 0")
     deterministic_mode: bool = flag(False, "deterministic torch/cuBLAS/NCCL algorithms")
+    check_for_nan_in_loss_and_grad: bool = flag(
+        True, "train on past a non-finite loss or grad norm instead of stopping (checkpoints are still not "
+        "saved from then on)", name="--no-check-for-nan-in-loss-and-grad", store_false=True)
     manual_gc: bool = flag(False, "disable Python's automatic garbage collector; collect every "
                            "--manual-gc-interval iterations instead")
     manual_gc_interval: int = flag(0, "iterations between collections with --manual-gc (0: only at start-up "

@@ -279,6 +279,20 @@ class ExitSignal:
         return flag.item() > 0
 
 
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss or grad norm with --check-for-nan-in-loss-and-grad (the default): the run stops."""
+
+
+def _non_finite(step: dict) -> Optional[str]:
+    """What was not finite in a step's numbers (an fp16 step the loss scaler skipped is fine), or None."""
+    if not math.isfinite(step["lm loss"]):
+        return f"lm loss {step['lm loss']}"
+    norm = step["grad_norm"]
+    if not step["skipped"] and norm is not None and not math.isfinite(norm):
+        return f"grad norm {norm}"
+    return None
+
+
 def format_log_line(run: Run, it: int, total: int, step: dict, elapsed_ms: float, lr: float) -> str:
     """Megatron's iteration line; the loss with 7 significant digits. `step` may carry the
     iteration's consumed_samples and global_batch_size (else the run's current ones), and
@@ -359,7 +373,9 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
     a young-generation one after it (unless --no-manual-gc-eval).
 
     `checkpoints` (a CheckpointManager) saves after each iteration as its intervals ask, and
-    once more when the loop stops. --generate-interval prints a sample from the model every N
+    once more when the loop stops. A non-finite loss or grad norm stops the run with
+    NonFiniteLossError (unless --no-check-for-nan-in-loss-and-grad); either way no checkpoint is
+    saved from that iteration on. --generate-interval prints a sample from the model every N
     iterations (inference/generate.py), without changing what training computes."""
     t, p, lc, s = run.cfg.train, run.progress, run.cfg.logging, run.state
     total = total_train_iters(run)
@@ -384,6 +400,16 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
             p.skipped_iterations += 1
         if not math.isfinite(step["lm loss"]):
             p.nan_iterations += 1
+        bad = _non_finite(step)
+        if bad is not None:
+            # the weights may be damaged from here on: never saved, and retention keeps what is there
+            if checkpoints is not None:
+                checkpoints.stop_saving(it, bad)
+            if t.check_for_nan_in_loss_and_grad:
+                raise NonFiniteLossError(
+                    f"iteration {it}: {bad}; stopping (--check-for-nan-in-loss-and-grad). The newest checkpoint "
+                    f"is the last one saved before it; lower --lr or check the data, or pass "
+                    f"--no-check-for-nan-in-loss-and-grad to train on without saving")
         if "num_zeros" in step:
             step["num_zeros"] = int(step["num_zeros"])
         record = {"iteration": it, "lm loss": step["lm loss"], "lr": lr, "grad_norm": step["grad_norm"],
@@ -457,6 +483,10 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
         profiler.stop()
         if checkpoints is not None:
             checkpoints.save_at_end(run)
+    except NonFiniteLossError:
+        if checkpoints is not None:
+            checkpoints.finish()   # a finite checkpoint still being written in the background commits
+        raise
     finally:
         writer.close()
         if t.manual_gc and gc_was_enabled:

@@ -345,6 +345,7 @@ class CheckpointManager:
         self.weights_from: Optional[dict] = None     # the --load-weights-from record the saves carry on
         self.base: Optional[dict] = None          # a LoRA run's base checkpoint (adapters.base_record)
         self.base_bytes = 0
+        self.nonfinite_at: Optional[int] = None   # the first iteration with a non-finite loss or grad norm
         c = cfg.checkpoint
         self.async_saver = AsyncSaver(persistent=c.use_persistent_ckpt_worker) if c.async_save else None
 
@@ -465,10 +466,17 @@ class CheckpointManager:
     def saves_due(self, iteration: int) -> List[str]:
         """The kinds of checkpoint ('full', 'weights') that the save intervals ask for at `iteration`."""
         c = self.cfg.checkpoint
-        if not c.save:
+        if not c.save or self.nonfinite_at is not None:
             return []
         return [kind for kind, every in (("full", c.save_interval), ("weights", c.save_weights_only_interval))
                 if every and iteration % every == 0]
+
+    def stop_saving(self, iteration: int, what: str) -> None:
+        """The loop saw a non-finite loss or grad norm at `iteration`: no checkpoint from now on (so
+        the tracker and retention keep the finite ones)."""
+        if self.nonfinite_at is None and self.cfg.checkpoint.save:
+            print_rank0(f"not saving checkpoints from iteration {iteration} on: {what}", self.state)
+        self.nonfinite_at = iteration if self.nonfinite_at is None else self.nonfinite_at
 
     def save_if_due(self, run: Run) -> None:
         """After each iteration: the saves the intervals ask for."""
@@ -480,7 +488,7 @@ class CheckpointManager:
         one, then wait for any background save to commit."""
         if not self.cfg.checkpoint.save:
             return
-        if self.last_saved_iteration != run.progress.iteration:
+        if self.last_saved_iteration != run.progress.iteration and self.nonfinite_at is None:
             self.save(run, "full")
         self.finish()
 
