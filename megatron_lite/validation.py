@@ -11,6 +11,7 @@ import os
 import re
 from typing import List
 
+from megatron_lite.checkpoint.io.layout import is_iteration_number
 from megatron_lite.config import SELECTIVE_RECOMPUTE_MODULES, RunConfig, default_ffn_hidden_size
 
 _printed_warnings = set()
@@ -281,7 +282,7 @@ def _check_tiktoken_special_tokens(d, vocab_size) -> None:
 def _check_checkpoint(cfg: RunConfig) -> None:
     c = cfg.checkpoint
     for name, step in (("--ckpt-step", c.ckpt_step), ("--load-weights-from-step", c.load_weights_from_step)):
-        if step is not None and not (str(step).isdigit() or step in ("best", "auto")):
+        if step is not None and not (is_iteration_number(str(step)) or step in ("best", "auto")):
             raise _error(f"{name} {step}: give an iteration number, `best` or `auto` (the latest intact)")
     if c.ckpt_format not in ("megatron_lite", "torch", "torch_dist"):
         raise _error(f"--ckpt-format {c.ckpt_format}: megatron_lite writes megatron_lite, torch (Megatron-LM legacy) "

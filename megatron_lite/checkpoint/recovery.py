@@ -21,7 +21,7 @@ from megatron_lite.checkpoint.formats import FORMAT_NAMES, OWN_FORMAT, detect_fo
 from megatron_lite.checkpoint.io.integrity import (CheckpointIntegrityError, CheckpointMetadataError, VerifiedFile,
                                                 check_files, committed_metadata, keep_verified, read_metadata)
 from megatron_lite.checkpoint.io.layout import (BEST_FILENAME, MODEL_FILENAME, RELEASE, TRACKER_FILENAME, Iteration,
-                                                format_iteration, iteration_dir_name, parse_dir_name, parse_shard_dir)
+                                                format_iteration, is_iteration_number, iteration_dir_name, parse_dir_name, parse_shard_dir)
 from megatron_lite.checkpoint.io.storage import all_gather_object, broadcast_object
 from megatron_lite.parallel.state import ParallelState
 
@@ -133,7 +133,7 @@ def read_tracker(load_dir: str, name: str = TRACKER_FILENAME) -> Tuple[Optional[
         return None, f"cannot be read: {e}"
     if text == RELEASE:
         return RELEASE, None
-    if text.isdigit():
+    if is_iteration_number(text):
         return int(text), None
     return None, f"says {text!r}, which is not an iteration number"
 

@@ -22,6 +22,7 @@ from typing import List, Optional
 from megatron_lite.arguments import ConfigError
 from megatron_lite.checkpoint.formats import OWN_FORMAT, describe_contents, format_module
 from megatron_lite.checkpoint.io.integrity import read_metadata
+from megatron_lite.checkpoint.io.layout import is_iteration_number
 from megatron_lite.checkpoint.recovery import find_checkpoints, read_tracker
 from megatron_lite.config import ModelConfig, RunConfig
 from megatron_lite.initialize import Run, build_run, setup_parallel
@@ -67,7 +68,7 @@ def checkpoint_metadata(load_dir: str, ckpt_step: Optional[str] = None) -> dict:
     if not committed:
         raise ConfigError(f"--load {load_dir}: no checkpoint in it (it holds {describe_contents(load_dir)}); pass "
                           f"the directory that holds iter_*/ or release/")
-    wanted = int(ckpt_step) if ckpt_step is not None and str(ckpt_step).isdigit() else read_tracker(load_dir)[0]
+    wanted = int(ckpt_step) if ckpt_step is not None and is_iteration_number(str(ckpt_step)) else read_tracker(load_dir)[0]
     chosen = next((c for c in committed if c.iteration == wanted), committed[0])
     if chosen.format == OWN_FORMAT:
         return read_metadata(chosen.path)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron_lite.checkpoint.formats import SourceCheckpoint, pickle_names
 from megatron_lite.checkpoint.formats.megatron_args import (MODE_ARG, megatron_args_from_config,
                                                            metadata_from_megatron)
-from megatron_lite.checkpoint.io.layout import tmp_dir_name
+from megatron_lite.checkpoint.io.layout import is_iteration_number, tmp_dir_name
 from megatron_lite.checkpoint.io.storage import fsync_dir, write_tracker
 from megatron_lite.checkpoint.recovery import CheckpointLoadError
 from megatron_lite.checkpoint.reshard.sharding import build_tensor_index, reshard_rank_state
@@ -104,7 +104,7 @@ def find_iteration(load_dir: str, ckpt_step: Optional[int] = None) -> Optional[T
             text = f.read().strip()
         if text == "release":
             return "release", os.path.join(load_dir, "release")
-        if not text.isdigit():
+        if not is_iteration_number(text):
             raise CheckpointLoadError(f"{tracker} holds {text!r}, not an iteration number or 'release'; "
                                       f"fix the file or pass --ckpt-step")
         return int(text), os.path.join(load_dir, iteration_dir_name(int(text)))

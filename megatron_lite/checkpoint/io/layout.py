@@ -34,6 +34,11 @@ _SHARD_DIR = re.compile(r"^mp_rank_(\d{2,})_(\d{3,})(?:_(\d{3,}))?$")
 _DONE_MARKER = re.compile(r"^rank_(\d{5,})\.done$")
 
 
+def is_iteration_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' and other digits that int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def check_iteration(iteration: Iteration) -> None:
     """Raise ValueError unless `iteration` is a non-negative int or RELEASE."""
     if iteration == RELEASE:

@@ -100,6 +100,10 @@ def test_a_broken_tracker_falls_back_to_the_newest_intact_checkpoint(three):
     assert plan.rejected == [(TRACKER_FILENAME, "says 'garbage', which is not an iteration number")]
     (d / TRACKER_FILENAME).write_text("9")
     assert choose_checkpoint(str(d)).rejected == [("iter_0000009", f"named by {TRACKER_FILENAME} but not in {d}")]
+    (d / TRACKER_FILENAME).write_bytes(b"\xc2\xb2")   # '\u00b2': str.isdigit() says yes, int() says no
+    plan = choose_checkpoint(str(d))
+    assert (plan.iteration, plan.reason) == (3, "fallback")
+    assert plan.rejected == [(TRACKER_FILENAME, "says '\u00b2', which is not an iteration number")]
 
 
 def test_a_newer_checkpoint_than_the_tracker_is_left_alone_and_reported(three):
