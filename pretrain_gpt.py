@@ -13,39 +13,22 @@ finished and saved, SIGINT and SIGTERM are ignored: a Ctrl-C while the processes
 turn a finished run into a failed one.
 """
 
-import os
 import signal
 import sys
 
-import torch.distributed as dist
-
-from megatron_lite.arguments import ConfigError, parse_args
-from megatron_lite.checkpoint.recovery import CheckpointLoadError
-from megatron_lite.training import NonFiniteLossError, pretrain
+from megatron_lite.arguments import parse_args
+from megatron_lite.entry_point import run_entry_point
+from megatron_lite.training import pretrain
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+def _train(argv) -> None:
+    pretrain(parse_args(argv))
+    for sig in (signal.SIGINT, signal.SIGTERM):   # finished and saved: nothing left to interrupt
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-        pretrain(cfg)
-        for sig in (signal.SIGINT, signal.SIGTERM):   # finished and saved: nothing left to interrupt
-            signal.signal(sig, signal.SIG_IGN)
-    except (ConfigError, CheckpointLoadError) as e:   # a bad flag, file or checkpoint: the same on every rank
-        if _rank() == 0:
-            print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except NonFiniteLossError as e:   # every rank sees the same (reduced) loss and grad norm
-        if _rank() == 0:
-            print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
-        return 3
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_entry_point("pretrain_gpt.py", lambda: _train(argv))
 
 
 if __name__ == "__main__":

@@ -359,7 +359,7 @@ class CheckpointConfig:
 class InferenceConfig:
     """Sampling for tools/generate.py and the --generate-interval samples; the sampling RNG is
     seeded with --seed and is its own, so sampling never moves training's random stream."""
-    max_new_tokens: int = flag(32, "tokens to generate after the prompt", aliases=["--num-tokens-to-generate"])
+    max_new_tokens: int = flag(30, "tokens to generate after the prompt", aliases=["--num-tokens-to-generate"])
     greedy: bool = flag(False, "take the most likely token at every step (argmax) instead of sampling")
     temperature: float = flag(1.0, "sampling: divide the logits by this (> 0)")
     top_k: int = flag(0, "sampling: only among the k most likely tokens (0: all)", aliases=["--top_k"])

@@ -22,10 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch.distributed as dist  # noqa: E402
-
 from megatron_lite.arguments import ConfigError, _Parser, build_parser, parse_args  # noqa: E402
-from megatron_lite.checkpoint.recovery import CheckpointLoadError  # noqa: E402
+from megatron_lite.entry_point import rank, run_entry_point  # noqa: E402
 from megatron_lite.inference import generate, load_for_inference  # noqa: E402
 
 
@@ -37,34 +35,26 @@ def _prompt_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+def _generate(argv) -> int:
+    own, rest = _prompt_parser().parse_known_args(argv)
+    if own.help:
+        print(__doc__ + "\n" + _prompt_parser().format_help() + "\n" + build_parser().format_help())
+        return 0
+    if (own.prompt is None) == (own.prompt_ids is None):
+        raise ConfigError("give the prompt as --prompt TEXT or as --prompt-ids ID [ID ...], one of the two")
+    cfg = parse_args(rest)
+    with contextlib.redirect_stdout(sys.stderr):
+        run = load_for_inference(cfg)
+    prompt = own.prompt_ids if own.prompt_ids is not None else run.tokenizer.tokenize(own.prompt)
+    new = generate(run, [prompt], cfg.inference, seed=cfg.train.seed, stop_token_id=run.tokenizer.eod)[0]
+    if rank() == 0:
+        text = " ".join(map(str, new)) if own.prompt_ids is not None else run.tokenizer.detokenize(prompt + new)
+        print(text, flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
-    try:
-        own, rest = _prompt_parser().parse_known_args(argv)
-        if own.help:
-            print(__doc__ + "\n" + _prompt_parser().format_help() + "\n" + build_parser().format_help())
-            return 0
-        if (own.prompt is None) == (own.prompt_ids is None):
-            raise ConfigError("give the prompt as --prompt TEXT or as --prompt-ids ID [ID ...], one of the two")
-        cfg = parse_args(rest)
-        with contextlib.redirect_stdout(sys.stderr):
-            run = load_for_inference(cfg)
-        prompt = own.prompt_ids if own.prompt_ids is not None else run.tokenizer.tokenize(own.prompt)
-        new = generate(run, [prompt], cfg.inference, seed=cfg.train.seed, stop_token_id=run.tokenizer.eod)[0]
-        if _rank() == 0:
-            text = " ".join(map(str, new)) if own.prompt_ids is not None else run.tokenizer.detokenize(prompt + new)
-            print(text, flush=True)
-    except (ConfigError, CheckpointLoadError) as e:   # the same on every rank: rank 0 says it
-        if _rank() == 0:
-            print(f"generate.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_entry_point("generate.py", lambda: _generate(argv))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from megatron_lite.arguments import ConfigError
 from megatron_lite.checkpoint.formats import OWN_FORMAT
 from megatron_lite.checkpoint.io.layout import METADATA_FILENAME, iteration_dir_name
+from megatron_lite.checkpoint.recovery import CheckpointLoadError, bytes_on_disk, choose_checkpoint
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.lora import base_config, is_adapter, lora_settings
 
@@ -101,8 +102,6 @@ def restore_lora_weights(run, decision, open_checkpoint) -> tuple:
     From an adapter checkpoint the base is the checkpoint it names (checked unchanged); from any other
     checkpoint, that checkpoint is the base and the adapters start fresh. `open_checkpoint(dir, plan)`
     gives (metadata, reader) of a chosen checkpoint."""
-    from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint
-
     d, s, module = decision, run.state, run.module
     layout_of = (s.tp_size, s.pp_size, s.tp_rank, s.pp_rank)
     if not d.metadata.get("lora"):
@@ -132,7 +131,3 @@ def restore_lora_weights(run, decision, open_checkpoint) -> tuple:
 def adapter_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """What an adapter checkpoint's model file holds: the adapters' state_dict entries."""
     return {k: v for k, v in module.state_dict().items() if is_adapter(k)}
-
-
-def bytes_on_disk(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)

@@ -69,7 +69,7 @@ def _order_key(iteration: Iteration) -> int:
     return -1 if iteration == RELEASE else iteration
 
 
-def _bytes_on_disk(path: str) -> int:
+def bytes_on_disk(path: str) -> int:
     total = 0
     for root, _, names in os.walk(path):
         for n in names:
@@ -116,7 +116,7 @@ def find_checkpoints(load_dir: str) -> List[CheckpointInfo]:
             except CheckpointMetadataError:
                 pass
         found.append(CheckpointInfo(name, path, iteration, state, kind,
-                                    _bytes_on_disk(path) if size is None else size, saved_at, format=fmt))
+                                    bytes_on_disk(path) if size is None else size, saved_at, format=fmt))
     found.sort(key=lambda c: (c.state != "committed", -_order_key(c.iteration)))
     return found
 

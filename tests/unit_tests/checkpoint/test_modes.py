@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from megatron_lite.arguments import ConfigError, parse_args
-from megatron_lite.checkpoint.manager import CheckpointManager, check_model_config, decide_load
+from megatron_lite.checkpoint.decision import check_model_config, decide_load
+from megatron_lite.checkpoint.manager import CheckpointManager
 from megatron_lite.checkpoint.recovery import CheckpointLoadError
 from megatron_lite.checkpoint.io.storage import load_file
 from megatron_lite.initialize import build_run, setup_parallel
