@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(*spec.options, dest=spec.dest, type=spec.kind, choices=spec.choices,
                                    metavar=None if spec.choices else spec.name.upper(), help=help_)
     for option in WITHOUT_EFFECT:
-        parser.add_argument(option, dest="__without_effect", action="store_true", help=argparse.SUPPRESS)
+        parser.add_argument(option, dest="__without_effect", nargs="?", const=True, help=argparse.SUPPRESS)
     for option in UNSUPPORTED:
         parser.add_argument(option, dest="__unsupported." + option, nargs="*", help=argparse.SUPPRESS)
     return parser

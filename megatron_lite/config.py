@@ -103,6 +103,20 @@ class ModelConfig:
         "activation's output)", nargs="*")
     transformer_impl: str = flag("local", "layer implementation", choices=["local", "transformer_engine"])
     fused_kernels: bool = flag(True, "force plain torch ops", name="--no-fused-kernels", store_false=True)
+    fp8: Optional[str] = flag(
+        None, "FP8 GEMMs in every decoder layer's linear layers: e4m3 everywhere, or hybrid (e4m3 forward, "
+        "e5m2 gradients)", name="--fp8-format", choices=["e4m3", "hybrid"])
+    fp8_recipe: str = flag("delayed", "FP8 scaling: tensorwise (each tensor's own amax) or delayed (amax "
+                           "history of earlier steps); mxfp8 and blockwise are Transformer Engine's",
+                           choices=["tensorwise", "delayed", "mxfp8", "blockwise"])
+    fp8_margin: int = flag(0, "delayed FP8 scaling: scales are divided by 2^margin")
+    fp8_amax_history_len: int = flag(1, "delayed FP8 scaling: steps of amax history per tensor")
+    fp8_amax_compute_algo: str = flag("most_recent", "delayed FP8 scaling: the amax a scale is computed from",
+                                      choices=["most_recent", "max"])
+    first_last_layers_bf16: bool = flag(False, "with --fp8-format: keep the first and last decoder layers in "
+                                        "high precision (--num-layers-at-start-in-bf16, --num-layers-at-end-in-bf16)")
+    num_layers_at_start_in_bf16: int = flag(1, "with --first-last-layers-bf16: leading layers without FP8")
+    num_layers_at_end_in_bf16: int = flag(1, "with --first-last-layers-bf16: trailing layers without FP8")
     lora_rank: int = flag(0, "LoRA: rank of the low-rank adapters on --lora-target-modules, everything else frozen; "
                           "checkpoints then hold only the adapters and name their base checkpoint (0: no LoRA)")
     lora_alpha: float = flag(8.0, "LoRA: the adapters' output is scaled by alpha / rank (PEFT's lora_alpha)")

@@ -25,6 +25,7 @@ from megatron_lite.logging_utils import (MetricsWriter, StepProfiler, Timers, ch
                                          memory_stats, num_floating_point_operations, num_zeros_in_grad,
                                          params_l2_norm)
 from megatron_lite.microbatches import MicroBatchCalculator
+from megatron_lite.model.fp8 import fp8_state_of
 from megatron_lite.parallel.pipeline import get_forward_backward_func
 from megatron_lite.parallel.random import preserved_rng
 
@@ -224,6 +225,8 @@ def queue_train_step(run: Run, batches: Iterator, timers: Optional[Timers] = Non
     loss_scale = run.optimizer.get_loss_scale()
     timers("optimizer", 1).start()
     ok, grad_norm, _ = run.optimizer.step(sync=False)
+    for fp8_state in fp8_state_of([run.model]):   # the next step's FP8 scales, and fresh weight casts
+        fp8_state.update(run.state)
     timers("optimizer", 1).stop()
     empty_unused_memory(run, 2)
     run.scheduler.step(increment=current_global_batch_size(run))

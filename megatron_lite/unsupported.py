@@ -1,4 +1,4 @@
-"""Megatron-LM flags of features megatron_lite does not have, and the two it accepts without effect.
+"""Megatron-LM flags of features megatron_lite does not have, and the few it accepts without effect.
 
 The parser knows these flags so that a Megatron-LM launch script that uses one stops with one
 line naming the feature (`parse_args` raises), instead of argparse's "unrecognized arguments".
@@ -46,11 +46,7 @@ UNSUPPORTED_FEATURES: Dict[str, List[str]] = {
         "--use-torch-fsdp2", "--use-megatron-fsdp", "--data-parallel-sharding-strategy",
         "--megatron-fsdp-main-params-dtype", "--megatron-fsdp-main-grads-dtype", "--megatron-fsdp-grad-comm-dtype",
     ],
-    "FP8 training": [
-        "--fp8-format", "--fp8-recipe", "--fp8-margin", "--fp8-interval", "--fp8-amax-history-len",
-        "--fp8-amax-compute-algo", "--fp8-param-gather", "--fp8-wgrad", "--first-last-layers-bf16",
-        "--num-layers-at-start-in-bf16", "--num-layers-at-end-in-bf16",
-    ],
+    "FP8 parameters and high-precision FP8 weight gradients": ["--fp8-param-gather", "--fp8-wgrad"],
     "tensor-parallel communication overlap": ["--tp-comm-overlap", "--tp-comm-overlap-cfg"],
     "deferred embedding weight gradients": ["--defer-embedding-wgrad-compute", "--wgrad-deferral-limit"],
     "CUDA graphs": ["--cuda-graph-impl", "--enable-cuda-graph", "--external-cuda-graph", "--decode-only-cuda-graphs"],
@@ -104,6 +100,7 @@ UNSUPPORTED: Dict[str, str] = {f: feature for feature, flags in UNSUPPORTED_FEAT
 WITHOUT_EFFECT: Dict[str, str] = {
     "--use-mcore-models": "megatron_lite has one model, with Megatron-Core's layout",
     "--disable-gloo-process-groups": "megatron_lite creates no gloo side groups next to NCCL ones",
+    "--fp8-interval": "deprecated in Megatron-LM (Transformer Engine ignores it since 1.8): scales update every step",
 }
 
 

@@ -126,6 +126,39 @@ def _check_model(cfg: RunConfig) -> None:
                      "Use --cross-entropy-fusion-impl native, or omit --cross-entropy-loss-fusion.")
     _check_recompute(cfg)
     _check_lora(cfg)
+    _check_fp8(cfg)
+
+
+def _check_fp8(cfg: RunConfig) -> None:
+    """--fp8-format: the recipes megatron_lite has, and GEMM sizes torch._scaled_mm takes."""
+    m = cfg.model
+    if not m.fp8:
+        return
+    if m.fp8_recipe in ("mxfp8", "blockwise"):
+        raise _error(f"--fp8-recipe {m.fp8_recipe} is Transformer Engine's (block-scaled FP8, mxfp8 on Blackwell "
+                     f"GPUs); megatron_lite has --fp8-recipe tensorwise and delayed")
+    if m.fp8_amax_history_len < 1:
+        raise _error(f"--fp8-amax-history-len {m.fp8_amax_history_len}: give at least 1 step of history")
+    if m.fp8_margin < 0:
+        raise _error(f"--fp8-margin {m.fp8_margin}: give a margin of 0 or more (scales are divided by 2^margin)")
+    if m.first_last_layers_bf16:
+        start, end = m.num_layers_at_start_in_bf16, m.num_layers_at_end_in_bf16
+        if start < 0 or end < 0 or start + end >= m.num_layers:
+            raise _error(f"--num-layers-at-start-in-bf16 {start} and --num-layers-at-end-in-bf16 {end} leave no FP8 "
+                         f"layer of --num-layers {m.num_layers}; keep fewer layers in high precision")
+    tp, t = cfg.parallel.tensor_model_parallel_size, cfg.train
+    fc1 = (2 if m.swiglu else 1) * m.ffn_hidden_size
+    sizes = {"--hidden-size": m.hidden_size, "--ffn-hidden-size / TP": m.ffn_hidden_size // tp,
+             "fc1 outputs / TP": fc1 // tp,
+             "QKV outputs / TP": (m.num_attention_heads + 2 * m.query_groups) * m.head_dim // tp,
+             "attention heads x --kv-channels / TP": m.num_attention_heads * m.head_dim // tp,
+             "--seq-length x --micro-batch-size": m.seq_length * t.micro_batch_size}
+    if cfg.parallel.sequence_parallel:
+        sizes["--seq-length x --micro-batch-size / TP (sequence parallelism)"] = m.seq_length * t.micro_batch_size // tp
+    for what, size in sizes.items():
+        if size % 16:
+            raise _error(f"--fp8-format: FP8 GEMMs need sizes that are multiples of 16, but {what} is {size}; "
+                         f"change the model or batch shape")
 
 
 def _check_lora(cfg: RunConfig) -> None:

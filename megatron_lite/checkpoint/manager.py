@@ -61,12 +61,13 @@ def _gather_rng_over_dp(state: ParallelState) -> list:
 
 def shard_contents(iteration, mode: str, model: Dict[str, torch.Tensor], *, progress: Optional[dict] = None,
                    scheduler: Optional[dict] = None, rng: Optional[list] = None,
-                   optimizer: Optional[dict] = None) -> dict:
+                   optimizer: Optional[dict] = None, fp8: Optional[dict] = None) -> dict:
     """What a (tp, pp) rank's model_optim_rng.pt holds (format in the module docstring): the one
     definition, used by training's saves (full: with progress and scheduler) and by
     tools/checkpoint/convert.py (weights only)."""
     shard = {"format_version": FORMAT_VERSION, "iteration": iteration, "mode": mode, "model": model}
-    extra = {"progress": progress, "opt_param_scheduler": scheduler, "rng_state": rng, "optimizer": optimizer}
+    extra = {"progress": progress, "opt_param_scheduler": scheduler, "rng_state": rng, "optimizer": optimizer,
+             "fp8_state": fp8}
     shard.update({k: v for k, v in extra.items() if v is not None})
     return shard
 
@@ -172,6 +173,9 @@ class CheckpointManager:
             restored["rng"] = "fresh seed (" + why + ")" if rng is None else "restored"
             if rng is not None:
                 set_rng_state(rng, run.state.rng)
+        fp8 = self._restore_fp8(run, weights or d)
+        if fp8 is not None:
+            restored["fp8 scaling"] = fp8
         restored["data position"] = (f"from sample {run.progress.consumed_train_samples}" if action == "resume"
                                      else "from the first sample")
         run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule
@@ -187,6 +191,18 @@ class CheckpointManager:
         self.load_report = format_recovery_report(d.plan, {"mode": action, **restored},
                                                   weights.plan if weights is not None else None)
         print_rank0(self.load_report, run.state)
+
+    @staticmethod
+    def _restore_fp8(run: Run, chosen) -> Optional[str]:
+        """The delayed-scaling state of the checkpoint the weights came from (model/fp8.py), for the
+        report; None when neither the run nor the checkpoint uses FP8."""
+        fp8_state = run.module.fp8_state
+        saved_fp8 = chosen.metadata.get("config", {}).get("model", {}).get("fp8")
+        if fp8_state is None:
+            return None if not saved_fp8 else f"not used (saved by an --fp8-format {saved_fp8} run; this run has none)"
+        fp8_state.weights_changed()
+        saved, why = chosen.source.fp8_state(run.state)
+        return fp8_state.load_state_dict(saved) if saved is not None or why is None else f"fresh ({why})"
 
     def _load_weights(self, run: Run, weights: Optional[WeightsSource] = None) -> str:
         """The model weights of the decision's checkpoint, or of `weights` (--load-weights-from's)."""
@@ -283,7 +299,8 @@ class CheckpointManager:
                 p.iteration, run.mode, adapters.adapter_state(run.module) if lora else run.module.state_dict(),
                 progress=p.state_dict() if full else None,
                 scheduler=run.scheduler.state_dict() if full else None, rng=rng,
-                optimizer=run.optimizer.state_dict() if own_optimizer else None)
+                optimizer=run.optimizer.state_dict() if own_optimizer else None,
+                fp8=run.module.fp8_state.state_dict() if full and run.module.fp8_state is not None else None)
         if full and c.save_optim and cfg.parallel.use_distributed_optimizer:
             files[layout.distrib_optim_shard_path(state.tp_rank, state.pp_rank, state.dp_rank)] = \
                 run.optimizer.state_dict()

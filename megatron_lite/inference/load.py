@@ -119,6 +119,7 @@ def load_for_inference(cfg: RunConfig) -> Run:
     take_checkpoint_config(cfg, saved)
     c.finetune, c.load_optim, c.load_rng, c.use_checkpoint_args = True, False, False, False   # weights only
     cfg.parallel.sequence_parallel = False
+    cfg.model.fp8 = None   # decoding in the checkpoint's precision: FP8 GEMMs need 16-token multiples
     if cfg.train.train_iters is None and cfg.train.train_samples is None:
         cfg.train.train_iters = 1   # the Run's LR schedule needs a length; nothing trains
     state = setup_parallel(cfg)

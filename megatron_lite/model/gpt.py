@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.model import lora
+from megatron_lite.model import fp8, lora
 from megatron_lite.model.layers import Norm, RotaryEmbedding, TransformerLayer
 from megatron_lite.ops import torch_ops
 from megatron_lite.parallel.random import recompute
@@ -97,6 +97,7 @@ class GPTModel(nn.Module):
             self._initialize(seed)
         if device is not None:
             self.to(device)
+        self.fp8_state = fp8.enable_fp8(self, cfg, state, device or "cpu")   # None without --fp8-format
 
     def global_name(self, local_name: str) -> str:
         """The name a parameter has in the whole (unsplit) model: layer numbers are global, and

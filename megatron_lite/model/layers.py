@@ -17,6 +17,7 @@ from torch import nn
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.attention import SelfAttention
+from megatron_lite.model.fp8 import fits_fp8_gemm, quantized_input
 from megatron_lite.model.norms import Norm
 from megatron_lite.model.recompute import discard_until_backward
 from megatron_lite.parallel.random import recompute
@@ -92,6 +93,7 @@ class MLP(nn.Module):
         self.squared_relu, self.bias_gelu_fusion = cfg.squared_relu, cfg.bias_gelu_fusion
         self.recompute_activation = _selective(cfg, "mlp_act")
         self.recompute_mlp = _selective(cfg, "mlp")
+        self.fp8_consumer = None   # fc2's FP8Meta when the activation is cast for it (model/fp8.py)
         ffn = cfg.ffn_size
         self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if cfg.swiglu else ffn, state,
                                                bias=cfg.add_bias_linear, skip_bias_add=True,
@@ -100,12 +102,25 @@ class MLP(nn.Module):
                                             skip_bias_add=True, dtype=dtype)
 
     def _activation(self, h, bias):
+        if self.fp8_consumer is not None and fits_fp8_gemm(h):   # cast to FP8 for fc2 (model/fp8.py)
+            fused = self.ops.activation_fp8(h, bias, self._activation_kind(), self.fp8_consumer)
+            return fused if fused is not None else quantized_input(self._plain_activation(h, bias), self.fp8_consumer)
+        return self._plain_activation(h, bias)
+
+    def _plain_activation(self, h, bias):
         if self.swiglu:
             return self.ops.swiglu(h if bias is None else h + bias)
         if self.squared_relu or not self.bias_gelu_fusion:
             h = h if bias is None else h + bias
             return squared_relu(h) if self.squared_relu else F.gelu(h)
         return self.ops.bias_gelu(h, bias)
+
+    def _activation_kind(self) -> str:
+        if self.swiglu:
+            return "swiglu"
+        if self.squared_relu:
+            return "squared_relu"
+        return "bias_gelu" if self.bias_gelu_fusion else "gelu"
 
     def _forward(self, x):
         h, bias = self.linear_fc1(x)

@@ -87,6 +87,29 @@ class FusedOps:
             return fused(qkv, heads_per_group, cos, sin)
         return split_qkv_rotary(qkv, heads_per_group, cos, sin, rotary)
 
+    def _fp8_kernel(self, op: str, name: str, t):
+        """The CUDA backend's FP8-writing form of `op` (CudaOps.<name>), or None."""
+        return getattr(getattr(self._impl(op, t), "__self__", None), name, None)
+
+    def norm_fp8(self, x, residual, weight, bias, eps: float, rms: bool, meta):
+        """The norm of x (of x + residual, returned first, with `residual`) written in FP8 for the FP8
+        linear `meta` (a carrier, model/fp8.py) by the norm kernel itself; None where that kernel
+        does not run (another backend, the CPU, tensorwise scaling): the caller casts the output."""
+        fused = self._fp8_kernel("rms_norm" if rms else "layer_norm", "norm_fp8", x)
+        return None if fused is None else fused(x, residual, weight, bias, eps, rms, meta)
+
+    def activation_fp8(self, h, bias, kind: str, meta):
+        """The MLP activation ("swiglu", "bias_gelu", ...) of h (+ bias) written in FP8 by its kernel
+        for the FP8 linear `meta`; None where no such kernel runs."""
+        fused = self._fp8_kernel(kind, "activation_fp8", h) if kind in ("swiglu", "bias_gelu") else None
+        return None if fused is None else fused(h, bias, kind, meta)
+
+    def cast_fp8(self, t, scale, amax, dtype):
+        """saturate(t * scale) in `dtype` and amax = max(amax, max|t|) in one CUDA kernel; None off
+        the CUDA backend (model/fp8.py then casts in torch)."""
+        fused = self._fp8_kernel("swiglu", "cast_fp8", t)
+        return None if fused is None else fused(t, scale, amax, dtype)
+
     def scaled_masked_softmax(self, scores, mask, scale: float):
         return self._impl("scaled_masked_softmax", scores)(scores, mask, scale)
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_lite.model.fp8 import fp8_linear
 from megatron_lite.parallel.state import ParallelState
 
 
@@ -259,7 +260,8 @@ class ColumnParallelLinear(nn.Module):
 
     Input is replicated over TP (or, with sequence parallelism, split along s and gathered
     here); output stays split. With `skip_bias_add` the bias is returned for a later fused op.
-    An `adapter` (model/lora.py) adds its term for the same input."""
+    An `adapter` (model/lora.py) adds its term for the same input; with `fp8` the GEMMs run in FP8
+    (model/fp8.py), the input's TP communication inside them."""
 
     def __init__(self, input_size: int, output_size: int, state: ParallelState, *, bias: bool = True,
                  skip_bias_add: bool = False, partition_chunks: int = 1, dtype=torch.float32,
@@ -274,16 +276,20 @@ class ColumnParallelLinear(nn.Module):
         self.bias = set_partition(nn.Parameter(torch.zeros(local, dtype=dtype, device=device)),
                                   0, partition_chunks) if bias else None
         self.adapter = None
+        self.fp8 = None   # an FP8Meta (model/fp8.py) with --fp8-format
 
     def forward(self, x: torch.Tensor):
-        if self.adapter is None:
-            if self.skip_bias_add:
-                return column_parallel_linear(x, self.weight, None, self.state), self.bias
-            return column_parallel_linear(x, self.weight, self.bias, self.state)
-        y = column_parallel_linear(x, self.weight, None, self.state) + self.adapter(x)
-        if self.skip_bias_add:
-            return y, self.bias
-        return y + self.bias if self.bias is not None else y
+        bias = self.bias if self.adapter is None and not self.skip_bias_add else None
+        y = None
+        if self.fp8 is not None:
+            y = fp8_linear(x, self.weight, bias, self.fp8, self.state, "gather" if self.state.sequence_parallel else "copy")
+        if y is None:
+            y = column_parallel_linear(x, self.weight, bias, self.state)
+        if self.adapter is not None:
+            y = y + self.adapter(x)
+            if not self.skip_bias_add and self.bias is not None:
+                y = y + self.bias
+        return (y, self.bias) if self.skip_bias_add else y
 
 
 class RowParallelLinear(nn.Module):
@@ -304,9 +310,12 @@ class RowParallelLinear(nn.Module):
             self.bias = set_partition(nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device)), None)
             self.bias.sequence_parallel = state.sequence_parallel
         self.adapter = None
+        self.fp8 = None   # an FP8Meta (model/fp8.py) with --fp8-format
 
     def forward(self, x: torch.Tensor):
-        y = linear(x, self.weight)
+        y = None if self.fp8 is None else fp8_linear(x, self.weight, None, self.fp8, self.state, None)
+        if y is None:
+            y = linear(x, self.weight)
         if self.state.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.state)
         else:

@@ -63,6 +63,12 @@ class SourceCheckpoint:
         """This rank's generators in `parallel.random.set_rng_state`'s format, or None and why not."""
         raise NotImplementedError
 
+    def fp8_state(self, state: ParallelState) -> Tuple[Optional[dict], Optional[str]]:
+        """The FP8 delayed-scaling state of this rank's layers ({"recipe", "linears": {global name:
+        ...}}, model/fp8.py), or None and why not (None: the checkpoint simply has none)."""
+        return None, (f"{FORMAT_NAMES.get(self.format, self.format)} checkpoints keep FP8 scaling in Transformer "
+                      f"Engine's _extra_state, which megatron_lite does not read")
+
 
 FORMAT_NAMES = {OWN_FORMAT: "megatron_lite", "torch": "Megatron-LM legacy (torch)",
                 "torch_dist": "Megatron-Core distributed (torch_dist)"}

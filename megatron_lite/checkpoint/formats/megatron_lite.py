@@ -4,7 +4,7 @@ recovery.choose_checkpoint verified (metadata.json, checksums, fallback past dam
 Per (tp, pp) rank, `mp_rank_TT_PPP/model_optim_rng.pt` (written by DP rank 0) holds
     {"format_version", "iteration", "mode", "model": stage state_dict, "progress": counters,
      "opt_param_scheduler", "optimizer" (without the distributed optimizer),
-     "rng_state": [one per DP rank]}
+     "rng_state": [one per DP rank], "fp8_state": FP8 delayed-scaling state (model/fp8.py)}
 (`manager.shard_contents` builds it), and with the distributed optimizer
 `mp_rank_TT_PPP_DDD/distrib_optim.pt` comes from every DP rank. metadata.json carries the run's
 config, the layout, the mode, the progress and the global tensor index.
@@ -96,3 +96,12 @@ class OwnCheckpoint(SourceCheckpoint):
         p = self.metadata["parallel"]
         return None, (f"saved at TP={p['tp']} PP={p['pp']} DP={p.get('dp')}: per-rank generators do not carry "
                       f"over to another layout")
+
+    def fp8_state(self, state: ParallelState) -> Tuple[Optional[dict], Optional[str]]:
+        """Every stage's entries (held alike by its TP ranks): global names find this rank's layers
+        whatever the layout they were saved at."""
+        from megatron_lite.model.fp8 import merge_saved
+
+        if self._same_layout(state.tp_size, state.pp_size):
+            return self._shard(state.tp_rank, state.pp_rank).get("fp8_state"), None
+        return merge_saved([self._shard(0, p).get("fp8_state") for p in range(self.metadata["parallel"]["pp"])]), None
