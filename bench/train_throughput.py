@@ -13,6 +13,9 @@ default; 0 turns it off everywhere) + an AdamW update:
     torch_eager     PlainGPT below: bf16 parameters, SDPA (causal, GQA), fused torch AdamW
     torch_compile   the same module under torch.compile (forward and loss; backward through AOT
                     autograd); the optimizer step stays eager
+    torchao_float8  torch_compile with torchao's convert_to_float8_training (tensorwise scaling) on
+                    every linear but the output layer, as torchtitan trains in FP8; a 'skipped' row
+                    when torchao does not import
     megatron_core   Megatron-Core's GPTModel with get_gpt_layer_local_spec() (no Transformer
                     Engine or apex), bf16 parameters and the plain baseline's AdamW step; a
                     'skipped' row, with the reason, when megatron.core does not import or run
@@ -61,8 +64,8 @@ from bench.common import (BETAS, LR, REFERENCE, SEED, TINY, WEIGHT_DECAY, ModelD
                           megatron_lite_flags, mock_batches, model_flops_per_token, param_counts,
                           peak_matmul_flops, peak_memory_gib, reset_memory, time_steps, write_json)
 
-CANDIDATES = ("megatron_lite", "torch_eager", "torch_compile", "megatron_core")
-OPTIONAL = ("megatron_core",)      # a failure here is a 'skipped' row, not a failed benchmark
+CANDIDATES = ("megatron_lite", "torch_eager", "torch_compile", "torchao_float8", "megatron_core")
+OPTIONAL = ("megatron_core", "torchao_float8")      # a failure here is a 'skipped' row, not a failed benchmark
 NUM_BATCHES = 4                    # distinct microbatches, cycled
 
 
@@ -204,17 +207,25 @@ def adamw_step(params: List[torch.nn.Parameter], device: torch.device, clip_grad
     return step
 
 
-def build_torch(ctx: Context, compiled: bool) -> Built:
+def build_torch(ctx: Context, compiled: bool, float8: bool = False) -> Built:
     with torch.device(ctx.device):
         model = PlainGPT(ctx.dims).to(torch.bfloat16)
     params = list(model.parameters())
     optimizer_step = adamw_step(params, ctx.device, ctx.clip_grad)
-    forward = model
     detail = ""
+    if float8:   # torchtitan's recipe: every linear but the output layer, tensorwise scaling
+        try:
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        except ImportError as e:
+            raise Skip(f"torchao does not import ({e})") from None
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                                   module_filter_fn=lambda module, fqn: fqn != "output")
+        detail = "torchao float8 (tensorwise), "
+    forward = model
     if compiled:
         kwargs = {"mode": ctx.compile_mode} if ctx.compile_mode else {}
         forward = torch.compile(model, backend=ctx.compile_backend, **kwargs)
-        detail = f"torch.compile(backend={ctx.compile_backend}, mode={ctx.compile_mode or 'default'})"
+        detail += f"torch.compile(backend={ctx.compile_backend}, mode={ctx.compile_mode or 'default'})"
     batches = itertools.cycle(ctx.batches)
 
     def step():
@@ -316,6 +327,7 @@ BUILDERS: Dict[str, Callable[[Context], Built]] = {
     "megatron_lite": build_megatron_lite,
     "torch_eager": lambda ctx: build_torch(ctx, compiled=False),
     "torch_compile": lambda ctx: build_torch(ctx, compiled=True),
+    "torchao_float8": lambda ctx: build_torch(ctx, compiled=True, float8=True),
     "megatron_core": build_megatron_core,
 }
 

@@ -332,3 +332,23 @@ def test_full_recompute_under_fp8_is_bitwise_the_plain_run():
     recomputed = _run(flags, "--recompute-granularity", "full", "--recompute-method", "uniform",
                       "--recompute-num-layers", "1")
     _assert_bitwise(_state(plain), _state(recomputed), "run")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", [DELAYED, TENSORWISE], ids=["delayed", "tensorwise"])
+def test_resumed_fp8_run_on_the_gpu_is_bitwise_the_straight_run_with_deterministic_mode(recipe, tmp_path):
+    """bf16 weights, the CUDA kernels (the norms and the activation writing FP8) and cuBLASLt's FP8 GEMMs."""
+    flags = ARCH["llama"] + recipe + ["--bf16", "--deterministic-mode", "--train-iters", "6", "--save-interval", "3",
+                                      "--hidden-size", "64", "--num-attention-heads", "4", "--kv-channels", "16"]
+    straight = _run(flags, "--save", str(tmp_path / "a"))
+    assert straight.module.decoder.layers[0].self_attention.linear_qkv.weight.is_cuda
+    _run(flags, "--save", str(tmp_path / "b"), "--exit-interval", "3")
+    resumed = _run(flags, "--save", str(tmp_path / "b"), "--load", str(tmp_path / "b"))
+    want = _state(straight)
+    want["history"] = want["history"][3:]
+    _assert_bitwise(want, _state(resumed), "run")
+    bf16 = _run(ARCH["llama"] + ["--bf16", "--train-iters", "6", "--hidden-size", "64", "--num-attention-heads", "4",
+                                 "--kv-channels", "16"])
+    torch.testing.assert_close(torch.tensor([h["lm loss"] for h in straight.history]),
+                               torch.tensor([h["lm loss"] for h in bf16.history]), rtol=2e-2, atol=0)
