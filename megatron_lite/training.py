@@ -538,12 +538,20 @@ def pretrain(cfg, data_iterators=None, load: bool = True, resume_own: bool = Tru
     `load=False` starts from scratch whatever --load and --save hold; `resume_own=False` loads from
     --load alone, in the mode the flags ask for, whatever --save holds."""
     from megatron_lite.checkpoint.manager import CheckpointManager
-    from megatron_lite.data import summary_lines
-    from megatron_lite.summary import print_arguments, print_parameters
 
     exit_signal = ExitSignal(cfg.train.exit_signal_handler)   # a signal during start-up is honoured too
     state = setup_parallel(cfg)
     checkpoints = CheckpointManager(cfg, state)
+    try:
+        return _pretrain(cfg, state, checkpoints, data_iterators, load, resume_own, exit_signal)
+    finally:
+        checkpoints.close()
+
+
+def _pretrain(cfg, state, checkpoints, data_iterators, load, resume_own, exit_signal) -> Run:
+    from megatron_lite.data import summary_lines
+    from megatron_lite.summary import print_arguments, print_parameters
+
     checkpoints.decide(load, resume_own)
     run = build_run(cfg, state)
     run.checkpoints, run.mode = checkpoints, checkpoints.mode

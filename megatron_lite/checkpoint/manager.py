@@ -28,7 +28,8 @@ from megatron_lite.checkpoint.io.async_save import AsyncSaver
 from megatron_lite.checkpoint.recovery import format_recovery_report, read_tracker
 from megatron_lite.checkpoint.retention import apply_retention
 from megatron_lite.checkpoint.weights_from import WeightsSource, attribute_sources, keeping_main_params
-from megatron_lite.checkpoint.io.storage import read_metadata, save_files, write_tracker
+from megatron_lite.checkpoint.io import lock as save_lock
+from megatron_lite.checkpoint.io.storage import broadcast_object, read_metadata, save_files, write_tracker
 from megatron_lite.config import RunConfig
 from megatron_lite.initialize import Run, model_dtype, print_rank0
 from megatron_lite.model.lora import lora_settings
@@ -107,6 +108,8 @@ class CheckpointManager:
         self.base: Optional[dict] = None          # a LoRA run's base checkpoint (adapters.base_record)
         self.base_bytes = 0
         self.nonfinite_at: Optional[int] = None   # the first iteration with a non-finite loss or grad norm
+        self.lock: Optional[save_lock.SaveLock] = None   # rank 0's hold on --save (io/lock.py)
+        self.token = ""                                    # the run's token in temporary names
         c = cfg.checkpoint
         self.async_saver = AsyncSaver(persistent=c.use_persistent_ckpt_worker) if c.async_save else None
 
@@ -116,12 +119,40 @@ class CheckpointManager:
         """Choose what to load (identical on every rank) and check the flags against it;
         `load=False` starts from scratch whatever --load and --save hold; `resume_own=False` (see
         decide_load) ignores --save's checkpoints."""
+        self._lock_save_dir()
         self.decision = decide_load(self.cfg, self.state, resume_own) if load else LoadDecision()
         if self.cfg.model.lora_rank and self.decision.action == "none":
             raise ConfigError("--lora-rank trains adapters on a base model: pass its checkpoint with "
                               "--pretrained-checkpoint DIR (or --load DIR --finetune)")
         check_model_config(self.cfg, self.decision, self.state.world_size)
         return self.decision
+
+    def _lock_save_dir(self) -> None:
+        """Collective: rank 0 takes --save's lock (io/lock.py); every rank learns the run's token or
+        stops with the same one line naming the run that holds it."""
+        save = self.cfg.checkpoint.save
+        if not save or self.token:
+            return
+        outcome = None
+        if self.state.rank == 0:
+            try:
+                self.lock = save_lock.acquire(save)
+                outcome = ("ok", self.lock.token, self.lock.took_over)
+            except (save_lock.SaveDirectoryBusy, OSError) as e:
+                outcome = ("busy", str(e), None)
+        status, value, took_over = broadcast_object(outcome, self.state)
+        if status == "busy":
+            raise ConfigError(value)
+        self.token = value
+        if took_over:
+            print_rank0(f"checkpoint: took over the lock of {save} from a run that is gone ({took_over})", self.state)
+
+    def close(self) -> None:
+        """The run is over: wait for a background save, release --save's lock."""
+        self.finish()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def restore(self, run: Run) -> None:
         """Restore what the decision's action says; print the recovery report on rank 0."""
@@ -256,6 +287,8 @@ class CheckpointManager:
 
     def save_if_due(self, run: Run) -> None:
         """After each iteration: the saves the intervals ask for."""
+        if self.lock is not None:
+            self.lock.heartbeat()
         for kind in self.saves_due(run.progress.iteration):
             self.save(run, kind)
 
@@ -320,7 +353,8 @@ class CheckpointManager:
         directory = c.save if full else os.path.join(c.save, WEIGHTS_SUBDIR)
         self.finish()
         t0 = time.time()
-        result = save_files(directory, p.iteration, files, state, metadata, kind=kind, async_saver=self.async_saver)
+        result = save_files(directory, p.iteration, files, state, metadata, kind=kind, async_saver=self.async_saver,
+                            token=self.token)
         what = ("adapter " if lora else "") + ("checkpoint" if full else "weights-only checkpoint")
         best = (p.iteration, self.validation["lm loss"]) if full and self.validation is not None else None
         if self.async_saver is None:

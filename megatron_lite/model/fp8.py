@@ -304,8 +304,10 @@ class _FP8Linear(torch.autograd.Function):
         k, n = wq.shape[1], wq.shape[0]
         x2 = xq.reshape(-1, k)
         out_dtype = weight.dtype
+        # fast accumulation in the forward GEMM only, as Transformer Engine and torchao do
         y = torch._scaled_mm(x2, wq.t(), scale_a=x_sinv, scale_b=w_sinv,
-                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
+                             use_fast_accum=True)
         ctx.save_for_backward(x2.t().contiguous(), x_sinv, wq_t, w_sinv)
         ctx.meta, ctx.comm, ctx.group, ctx.fuse_wgrad = meta, comm, group, fuse_wgrad
         ctx.weight, ctx.has_bias, ctx.x_shape, ctx.x_dtype = weight, bias is not None, xq.shape, x.dtype
@@ -331,15 +333,17 @@ class _FP8Linear(torch.autograd.Function):
         grad_bias = g2.sum(dim=0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         if not ctx.needs_input_grad[1]:   # a frozen weight (LoRA's base)
             return grad_x, None, grad_bias, None, None, None, None, None
-        grad_w = torch._scaled_mm(gq.t().contiguous(), x_t.t(), scale_a=g_sinv, scale_b=x_sinv, out_dtype=wgrad_dtype)
+        g_t = gq.t().contiguous()
         if fused:   # gradient accumulation fusion (parallel/tensor.py's _LinearIntoMainGrad protocol)
-            if weight.main_grad_is_stale:
-                main_grad.copy_(grad_w)
+            if weight.main_grad_is_stale:   # the first gradient of the iteration: written in place
+                torch._scaled_mm(g_t, x_t.t(), scale_a=g_sinv, scale_b=x_sinv, out_dtype=wgrad_dtype, out=main_grad)
                 weight.main_grad_is_stale = False
             else:
-                main_grad.add_(grad_w)
+                main_grad.add_(torch._scaled_mm(g_t, x_t.t(), scale_a=g_sinv, scale_b=x_sinv, out_dtype=wgrad_dtype))
             weight.grad_added_to_main_grad = True
             grad_w = torch.empty_like(weight)
+        else:
+            grad_w = torch._scaled_mm(g_t, x_t.t(), scale_a=g_sinv, scale_b=x_sinv, out_dtype=wgrad_dtype)
         return grad_x, grad_w, grad_bias, None, None, None, None, None
 
 

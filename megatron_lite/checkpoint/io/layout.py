@@ -5,7 +5,7 @@
 <save>/iter_0000100/metadata.json                 written last: its presence means the save committed
 <save>/iter_0000100/mp_rank_00_000/model_optim_rng.pt        (tp, pp) shard
 <save>/iter_0000100/mp_rank_00_000_001/distrib_optim.pt      distributed-optimizer shard of (tp, pp, dp)
-<save>/iter_0000100.tmp/                          a save in progress (or one that died): never loaded
+<save>/iter_0000100.tmp-<token>/                  a save in progress (or one that died): never loaded
 <save>/iter_0000100.old/                          the previous copy while iter_0000100 is being replaced
 ```
 Iteration "release" maps to the directory `release` (Megatron's name for converted checkpoints).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from typing import Optional, Tuple, Union
 
 Iteration = Union[int, str]   # an iteration number, or RELEASE
@@ -29,7 +30,7 @@ RELEASE = "release"
 TMP_SUFFIX = ".tmp"
 REPLACED_SUFFIX = ".old"
 
-_ITER_DIR = re.compile(r"^(?:iter_(\d{7,})|(release))(\.tmp|\.old)?$")
+_ITER_DIR = re.compile(r"^(?:iter_(\d{7,})|(release))(\.tmp(?:-[0-9a-f]+)?|\.old)?$")
 _SHARD_DIR = re.compile(r"^mp_rank_(\d{2,})_(\d{3,})(?:_(\d{3,}))?$")
 _DONE_MARKER = re.compile(r"^rank_(\d{5,})\.done$")
 
@@ -53,9 +54,10 @@ def iteration_dir_name(iteration: Iteration) -> str:
     return RELEASE if iteration == RELEASE else f"iter_{iteration:07d}"
 
 
-def tmp_dir_name(iteration: Iteration) -> str:
-    """Where a save of `iteration` is written before it is renamed to `iteration_dir_name`."""
-    return iteration_dir_name(iteration) + TMP_SUFFIX
+def tmp_dir_name(iteration: Iteration, token: str = "") -> str:
+    """Where a save of `iteration` is written before it is renamed to `iteration_dir_name`;
+    `token` (the run's, io/lock.py) makes it the writing run's own."""
+    return iteration_dir_name(iteration) + TMP_SUFFIX + (f"-{token}" if token else "")
 
 
 def replaced_dir_name(iteration: Iteration) -> str:
@@ -69,7 +71,8 @@ def parse_dir_name(name: str) -> Optional[Tuple[Iteration, str]]:
     if m is None:
         return None
     iteration: Iteration = int(m.group(1)) if m.group(1) is not None else RELEASE
-    state = {None: "committed", TMP_SUFFIX: "tmp", REPLACED_SUFFIX: "old"}[m.group(3)]
+    suffix = m.group(3)
+    state = "committed" if suffix is None else "old" if suffix == REPLACED_SUFFIX else "tmp"
     return iteration, state
 
 
@@ -112,7 +115,7 @@ def tracker_path(save_dir: str) -> str:
 
 def tracker_tmp_path(save_dir: str, name: str = TRACKER_FILENAME) -> str:
     """A tracker's new content is written here, fsynced, then renamed over the tracker."""
-    return os.path.join(save_dir, "." + name + TMP_SUFFIX)
+    return os.path.join(save_dir, "." + name + TMP_SUFFIX + "-" + uuid.uuid4().hex[:12])   # this write's own
 
 
 def check_relpath(relpath: str) -> None:

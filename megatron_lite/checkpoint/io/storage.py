@@ -2,7 +2,7 @@
 
 The commit protocol of `save_files` (every step is what makes the next crash point safe):
 
-1. rank 0 removes `iter_X.tmp` left by an earlier attempt and creates it afresh; all ranks
+1. rank 0 removes `iter_X.tmp-<token>` left by an earlier attempt of this run and creates it afresh; all ranks
    check their arguments together, so a bad file on one rank stops every rank before anything
    is written.
 2. every rank writes its files into `iter_X.tmp` in torch.save's format, in parallel chunks
@@ -81,10 +81,11 @@ class CommitSpec:
     metadata: dict          # the caller's, already checked to be JSON
     layout: dict            # TP/PP/DP sizes the files belong to
     world_size: int
+    token: str = ""         # the writing run's (io/lock.py): its temporary directory is its own
 
     @property
     def tmp_dir(self) -> str:
-        return os.path.join(self.save_dir, tmp_dir_name(self.iteration))
+        return os.path.join(self.save_dir, tmp_dir_name(self.iteration, self.token))
 
     @property
     def iter_dir(self) -> str:
@@ -302,7 +303,7 @@ def _check_no_duplicates(relpaths_by_rank: List[List[str]]) -> Optional[str]:
 # ---- the public entry points ------------------------------------------------------------------
 
 def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], state: Optional[ParallelState],
-               metadata: Optional[dict], *, kind: str = "full", async_saver=None) -> SaveResult:
+               metadata: Optional[dict], *, kind: str = "full", async_saver=None, token: str = "") -> SaveResult:
     """Save one checkpoint: collective over all ranks; see the module docstring for the protocol.
 
     `files` maps a path inside the iteration directory (`mp_rank_00_000/model_optim_rng.pt`)
@@ -311,13 +312,14 @@ def save_files(save_dir: str, iteration: Iteration, files: Dict[str, object], st
     kind "full" moves the tracker; "weights" does not. With `async_saver`, this returns
     once every tensor is copied to the CPU and the rest runs in the background (a synchronous
     save streams the tensors from their device through the writer's pinned buffers); the
-    AsyncSaver's `finalize()` (called here first) waits for the previous commit.
+    AsyncSaver's `finalize()` (called here first) waits for the previous commit. `token` (the
+    same on every rank) names the temporary directory as this run's.
     """
     if async_saver is not None:
         async_saver.finalize()
     start = time.perf_counter()
     rank = _rank(state)
-    spec = CommitSpec(save_dir, iteration, kind, {}, {}, 1 if state is None else state.world_size)
+    spec = CommitSpec(save_dir, iteration, kind, {}, {}, 1 if state is None else state.world_size, token)
     payload, local_error = {}, None
     try:
         _check_save_args(iteration, kind, files)
