@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -50,17 +51,70 @@ def write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
+MAX_HEADER_BYTES = 100_000_000   # the safetensors library's own limit on the JSON header
+
+
+class HFFileError(ValueError):
+    """A Hugging Face weight file that is damaged or not what it claims: one line naming it."""
+
+
 class SafetensorsFile:
     """One safetensors file: an 8-byte little-endian header length, a JSON header of
-    {name: {dtype, shape, data_offsets}}, then the tensor bytes."""
+    {name: {dtype, shape, data_offsets}}, then the tensor bytes.
+
+    The header is checked whole before any tensor is allocated: its length fits the file, it is
+    a JSON object, and every tensor has a known dtype, a shape of non-negative integers and
+    offsets inside the data whose length is dtype x shape, no two tensors overlapping."""
 
     def __init__(self, path: str):
         self.path = path
+        size = os.path.getsize(path)
+        if size < 8:
+            raise HFFileError(f"{path} is {size} bytes, shorter than a safetensors header length; not a safetensors file")
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            self.header = json.loads(f.read(length))
-        self.header.pop("__metadata__", None)
+            if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+                raise HFFileError(f"{path}: a header of {length} bytes does not fit the file's {size} bytes "
+                                  f"(limit {MAX_HEADER_BYTES}); the file is damaged or not safetensors")
+            try:
+                header = json.loads(f.read(length))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise HFFileError(f"{path}: the header is not JSON ({e}); the file is damaged") from None
+        if not isinstance(header, dict):
+            raise HFFileError(f"{path}: the header is a JSON {type(header).__name__}, not an object of tensors")
+        header.pop("__metadata__", None)
+        self.header = header
         self.data_start = 8 + length
+        self._check_tensors(size - self.data_start)
+
+    def _check_tensors(self, data_bytes: int) -> None:
+        spans = []
+        for name, info in self.header.items():
+            where = f"{self.path}: tensor {name!r}"
+            if not isinstance(info, dict):
+                raise HFFileError(f"{where} is described by a {type(info).__name__}, not an object")
+            dtype = info.get("dtype")
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise HFFileError(f"{where} has dtype {dtype!r}, not one of {', '.join(_SAFETENSORS_DTYPES)}")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise HFFileError(f"{where} has shape {shape!r}, not a list of non-negative integers")
+            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+                raise HFFileError(f"{where} has data_offsets {offsets!r} outside the file's {data_bytes} data bytes")
+            numel = 1
+            for d in shape:
+                numel *= d
+            expected = numel * _SAFETENSORS_DTYPES[dtype].itemsize
+            if offsets[1] - offsets[0] != expected:
+                raise HFFileError(f"{where} has {offsets[1] - offsets[0]} bytes for {dtype} {shape} ({expected} "
+                                  f"expected); the file is damaged")
+            spans.append((offsets[0], offsets[1], name))
+        spans.sort()
+        for (_, stop, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < stop:
+                raise HFFileError(f"{self.path}: tensors {first!r} and {second!r} overlap (bytes {start} to {stop}); "
+                                  f"the file is damaged")
 
     def keys(self) -> List[str]:
         return list(self.header)
@@ -85,6 +139,28 @@ class SafetensorsFile:
                     raise ValueError(f"{self.path} ends inside {name}; the file is truncated")
                 done += n
         return tensor
+
+
+def load_bin(path: str) -> dict:
+    """A pytorch_model.bin state dict, unpickled with weights_only (no code runs); a file that needs
+    more, or is damaged, is one HFFileError naming it."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:   # the legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HFFileError(f"{path} was refused: it holds objects other than tensors, which would run code when "
+                          f"unpickled ({first[:200]}); convert it with its own library or re-save it as safetensors") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise HFFileError(f"{path} cannot be read as a PyTorch state dict ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); the file is damaged") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise HFFileError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -144,10 +220,7 @@ class HFCheckpointReader:
             if file.endswith(".safetensors"):
                 self._open[file] = SafetensorsFile(path)
             else:
-                try:
-                    self._open[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:   # the legacy (non-zip) format cannot be memory-mapped
-                    self._open[file] = torch.load(path, map_location="cpu", weights_only=True)
+                self._open[file] = load_bin(path)
         return self._open[file]
 
     @property
