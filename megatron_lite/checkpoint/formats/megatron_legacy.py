@@ -279,7 +279,7 @@ def save(run, save_dir: str, rng: Optional[dict] = None) -> None:
     st: ParallelState = run.state
     iteration = run.progress.iteration
     final = os.path.join(save_dir, iteration_dir_name(iteration))
-    tmp = os.path.join(save_dir, tmp_dir_name(iteration, getattr(run.checkpoints, "token", "")))
+    tmp = os.path.join(save_dir, tmp_dir_name(iteration, getattr(getattr(run, "checkpoints", None), "token", "")))
     c = run.cfg.checkpoint
     distributed = dist.is_available() and dist.is_initialized()
     if st.rank == 0:

@@ -324,7 +324,7 @@ def _save(run, save_dir: str, rng: Optional[dict] = None) -> None:
     st: ParallelState = run.state
     iteration = run.progress.iteration
     final = os.path.join(save_dir, iteration_dir_name(iteration))
-    tmp = os.path.join(save_dir, tmp_dir_name(iteration, getattr(run.checkpoints, "token", "")))
+    tmp = os.path.join(save_dir, tmp_dir_name(iteration, getattr(getattr(run, "checkpoints", None), "token", "")))
     with_rng = run.cfg.checkpoint.save_rng
     if st.rank == 0:
         os.makedirs(save_dir, exist_ok=True)

@@ -15,6 +15,7 @@ dropped: choosing a checkpoint and loading it then read each byte once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -148,6 +149,20 @@ def take_verified(path: str, verified: Iterable[VerifiedFile]) -> Optional[mmap.
     return None
 
 
+METADATA_CHECKSUM_KEY = "metadata_checksum"
+
+
+def metadata_checksum(meta: dict) -> str:
+    """SHA-256 of metadata.json's content without its own checksum, in canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != METADATA_CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def with_metadata_checksum(meta: dict) -> dict:
+    """`meta` carrying its own checksum, as commit writes it: every byte that decides a load is verified."""
+    return {**meta, METADATA_CHECKSUM_KEY: metadata_checksum(meta)}
+
+
 def read_metadata(iter_dir: str) -> dict:
     """The parsed metadata.json of a checkpoint directory; CheckpointMetadataError says what is wrong."""
     path = os.path.join(iter_dir, METADATA_FILENAME)
@@ -168,6 +183,10 @@ def read_metadata(iter_dir: str) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointMetadataError(f"{path} has format_version {version!r}; this megatron_lite reads "
                                       f"versions up to {FORMAT_VERSION}: upgrade megatron_lite to load it")
+    recorded = meta.get(METADATA_CHECKSUM_KEY)   # absent in checkpoints written before it existed
+    if recorded is not None and recorded != metadata_checksum(meta):
+        raise CheckpointMetadataError(f"{path} is damaged: its content does not match the checksum it was written "
+                                      f"with (edited or corrupted after the save)")
     return meta
 
 

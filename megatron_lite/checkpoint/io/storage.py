@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from megatron_lite.checkpoint.io.integrity import (CHECKSUM_ALGORITHM, FORMAT_VERSION, CheckpointIntegrityError,
                                                 CheckpointMetadataError, VerifiedFile, read_metadata, read_verified,
-                                                take_verified)
+                                                METADATA_CHECKSUM_KEY, take_verified, with_metadata_checksum)
 from megatron_lite.checkpoint.io.layout import (METADATA_FILENAME, TRACKER_FILENAME, Iteration, check_iteration,
                                                 check_relpath, iteration_dir_name, parse_shard_dir, replaced_dir_name,
                                                 resolve_iteration_dir, tmp_dir_name, tracker_tmp_path)
@@ -47,7 +47,8 @@ from megatron_lite.checkpoint.io.torchfile import unpickle_torch_file, write_tor
 from megatron_lite.parallel.state import ParallelState
 
 KINDS = ("full", "weights")
-RESERVED_METADATA_KEYS = ("format_version", "iteration", "kind", "checksum_algorithm", "layout", "saved_at", "files")
+RESERVED_METADATA_KEYS = ("format_version", "iteration", "kind", "checksum_algorithm", "layout", "saved_at", "files",
+                          METADATA_CHECKSUM_KEY)
 
 
 class DamagedPickleError(CheckpointIntegrityError, pickle.UnpicklingError):
@@ -259,7 +260,8 @@ def commit(spec: CommitSpec, entries_by_rank: List[Dict[str, dict]]) -> None:
             "checksum_algorithm": CHECKSUM_ALGORITHM, "layout": spec.layout,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "files": dict(sorted(files.items())), **spec.metadata}
-    write_durably(os.path.join(spec.tmp_dir, METADATA_FILENAME), json.dumps(meta, indent=1).encode())
+    write_durably(os.path.join(spec.tmp_dir, METADATA_FILENAME), json.dumps(with_metadata_checksum(meta),
+                                                                           indent=1).encode())
     fsync_dir(spec.tmp_dir)
     old = os.path.join(spec.save_dir, replaced_dir_name(spec.iteration))
     if os.path.isdir(spec.iter_dir):

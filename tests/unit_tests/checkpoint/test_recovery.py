@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pickle
 import shutil
@@ -30,7 +31,20 @@ DAMAGE = {
     "deleted-metadata": (lambda d: os.remove(d / "iter_0000003" / "metadata.json"), "iter_0000003",
                          "has no metadata.json and is in none of Megatron-LM's formats"),
     "not-renamed": (_unrename, "iter_0000003.tmp", "incomplete: still has its temporary name"),
+    # a valid-JSON edit of what decides the load (a model size, a tensor-index shape, a file's size)
+    "edited-metadata": (lambda d: _edit_metadata(d, lambda m: m.update(iteration_note="x", kind="full",
+                                                                       layout={**m["layout"], "tp": 2})),
+                        "iter_0000003", "metadata.json is damaged: its content does not match the checksum"),
+    "edited-file-size": (lambda d: _edit_metadata(d, lambda m: m["files"][MODEL].update(size=1)),
+                         "iter_0000003", "does not match the checksum it was written with"),
 }
+
+
+def _edit_metadata(d, edit):
+    path = d / "iter_0000003" / "metadata.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta, indent=1))
 
 
 @pytest.fixture

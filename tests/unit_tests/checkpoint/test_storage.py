@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_lite.checkpoint.io import async_save, fastio, torchfile
 from megatron_lite.checkpoint.io.async_save import AsyncSaver, wait_for_done_markers, write_done_marker
-from megatron_lite.checkpoint.io.integrity import checksum_file
+from megatron_lite.checkpoint.io.integrity import checksum_file, with_metadata_checksum
 from megatron_lite.checkpoint.io.layout import (TRACKER_FILENAME, distrib_optim_shard_path, iteration_dir_name,
                                              model_shard_path, tmp_dir_name)
 from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint
@@ -156,7 +156,7 @@ def test_a_file_written_by_torch_save_loads(tmp_path):
     meta_path = tmp_path / "iter_0000001" / "metadata.json"
     meta = read_metadata(str(tmp_path / "iter_0000001"))
     meta["files"][MODEL].update(size=path.stat().st_size, checksum=f"{zlib.crc32(read_bytes(path)):08x}")
-    meta_path.write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps(with_metadata_checksum(meta)))   # as a writer of the new file would
     assert_bitwise_equal(obj, load_file(str(tmp_path), 1, MODEL))
 
 
