@@ -51,12 +51,17 @@ def test_param_counts_match_the_plain_model_at_reference_size():
 
 def test_train_throughput_tiny_prints_every_candidate_with_positive_numbers(tmp_path):
     out = run_bench("train_throughput.py", tmp_path, "--steps", "2", "--warmup", "1", "--compile-backend", "aot_eager",
-                    "--megatron-lite-variant", "sel=--recompute-granularity selective --recompute-modules layernorm")
+                    "--megatron-lite-variant", "sel=--recompute-granularity selective --recompute-modules layernorm",
+                    "--megatron-lite-variant", "fp8=--fp8-format hybrid --fp8-recipe tensorwise")
     rows = {r[0]: r for r in table(out, "candidate")}
-    assert list(rows) == ["megatron_lite", "megatron_lite[sel]", "torch_eager", "torch_compile", "megatron_core"]
-    for name in ("megatron_lite", "megatron_lite[sel]", "torch_eager", "torch_compile"):
+    assert list(rows) == ["megatron_lite", "megatron_lite[sel]", "megatron_lite[fp8]", "torch_eager", "torch_compile",
+                          "torchao_float8", "megatron_core"]
+    for name in ("megatron_lite", "megatron_lite[sel]", "megatron_lite[fp8]", "torch_eager", "torch_compile"):
         tokens_per_s, mfu, memory, step_ms, params_m, loss = (number(c) for c in rows[name][1:])
         assert loss == pytest.approx(math.log(TINY.vocab_size), rel=0.1)   # random tokens: ~ln(V)
+    torchao = rows["torchao_float8"]
+    if torchao[1].startswith("skipped"):   # torchao is not a test requirement
+        assert "torchao" in torchao[1] and torchao[2:] == ["-"] * 5
     core = rows["megatron_core"]
     if core[1].startswith("skipped"):   # megatron.core not importable here, or not on a CPU
         assert len(core[1]) > len("skipped: ") and core[2:] == ["-"] * 5
@@ -71,7 +76,8 @@ def test_train_throughput_tiny_prints_every_candidate_with_positive_numbers(tmp_
     saved = json.loads((tmp_path / "train_throughput.json").read_text())
     assert [c["name"] for c in saved["candidates"]] == list(rows)
     assert saved["megatron_lite_variants"] == {"sel": ["--recompute-granularity", "selective", "--recompute-modules",
-                                                       "layernorm"]}
+                                                       "layernorm"],
+                                               "fp8": ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]}
     # the same model everywhere, with the parameter count that the MFU formula uses
     assert {c["params"] for c in saved["candidates"] if c["status"] == "ok"} == {param_counts(TINY)["total"]}
     assert saved["peak_matmul_flops"] > 0 and saved["model"]["num_layers"] == TINY.num_layers
