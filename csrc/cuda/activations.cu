@@ -4,10 +4,11 @@
 // backward tiles the matrix: each thread owns one column vector and walks a slice of rows,
 // keeping its dbias share in registers, written as a partial row that reduce_column_partials sums.
 // The forwards have three launch variants (see kActFwdVariants); swiglu_fwd can write into the
-// caller's `out`.
+// caller's `out`. With an FP8 out_dtype the forwards write saturate(y * scale) for the FP8 linear
+// the activation feeds, and record max|y| (fp8.cuh); the backwards read only x, so they are unchanged.
 #include <ATen/MemoryOverlap.h>
 
-#include "common.cuh"
+#include "fp8.cuh"
 // After common.cuh: this header uses c10's macros without including them.
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 
@@ -71,10 +72,13 @@ int64_t elementwise_blocks(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, static_cast<int64_t>(sm_count()) * 16));
 }
 
-// x [rows, 2f] = [gate | up] -> y [rows, f] = silu(gate) * up
-template <typename T, int VEC>
-__global__ void swiglu_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t f) {
+// x [rows, 2f] = [gate | up] -> y [rows, f] = silu(gate) * up. The forwards' Y is T, or an FP8 type
+// (then `fp8` holds the scale and amax slot).
+template <typename T, typename Y, int VEC>
+__global__ void swiglu_fwd_kernel(const T* __restrict__ x, Y* __restrict__ y, int64_t rows, int64_t f, Fp8Out fp8) {
   const int64_t fv = f / VEC, n = rows * fv;
+  const float scale = output_scale<Y>(fp8);
+  int amax_bits = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / fv, j = (i - r * fv) * VEC;
@@ -83,14 +87,16 @@ __global__ void swiglu_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, in
     load_floats<VEC>(x + r * 2 * f + f + j, u);
 #pragma unroll
     for (int v = 0; v < VEC; ++v) out[v] = g[v] * sigmoid(g[v]) * u[v];
-    store_floats<VEC>(y + r * f + j, out);
+    store_output<VEC>(y + r * f + j, out, scale, amax_bits);
   }
+  if constexpr (is_fp8_v<Y>) record_amax(amax_bits, fp8.amax);
 }
 
 // Flat form of swiglu_fwd_kernel: n = rows * f / VEC vectors, per_row divides by f / VEC.
-template <typename T, int VEC, int U>
+template <typename T, typename Y, int VEC, int U>
 __global__ void __launch_bounds__(kThreads)
-    swiglu_fwd_flat_kernel(const T* __restrict__ x, T* __restrict__ y, uint32_t n, RowDivider per_row, int64_t f) {
+    swiglu_fwd_flat_kernel(const T* __restrict__ x, Y* __restrict__ y, uint32_t n, RowDivider per_row, int64_t f,
+                           Fp8Out fp8) {
   float g[U][VEC], u[U][VEC];
 #pragma unroll
   for (int k = 0; k < U; ++k) {
@@ -101,6 +107,8 @@ __global__ void __launch_bounds__(kThreads)
       load_floats<VEC>(x + xo + f, u[k]);
     }
   }
+  const float scale = output_scale<Y>(fp8);
+  int amax_bits = 0;
 #pragma unroll
   for (int k = 0; k < U; ++k) {
     const uint32_t i = flat_index<U>(k);
@@ -108,9 +116,10 @@ __global__ void __launch_bounds__(kThreads)
       float out[VEC];
 #pragma unroll
       for (int v = 0; v < VEC; ++v) out[v] = g[k][v] * sigmoid(g[k][v]) * u[k][v];
-      store_floats<VEC>(y + static_cast<int64_t>(i) * VEC, out);
+      store_output<VEC>(y + static_cast<int64_t>(i) * VEC, out, scale, amax_bits);
     }
   }
+  if constexpr (is_fp8_v<Y>) record_amax(amax_bits, fp8.amax);
 }
 
 // Each thread takes kSwigluBwdItems vectors a grid stride apart per step and issues all their
@@ -155,10 +164,12 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ dy, const T* __restrict_
   }
 }
 
-template <typename T, int VEC>
-__global__ void bias_gelu_fwd_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
-                                     int64_t rows, int64_t cols) {
+template <typename T, typename Y, int VEC>
+__global__ void bias_gelu_fwd_kernel(const T* __restrict__ x, const T* __restrict__ bias, Y* __restrict__ y,
+                                     int64_t rows, int64_t cols, Fp8Out fp8) {
   const int64_t cv = cols / VEC, n = rows * cv;
+  const float scale = output_scale<Y>(fp8);
+  int amax_bits = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = (i % cv) * VEC;
@@ -172,15 +183,16 @@ __global__ void bias_gelu_fwd_kernel(const T* __restrict__ x, const T* __restric
     }
 #pragma unroll
     for (int v = 0; v < VEC; ++v) out[v] = gelu(z[v]);
-    store_floats<VEC>(y + i * VEC, out);
+    store_output<VEC>(y + i * VEC, out, scale, amax_bits);
   }
+  if constexpr (is_fp8_v<Y>) record_amax(amax_bits, fp8.amax);
 }
 
 // Flat form of bias_gelu_fwd_kernel: n = rows * cols / VEC vectors, per_row divides by cols / VEC.
-template <typename T, int VEC, int U>
+template <typename T, typename Y, int VEC, int U>
 __global__ void __launch_bounds__(kThreads)
-    bias_gelu_fwd_flat_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, uint32_t n,
-                              RowDivider per_row) {
+    bias_gelu_fwd_flat_kernel(const T* __restrict__ x, const T* __restrict__ bias, Y* __restrict__ y, uint32_t n,
+                              RowDivider per_row, Fp8Out fp8) {
   float z[U][VEC];
 #pragma unroll
   for (int k = 0; k < U; ++k) {
@@ -195,6 +207,8 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  const float scale = output_scale<Y>(fp8);
+  int amax_bits = 0;
 #pragma unroll
   for (int k = 0; k < U; ++k) {
     const uint32_t i = flat_index<U>(k);
@@ -202,9 +216,10 @@ __global__ void __launch_bounds__(kThreads)
       float out[VEC];
 #pragma unroll
       for (int v = 0; v < VEC; ++v) out[v] = gelu(z[k][v]);
-      store_floats<VEC>(y + static_cast<int64_t>(i) * VEC, out);
+      store_output<VEC>(y + static_cast<int64_t>(i) * VEC, out, scale, amax_bits);
     }
   }
+  if constexpr (is_fp8_v<Y>) record_amax(amax_bits, fp8.amax);
 }
 
 // block (32 column vectors, 8 rows); grid (column tiles, row groups). dbias_part [gridDim.y * 8, cols].
@@ -237,11 +252,12 @@ void check_2d(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), what, " must be a contiguous [rows, features] tensor");
 }
 
+// Whether rows of `cols` elements of every tensor can be read or written in vectors of the first
+// tensor's 16-byte width (an FP8 output then takes vectors of as many bytes as the input has elements).
 bool vectorizable(std::initializer_list<const at::Tensor*> ts, int64_t cols) {
+  const int vec = kVecBytes / static_cast<int>((*ts.begin())->element_size());
   for (const at::Tensor* t : ts) {
-    if (!aligned_rows(t->data_ptr(), cols, cols, kVecBytes / static_cast<int>(t->element_size()),
-                      static_cast<int>(t->element_size())))
-      return false;
+    if (!aligned_rows(t->data_ptr(), cols, cols, vec, static_cast<int>(t->element_size()))) return false;
   }
   return true;
 }
@@ -255,35 +271,43 @@ void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
 
 }  // namespace
 
-at::Tensor swiglu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& out, int64_t variant) {
+at::Tensor swiglu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& out, int64_t variant,
+                      const c10::optional<at::ScalarType>& out_dtype, const c10::optional<at::Tensor>& scale,
+                      const c10::optional<at::Tensor>& amax) {
   check_2d(x, "swiglu input");
   TORCH_CHECK(x.size(1) % 2 == 0, "swiglu input needs an even last dim [gate | up], got ", x.size(1));
+  const at::ScalarType y_type = out_dtype.value_or(x.scalar_type());
+  const Fp8Out fp8 = fp8_output(y_type, scale, amax, x, "swiglu_fwd");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), f = x.size(1) / 2;
   if (out.has_value()) {
-    TORCH_CHECK(out->device() == x.device() && out->scalar_type() == x.scalar_type() && out->dim() == 2 &&
+    TORCH_CHECK(out->device() == x.device() && out->scalar_type() == y_type && out->dim() == 2 &&
                     out->size(0) == rows && out->size(1) == f && out->is_contiguous(),
-                "swiglu_fwd out must be a contiguous [", rows, ", ", f, "] ", x.scalar_type(), " tensor on ",
-                x.device(), " (the input's rows, half its features, its dtype and device), got ", out->sizes(), " ",
-                out->scalar_type(), " on ", out->device(), out->is_contiguous() ? "" : " (not contiguous)");
+                "swiglu_fwd out must be a contiguous [", rows, ", ", f, "] ", y_type, " tensor on ", x.device(),
+                " (the input's rows, half its features, the output dtype, the input's device), got ", out->sizes(),
+                " ", out->scalar_type(), " on ", out->device(), out->is_contiguous() ? "" : " (not contiguous)");
     at::assert_no_overlap(*out, x);
   }
-  auto y = out.has_value() ? *out : at::empty({rows, f}, x.options());
+  auto y = out.has_value() ? *out : at::empty({rows, f}, x.options().dtype(y_type));
   if (y.numel() == 0) return y;
   auto stream = at::cuda::getCurrentCUDAStream();
   MLITE_DISPATCH_TYPES(x.scalar_type(), "swiglu_fwd", [&] {
-    dispatch_vec<scalar_t>(vectorizable({&x, &y}, f), [&](auto vc) {
-      constexpr int VEC = decltype(vc)::value;
-      const int64_t n = rows * f / VEC;
-      if (!flat_launch(variant, n)) {
-        swiglu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, f);
-        return;
-      }
-      const RowDivider per_row(static_cast<unsigned>(f / VEC));
-      launch_flat(variant, n, [&](auto u, unsigned blocks) {
-        swiglu_fwd_flat_kernel<scalar_t, VEC, decltype(u)::value><<<blocks, kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row, f);
+    dispatch_output<scalar_t>(y_type, [&](auto* ytag) {
+      using Y = std::remove_pointer_t<decltype(ytag)>;
+      Y* yp = static_cast<Y*>(y.data_ptr());
+      dispatch_vec<scalar_t>(vectorizable({&x, &y}, f), [&](auto vc) {
+        constexpr int VEC = decltype(vc)::value;
+        const int64_t n = rows * f / VEC;
+        if (!flat_launch(variant, n)) {
+          swiglu_fwd_kernel<scalar_t, Y, VEC><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+              x.data_ptr<scalar_t>(), yp, rows, f, fp8);
+          return;
+        }
+        const RowDivider per_row(static_cast<unsigned>(f / VEC));
+        launch_flat(variant, n, [&](auto u, unsigned blocks) {
+          swiglu_fwd_flat_kernel<scalar_t, Y, VEC, decltype(u)::value><<<blocks, kThreads, 0, stream>>>(
+              x.data_ptr<scalar_t>(), yp, static_cast<uint32_t>(n), per_row, f, fp8);
+        });
       });
     });
   });
@@ -312,29 +336,37 @@ at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x) {
   return dx;
 }
 
-at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t variant) {
+at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t variant,
+                         const c10::optional<at::ScalarType>& out_dtype, const c10::optional<at::Tensor>& scale,
+                         const c10::optional<at::Tensor>& amax) {
   check_2d(x, "bias-GeLU input");
   check_bias(bias, x);
+  const at::ScalarType y_type = out_dtype.value_or(x.scalar_type());
+  const Fp8Out fp8 = fp8_output(y_type, scale, amax, x, "bias_gelu_fwd");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), cols = x.size(1);
-  auto y = at::empty_like(x);
+  auto y = at::empty_like(x, x.options().dtype(y_type));
   if (y.numel() == 0) return y;
-  const bool vec = vectorizable({&x}, cols) && (!bias.has_value() || vectorizable({&*bias}, cols));
+  const bool vec = vectorizable({&x, &y}, cols) && (!bias.has_value() || vectorizable({&*bias}, cols));
   auto stream = at::cuda::getCurrentCUDAStream();
   MLITE_DISPATCH_TYPES(x.scalar_type(), "bias_gelu_fwd", [&] {
-    dispatch_vec<scalar_t>(vec, [&](auto vc) {
-      constexpr int VEC = decltype(vc)::value;
-      const int64_t n = rows * cols / VEC;
-      const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-      if (!flat_launch(variant, n)) {
-        bias_gelu_fwd_kernel<scalar_t, VEC><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), rows, cols);
-        return;
-      }
-      const RowDivider per_row(static_cast<unsigned>(cols / VEC));
-      launch_flat(variant, n, [&](auto u, unsigned blocks) {
-        bias_gelu_fwd_flat_kernel<scalar_t, VEC, decltype(u)::value><<<blocks, kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), static_cast<uint32_t>(n), per_row);
+    dispatch_output<scalar_t>(y_type, [&](auto* ytag) {
+      using Y = std::remove_pointer_t<decltype(ytag)>;
+      Y* yp = static_cast<Y*>(y.data_ptr());
+      dispatch_vec<scalar_t>(vec, [&](auto vc) {
+        constexpr int VEC = decltype(vc)::value;
+        const int64_t n = rows * cols / VEC;
+        const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+        if (!flat_launch(variant, n)) {
+          bias_gelu_fwd_kernel<scalar_t, Y, VEC><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+              x.data_ptr<scalar_t>(), b, yp, rows, cols, fp8);
+          return;
+        }
+        const RowDivider per_row(static_cast<unsigned>(cols / VEC));
+        launch_flat(variant, n, [&](auto u, unsigned blocks) {
+          bias_gelu_fwd_flat_kernel<scalar_t, Y, VEC, decltype(u)::value><<<blocks, kThreads, 0, stream>>>(
+              x.data_ptr<scalar_t>(), b, yp, static_cast<uint32_t>(n), per_row, fp8);
+        });
       });
     });
   });

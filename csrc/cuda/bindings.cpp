@@ -9,13 +9,19 @@ namespace mlite {
 
 std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& beta,
                                  double eps, bool rms, const c10::optional<at::Tensor>& out,
-                                 const c10::optional<at::Tensor>& residual);
+                                 const c10::optional<at::Tensor>& residual,
+                                 const c10::optional<at::ScalarType>& out_dtype, const c10::optional<at::Tensor>& scale,
+                                 const c10::optional<at::Tensor>& amax);
 std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gamma,
                                  const c10::optional<at::Tensor>& mean, const at::Tensor& rstd, bool rms,
                                  bool has_beta, int64_t variant, const c10::optional<at::Tensor>& dresidual);
-at::Tensor swiglu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& out, int64_t variant);
+at::Tensor swiglu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& out, int64_t variant,
+                      const c10::optional<at::ScalarType>& out_dtype, const c10::optional<at::Tensor>& scale,
+                      const c10::optional<at::Tensor>& amax);
 at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x);
-at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t variant);
+at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t variant,
+                         const c10::optional<at::ScalarType>& out_dtype, const c10::optional<at::Tensor>& scale,
+                         const c10::optional<at::Tensor>& amax);
 std::vector<at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at::Tensor& x,
                                       const c10::optional<at::Tensor>& bias);
 at::Tensor rotary(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, bool backward, int64_t variant,
@@ -30,27 +36,34 @@ at::Tensor vocab_parallel_xent_fwd(const at::Tensor& logits, const at::Tensor& t
                                    int64_t variant);
 at::Tensor vocab_parallel_xent_bwd(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
                                    const at::Tensor& lse, const at::Tensor& grad_loss, bool inplace);
+at::Tensor cast_fp8(const at::Tensor& t, const at::Tensor& scale, const c10::optional<at::Tensor>& amax,
+                    at::ScalarType dtype);
 
 }  // namespace mlite
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megatron_lite fused CUDA kernels (float32 accumulation; fp32/fp16/bf16 storage)";
   // `variant` picks one of a kernel's launch designs (each documented at its kernel); 0 is the
-  // default. `out`, when given, receives the result instead of a new tensor.
+  // default. `out`, when given, receives the result instead of a new tensor. `out_dtype` float8_e4m3fn
+  // or float8_e5m2 (norm and activation forwards) writes saturate(y * scale) instead of y, and
+  // amax = max(amax, max|y|) when `amax` is given (scale and amax one-element float32 tensors).
   m.def("norm_fwd", &mlite::norm_fwd,
         "RMSNorm/LayerNorm forward -> (y, mean or None, rstd, x + residual or None); with residual the row "
         "normalised is x + residual",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"), py::kw_only(),
-        py::arg("out") = py::none(), py::arg("residual") = py::none());
+        py::arg("out") = py::none(), py::arg("residual") = py::none(), py::arg("out_dtype") = py::none(),
+        py::arg("scale") = py::none(), py::arg("amax") = py::none());
   m.def("norm_bwd", &mlite::norm_bwd,
         "RMSNorm/LayerNorm backward -> (dx, dweight, dbias or None); dresidual, when given, is added to dx",
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rms"),
         py::arg("has_bias"), py::kw_only(), py::arg("variant") = 0, py::arg("dresidual") = py::none());
   m.def("swiglu_fwd", &mlite::swiglu_fwd, "silu(gate) * up of x = [gate | up]", py::arg("x"), py::kw_only(),
-        py::arg("out") = py::none(), py::arg("variant") = 0);
+        py::arg("out") = py::none(), py::arg("variant") = 0, py::arg("out_dtype") = py::none(),
+        py::arg("scale") = py::none(), py::arg("amax") = py::none());
   m.def("swiglu_bwd", &mlite::swiglu_bwd, "SwiGLU backward -> dx", py::arg("dy"), py::arg("x"));
   m.def("bias_gelu_fwd", &mlite::bias_gelu_fwd, "gelu_tanh(x + bias)", py::arg("x"), py::arg("bias"), py::kw_only(),
-        py::arg("variant") = 0);
+        py::arg("variant") = 0, py::arg("out_dtype") = py::none(), py::arg("scale") = py::none(),
+        py::arg("amax") = py::none());
   m.def("bias_gelu_bwd", &mlite::bias_gelu_bwd, "bias-GeLU backward -> (dx, dbias or None)", py::arg("dy"),
         py::arg("x"), py::arg("bias"));
   m.def("rotary", &mlite::rotary, "rotary embedding (backward=True: transposed rotation)", py::arg("t"),
@@ -73,4 +86,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(exp(x - lse) - onehot(target)) * grad_loss (inplace=True: written over logits)", py::arg("logits"),
         py::arg("target"), py::arg("vocab_start"), py::arg("lse"), py::arg("grad_loss"), py::kw_only(),
         py::arg("inplace") = false);
+  m.def("cast_fp8", &mlite::cast_fp8,
+        "saturate(t * scale) in dtype (float8_e4m3fn or float8_e5m2); amax = max(amax, max|t|) when amax is given",
+        py::arg("t"), py::arg("scale"), py::arg("amax"), py::arg("dtype"));
 }

@@ -235,7 +235,8 @@ class FP8Meta:
         if self.recipe.delayed:
             scale = s.scale[self.index, operand]
             amax = s.amax_history[0, self.index, operand] if record else None
-            return quantize_with(self.ops, t, scale, amax, dtype), s.scale_inv[self.index, operand]
+            # a scale of its own: cuBLASLt refuses scale pointers at a 4-byte offset into the state
+            return quantize_with(self.ops, t, scale, amax, dtype), s.scale_inv[self.index, operand].clone()
         amax = amax_of(t)
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=tp_group)
@@ -251,7 +252,7 @@ class FP8Meta:
         return s.scale[self.index, INPUT], (s.amax_history[0, self.index, INPUT] if self.recording(INPUT) else None)
 
     def input_scale_inv(self) -> torch.Tensor:
-        return self.fp8_state.scale_inv[self.index, INPUT]
+        return self.fp8_state.scale_inv[self.index, INPUT].clone()   # aligned, as quantize's
 
     def weight(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W in FP8 [N, K], its transpose [K, N] contiguous, 1 / scale), cast once per optimizer step."""

@@ -7,11 +7,15 @@ longer than its register budget) go to the torch form of the same op.
 Some kernels have several launch designs, picked by an integer `variant` (each documented at its
 kernel in csrc/cuda); CudaOps uses DEFAULT_VARIANTS unless given others, so that one benchmark
 run can time every design (bench/kernels.py) and the faster becomes the default here.
+
+For an FP8 linear under delayed scaling (model/fp8.py), the norm and activation forwards write
+their output in FP8 themselves (norm_fp8, activation_fp8) and hand it on as a carrier; cast_fp8
+is the cast with its amax in one kernel.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -51,41 +55,78 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class FP8Output(NamedTuple):
+    """An FP8 output of a forward kernel: saturate(y * scale) in `dtype`, and max|y| folded into
+    `amax` (None: not recorded); scale and amax are one-element float32 tensors on the device."""
+    scale: torch.Tensor
+    amax: Optional[torch.Tensor]
+    dtype: torch.dtype
+
+    def fits(self, t: torch.Tensor) -> bool:
+        """Whether the kernels take this output for input t (what csrc/cuda/fp8.cuh checks, so that
+        no kernel raises)."""
+        def scalar_ok(s):
+            return s.dtype == torch.float32 and s.numel() == 1 and s.device == t.device
+
+        return (t.is_cuda and t.dtype in KERNEL_DTYPES and self.dtype in FP8_DTYPES and scalar_ok(self.scale)
+                and (self.amax is None or scalar_ok(self.amax)))
+
+
+def _fp8_kwargs(fp8: Optional[FP8Output]) -> dict:
+    return {} if fp8 is None else {"out_dtype": fp8.dtype, "scale": fp8.scale, "amax": fp8.amax}
+
+
+def _carrier_outputs(ctx, like: torch.Tensor, y: torch.Tensor):
+    """(carrier, y) for a forward that wrote y in FP8: the carrier (zero-strided, y's shape, `like`'s
+    dtype) stands in for y to autograd, its gradient is y's; y itself is not differentiable."""
+    ctx.mark_non_differentiable(y)
+    ctx.set_materialize_grads(False)  # no zeros of y's size for y's gradient, which never comes
+    return like.new_zeros(1).expand(y.shape), y
+
+
 class _Norm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ext, x, weight, bias, eps, rms, bwd_variant):
-        x2 = as_rows(x)
-        y, mean, rstd, _ = ext.norm_fwd(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps,
-                                        rms)
-        ctx.ext, ctx.rms, ctx.has_bias, ctx.bwd_variant = ext, rms, bias is not None, bwd_variant
-        ctx.save_for_backward(x2, weight, mean, rstd)
-        return y.view(x.shape)
+    """norm(x); with `fp8` (an FP8Output) the kernel writes it in FP8: (carrier, y_fp8)."""
 
     @staticmethod
-    def backward(ctx, dy):
+    def forward(ctx, ext, x, weight, bias, eps, rms, bwd_variant, fp8):
+        x2 = as_rows(x)
+        y, mean, rstd, _ = ext.norm_fwd(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps,
+                                        rms, **_fp8_kwargs(fp8))
+        ctx.ext, ctx.rms, ctx.has_bias, ctx.bwd_variant = ext, rms, bias is not None, bwd_variant
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        return y.view(x.shape) if fp8 is None else _carrier_outputs(ctx, x, y.view(x.shape))
+
+    @staticmethod
+    def backward(ctx, dy, *_):
         x2, weight, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = ctx.ext.norm_bwd(as_rows(dy), x2, weight.contiguous(), mean, rstd, ctx.rms, ctx.has_bias,
                                               variant=ctx.bwd_variant)
-        return None, dx.view(dy.shape), dweight, dbias, None, None, None
+        return None, dx.view(dy.shape), dweight, dbias, None, None, None, None
 
 
 class _AddNorm(torch.autograd.Function):
     """(x + residual, norm(x + residual)) in one pass over the rows: the residual stream of a
     pre-norm layer and the next block's input. The backward adds the sum's own gradient (from the
     later residual add) to the norm's input gradient in the same kernel; x and residual get that
-    one tensor."""
+    one tensor. With `fp8` the norm is written in FP8: (x + residual, carrier, y_fp8)."""
 
     @staticmethod
-    def forward(ctx, ext, x, residual, weight, bias, eps, rms, bwd_variant):
+    def forward(ctx, ext, x, residual, weight, bias, eps, rms, bwd_variant, fp8):
         y, mean, rstd, total = ext.norm_fwd(as_rows(x), weight.contiguous(),
                                             None if bias is None else bias.contiguous(), eps, rms,
-                                            residual=as_rows(residual))
+                                            residual=as_rows(residual), **_fp8_kwargs(fp8))
         ctx.ext, ctx.rms, ctx.has_bias, ctx.bwd_variant = ext, rms, bias is not None, bwd_variant
         ctx.save_for_backward(total, weight, mean, rstd)
-        return total.view(x.shape), y.view(x.shape)
+        if fp8 is None:
+            return total.view(x.shape), y.view(x.shape)
+        return (total.view(x.shape),) + _carrier_outputs(ctx, x, y.view(x.shape))
 
     @staticmethod
-    def backward(ctx, dtotal, dy):
+    def backward(ctx, dtotal, dy, *_):
         total, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(total)
@@ -93,38 +134,44 @@ class _AddNorm(torch.autograd.Function):
                                               ctx.has_bias, variant=ctx.bwd_variant,
                                               dresidual=None if dtotal is None else as_rows(dtotal))
         dx = dx.view(dy.shape)
-        return None, dx, dx, dweight, dbias, None, None, None
+        return None, dx, dx, dweight, dbias, None, None, None, None
 
 
 class _SwiGLU(torch.autograd.Function):
+    """swiglu(x); with `fp8` written in FP8: (carrier, y_fp8)."""
+
     @staticmethod
-    def forward(ctx, ext, x, fwd_variant):
+    def forward(ctx, ext, x, fwd_variant, fp8):
         x2 = as_rows(x)
         ctx.ext = ext
         ctx.save_for_backward(x2)
-        return ext.swiglu_fwd(x2, variant=fwd_variant).view(*x.shape[:-1], x.shape[-1] // 2)
+        y = ext.swiglu_fwd(x2, variant=fwd_variant, **_fp8_kwargs(fp8)).view(*x.shape[:-1], x.shape[-1] // 2)
+        return y if fp8 is None else _carrier_outputs(ctx, x, y)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, *_):
         (x2,) = ctx.saved_tensors
         dx = ctx.ext.swiglu_bwd(as_rows(dy), x2)
-        return None, dx.view(*dy.shape[:-1], dy.shape[-1] * 2), None
+        return None, dx.view(*dy.shape[:-1], dy.shape[-1] * 2), None, None
 
 
 class _BiasGeLU(torch.autograd.Function):
+    """gelu_tanh(x + bias); with `fp8` written in FP8: (carrier, y_fp8)."""
+
     @staticmethod
-    def forward(ctx, ext, x, bias, fwd_variant):
+    def forward(ctx, ext, x, bias, fwd_variant, fp8):
         x2 = as_rows(x)
         bias = None if bias is None else bias.contiguous()
         ctx.ext = ext
         ctx.save_for_backward(x2, bias)
-        return ext.bias_gelu_fwd(x2, bias, variant=fwd_variant).view(x.shape)
+        y = ext.bias_gelu_fwd(x2, bias, variant=fwd_variant, **_fp8_kwargs(fp8)).view(x.shape)
+        return y if fp8 is None else _carrier_outputs(ctx, x, y)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, *_):
         x2, bias = ctx.saved_tensors
         dx, dbias = ctx.ext.bias_gelu_bwd(as_rows(dy), x2, bias)
-        return None, dx.view(dy.shape), dbias, None
+        return None, dx.view(dy.shape), dbias, None, None
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -271,13 +318,13 @@ class CudaOps:
         fallback = torch_ops.rms_norm if rms else torch_ops.layer_norm
         if not self._norm_fits(x, weight, bias):
             return fallback(x, weight, eps) if rms else fallback(x, weight, bias, eps)
-        return _Norm.apply(self.ext, x, weight, bias, eps, rms, self.variants["norm_bwd"])
+        return _Norm.apply(self.ext, x, weight, bias, eps, rms, self.variants["norm_bwd"], None)
 
     def add_norm(self, x, residual, weight, bias, eps, rms):
         """(x + residual, norm(x + residual)), see FusedOps.add_norm; one kernel each way."""
         if not self._norm_fits(x, weight, bias) or residual.shape != x.shape or residual.dtype != x.dtype:
             return torch_ops.add_norm(x, residual, weight, bias, eps, rms, self._norm)
-        return _AddNorm.apply(self.ext, x, residual, weight, bias, eps, rms, self.variants["norm_bwd"])
+        return _AddNorm.apply(self.ext, x, residual, weight, bias, eps, rms, self.variants["norm_bwd"], None)
 
     def rms_norm(self, x, weight, eps):
         return self._norm(x, weight, None, eps, True)
@@ -289,12 +336,70 @@ class CudaOps:
         torch_ops.check_swiglu_input(x)
         if x.dtype == torch.float64:
             return torch_ops.swiglu(x)
-        return _SwiGLU.apply(self.ext, x, self.variants["swiglu_fwd"])
+        return _SwiGLU.apply(self.ext, x, self.variants["swiglu_fwd"], None)
 
     def bias_gelu(self, x, bias):
         if x.dtype == torch.float64 or (bias is not None and bias.dtype != x.dtype):
             return torch_ops.bias_gelu(x, bias)
-        return _BiasGeLU.apply(self.ext, x, bias, self.variants["bias_gelu_fwd"])
+        return _BiasGeLU.apply(self.ext, x, bias, self.variants["bias_gelu_fwd"], None)
+
+    @staticmethod
+    def _fp8_input(meta, t: torch.Tensor) -> Optional[FP8Output]:
+        """The FP8 output a producer of `meta`'s linear writes for input t: None under tensorwise
+        scaling (its scale needs the finished tensor) or where the kernels do not take t."""
+        scales = meta.input_scale()
+        if scales is None:
+            return None
+        fp8 = FP8Output(scales[0], scales[1], meta.recipe.forward_dtype)
+        return fp8 if fp8.fits(t) else None
+
+    @staticmethod
+    def _carrier(carrier: torch.Tensor, y: torch.Tensor, meta) -> torch.Tensor:
+        carrier.fp8_payload = (y, meta.input_scale_inv())
+        return carrier
+
+    def norm_fp8(self, x, residual, weight, bias, eps, rms, meta):
+        """The norm of x (of x + residual) written in FP8 by the norm kernel for the FP8 linear
+        `meta`, as a carrier (model/fp8.py); with `residual`, (x + residual, carrier) as add_norm.
+        None where the norm kernel does not take the inputs or under tensorwise scaling."""
+        fp8 = self._fp8_input(meta, x)
+        if fp8 is None or not self._norm_fits(x, weight, bias):
+            return None
+        variant = self.variants["norm_bwd"]
+        if residual is None:
+            carrier, y = _Norm.apply(self.ext, x, weight, bias, eps, rms, variant, fp8)
+            return self._carrier(carrier, y, meta)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            return None
+        total, carrier, y = _AddNorm.apply(self.ext, x, residual, weight, bias, eps, rms, variant, fp8)
+        return total, self._carrier(carrier, y, meta)
+
+    def activation_fp8(self, h, bias, kind, meta):
+        """The MLP activation `kind` ("swiglu": of h + bias, the add in torch as MLP does it;
+        "bias_gelu") written in FP8 by its kernel for the FP8 linear `meta`, as a carrier; None for
+        another kind, inputs the kernel does not take, or tensorwise scaling."""
+        fp8 = self._fp8_input(meta, h) if kind in ("swiglu", "bias_gelu") else None
+        if fp8 is None:
+            return None
+        if kind == "swiglu":
+            torch_ops.check_swiglu_input(h)
+            x = h if bias is None else h + bias
+            if not fp8.fits(x):
+                return None
+            carrier, y = _SwiGLU.apply(self.ext, x, self.variants["swiglu_fwd"], fp8)
+        else:
+            if bias is not None and bias.dtype != h.dtype:
+                return None
+            carrier, y = _BiasGeLU.apply(self.ext, h, bias, self.variants["bias_gelu_fwd"], fp8)
+        return self._carrier(carrier, y, meta)
+
+    def cast_fp8(self, t, scale, amax, dtype):
+        """saturate(t * scale) in `dtype` (rounded to nearest even, as model/fp8.py's cast_to_fp8),
+        and amax = max(amax, max|t|) when an amax slot is given, in one kernel; None for inputs the
+        kernel does not take (the torch form then runs)."""
+        if not FP8Output(scale, amax, dtype).fits(t):
+            return None
+        return self.ext.cast_fp8(t.contiguous(), scale, amax, dtype)
 
     def rotary(self, t, cos, sin):
         rot_dim = torch_ops.check_rotary_input(t, cos, sin)
