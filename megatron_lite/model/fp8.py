@@ -212,6 +212,9 @@ class FP8Meta:
     def __init__(self, fp8_state: FP8State, index: int, ops=None):
         self.fp8_state, self.index, self.ops = fp8_state, index, ops
         self.recipe = fp8_state.recipe
+        # the TP group a tensorwise input scale is agreed over: under sequence parallelism the cast
+        # input is all-gathered (linear_qkv, linear_fc1), so every rank must cast with one scale
+        self.agree_group = None
         self._weight: Optional[tuple] = None   # (generation, data_ptr, w_fp8, w_fp8_t, scale_inv)
 
     def recording(self, operand: int) -> bool:
@@ -370,14 +373,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def quantized_input(out: torch.Tensor, meta: FP8Meta) -> torch.Tensor:
     """A producer's finished output, cast for the FP8 linear it feeds, as a carrier (the torch
     form of what the fused kernels write directly)."""
-    data, scale_inv = meta.quantize(out, INPUT, meta_group(meta))
+    data, scale_inv = meta.quantize(out, INPUT, meta.agree_group)
     return make_carrier(out, data, scale_inv)
-
-
-def meta_group(meta: FP8Meta):
-    """The TP group a tensorwise input scale is agreed over (sequence parallelism gathers the
-    cast input), else None."""
-    return getattr(meta, "agree_group", None)
 
 
 # --------------------------------------------------------------------------- model wiring
@@ -389,6 +386,12 @@ def enable_fp8(model, cfg: ModelConfig, state: ParallelState, device) -> Optiona
     recipe = FP8Recipe.from_config(cfg)
     if recipe is None:
         return None
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        from megatron_lite.arguments import ConfigError
+        raise ConfigError(f"--fp8-format needs FP8 tensor cores (compute capability 8.9 or more: Ada, Hopper); "
+                          f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}; "
+                          f"train without --fp8-format")
     chosen = set(fp8_layer_numbers(cfg))
     names, linears = [], []
     for i, layer in enumerate(model.decoder.layers):

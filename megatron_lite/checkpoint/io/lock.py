@@ -97,7 +97,7 @@ class SaveLock:
             try:
                 os.remove(self.path)
             except OSError:
-                pass
+                pass   # already gone: nothing to release
 
 
 class SaveDirectoryBusy(RuntimeError):
