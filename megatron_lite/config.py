@@ -367,6 +367,22 @@ class CheckpointConfig:
     async_save: bool = flag(False, "write checkpoints in the background")
     use_persistent_ckpt_worker: bool = flag(False, "--async-save: keep the writer and its host buffers from one "
                                             "save to the next (default: released after each commit)")
+    local_ckpt_interval: Optional[int] = flag(
+        None, "iterations between in-memory snapshots of every rank's state (node-local, replicated to another "
+        "rank; a crash loses at most this many iterations); persistent saves keep --save-interval",
+        aliases=["--non-persistent-save-interval"])
+    local_ckpt_dir: Optional[str] = flag(None, "where the in-memory snapshots live (default /dev/shm)",
+                                         aliases=["--non-persistent-local-ckpt-dir"])
+    non_persistent_ckpt_type: Optional[str] = flag(None, "local: --non-persistent-save-interval takes in-memory "
+                                                   "snapshots (the only type here)",
+                                                   choices=["global", "local", "in_memory"])
+    non_persistent_local_ckpt_algo: str = flag("fully_parallel", "accepted for Megatron-LM's scripts: every rank "
+                                               "writes its own snapshot either way",
+                                               choices=["fully_parallel", "atomic"])
+    replication: bool = flag(False, "accepted for Megatron-LM's scripts: snapshots are always replicated")
+    replication_jump: Optional[int] = flag(None, "a snapshot's replica goes this many ranks further on (default: "
+                                           "the ranks of a node, so to the next node)")
+    replication_factor: int = flag(2, "copies of each snapshot (2: the rank's own and one replica)")
 
 
 @dataclass

@@ -426,6 +426,8 @@ def train(run: Run, train_iter: Iterator, valid_iter: Optional[Iterator] = None,
             throughput = flops / (max(seconds, 1e-12) * 1e12 * s.world_size)
             if lc.log_throughput:
                 step["throughput"] = throughput
+            if checkpoints is not None:
+                checkpoints.local_settled()   # a process killed after this line resumes from `it` or `it - 1`
             print_rank0(format_log_line(run, it, total, step, seconds * 1000.0, lr), s)
             timing["interval_start"] = values.done
             times = timers.gather()

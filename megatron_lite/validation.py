@@ -335,6 +335,34 @@ def _check_checkpoint(cfg: RunConfig) -> None:
         raise _error("--save-interval must be positive")
     if (c.save_interval or c.save_weights_only_interval) and not c.save:
         raise _error("--save-interval needs --save DIR")
+    _check_local_checkpoints(cfg)
+
+
+def _check_local_checkpoints(cfg: RunConfig) -> None:
+    c = cfg.checkpoint
+    if c.non_persistent_ckpt_type in ("global", "in_memory"):
+        raise _error(f"--non-persistent-ckpt-type {c.non_persistent_ckpt_type}: megatron_lite's non-persistent "
+                     f"checkpoints are node-local snapshots; use --non-persistent-ckpt-type local (or "
+                     f"--local-ckpt-interval N)")
+    if c.non_persistent_ckpt_type == "local" and not c.local_ckpt_interval:
+        raise _error("--non-persistent-ckpt-type local needs --non-persistent-save-interval N "
+                     "(or --local-ckpt-interval N)")
+    if c.local_ckpt_interval is not None and c.local_ckpt_interval <= 0:
+        raise _error(f"--local-ckpt-interval {c.local_ckpt_interval}: give a positive number of iterations")
+    if not c.local_ckpt_interval:
+        if c.replication_jump:
+            warn_once("--replication-jump has no effect without --local-ckpt-interval")
+        return
+    if not c.save:
+        raise _error("--local-ckpt-interval needs --save DIR: the snapshots belong to the run that saves there")
+    if cfg.model.lora_rank:
+        raise _error("--local-ckpt-interval does not snapshot LoRA runs yet; drop it (adapter checkpoints are "
+                     "small: use a short --save-interval)")
+    if c.replication_factor != 2:
+        raise _error(f"--replication-factor {c.replication_factor}: megatron_lite keeps each snapshot twice "
+                     f"(the rank's own and one replica); pass 2 or drop it")
+    if c.replication_jump is not None and c.replication_jump <= 0:
+        raise _error(f"--replication-jump {c.replication_jump}: give a positive number of ranks")
 
 
 def _check_load_weights_from(cfg: RunConfig) -> None:

@@ -24,8 +24,9 @@ from megatron_lite.checkpoint.formats import FORMAT_NAMES, OWN_FORMAT, format_mo
 from megatron_lite.checkpoint.formats.megatron_lite import OwnCheckpoint
 from megatron_lite.checkpoint.io import layout
 from megatron_lite.checkpoint.io.layout import BEST_FILENAME
+from megatron_lite.checkpoint.local import LocalCheckpoints, LocalSnapshot
 from megatron_lite.checkpoint.io.async_save import AsyncSaver
-from megatron_lite.checkpoint.recovery import format_recovery_report, read_tracker
+from megatron_lite.checkpoint.recovery import LoadPlan, format_recovery_report, read_tracker
 from megatron_lite.checkpoint.retention import apply_retention
 from megatron_lite.checkpoint.weights_from import WeightsSource, attribute_sources, keeping_main_params
 from megatron_lite.checkpoint.io import lock as save_lock
@@ -110,8 +111,10 @@ class CheckpointManager:
         self.nonfinite_at: Optional[int] = None   # the first iteration with a non-finite loss or grad norm
         self.lock: Optional[save_lock.SaveLock] = None   # rank 0's hold on --save (io/lock.py)
         self.token = ""                                    # the run's token in temporary names
+        self.local_notes: List[str] = []                   # the report's lines on the snapshots, without a load
         c = cfg.checkpoint
         self.async_saver = AsyncSaver(persistent=c.use_persistent_ckpt_worker) if c.async_save else None
+        self.local = LocalCheckpoints(cfg, state) if c.local_ckpt_interval else None   # in-memory snapshots
 
     # ------------------------------------------------------------------------- load
 
@@ -121,6 +124,9 @@ class CheckpointManager:
         decide_load) ignores --save's checkpoints."""
         self._lock_save_dir()
         self.decision = decide_load(self.cfg, self.state, resume_own) if load else LoadDecision()
+        if self.local is not None:
+            self.decision = self._newest_with_local(self.decision, usable=load and self.cfg.checkpoint.ckpt_step
+                                                    in (None, "auto"))
         if self.cfg.model.lora_rank and self.decision.action == "none":
             raise ConfigError("--lora-rank trains adapters on a base model: pass its checkpoint with "
                               "--pretrained-checkpoint DIR (or --load DIR --finetune)")
@@ -147,9 +153,40 @@ class CheckpointManager:
         if took_over:
             print_rank0(f"checkpoint: took over the lock of {save} from a run that is gone ({took_over})", self.state)
 
+    def _newest_with_local(self, d: LoadDecision, usable: bool) -> LoadDecision:
+        """The persistent decision `d`, or the in-memory snapshots (local.py) where they are newer
+        than --save's checkpoint (or --save has none) and `usable` (not with --ckpt-step, or a
+        start from scratch); the report tells what the snapshots held."""
+        save = self.cfg.checkpoint.save
+        own = d.action != "none" and os.path.abspath(d.load_dir) == os.path.abspath(save)
+        choice = self.local.decide(d.iteration if own else None, own, usable)
+        notes = [f"local snapshots in {self.local.root}:"] + [f"  {n}" for n in choice.notes]
+        if choice.iteration is None:
+            if not choice.notes:
+                notes.append("  none")
+            if d.plan is not None:
+                d.plan.notes = notes
+            else:
+                self.local_notes = notes
+            return d
+        tracker, _ = read_tracker(save)
+        plan = LoadPlan(load_dir=save, iteration=choice.iteration, iter_dir=choice.source.iter_dir[:-len(".pt")],
+                        reason="local", kind="full", tracker_iteration=tracker,
+                        checkpoints=d.plan.checkpoints if own else [], rejected=d.plan.rejected if own else [],
+                        metadata=choice.source.metadata, notes=notes)
+        return LoadDecision(load_dir=save, plan=plan, metadata=choice.source.metadata, action="resume",
+                            own_restart=self.mode != "pretrain", source=choice.source)
+
+    def local_settled(self) -> None:
+        """Before an iteration is logged: every rank's own file of the snapshot in flight is written."""
+        if self.local is not None:
+            self.local.wait_settled()
+
     def close(self) -> None:
         """The run is over: wait for a background save, release --save's lock."""
         self.finish()
+        if self.local is not None:
+            self.local.wait()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -163,6 +200,8 @@ class CheckpointManager:
         if action == "none":
             if c.load or c.save:
                 print_rank0(f"checkpoint: nothing to load in {c.load or c.save}; starting from scratch", run.state)
+            if self.local_notes:
+                print_rank0("\n".join(self.local_notes), run.state)
             return
         weights = d.weights if d.weights is not None and d.weights.applied else None   # else --load's own
         for chosen in (d, weights) if weights is not None else (d,):
@@ -211,11 +250,11 @@ class CheckpointManager:
                                      else "from the first sample")
         run.scheduler.step(0)   # the optimizer's lr and weight decay follow the (loaded or fresh) schedule
         for chosen in (d, weights):
-            if chosen is not None and isinstance(chosen.source, OwnCheckpoint):
+            if chosen is not None and isinstance(chosen.source, (OwnCheckpoint, LocalSnapshot)):
                 chosen.source.release()   # free the CPU copies
         self.loaded_iteration, self.loaded_dir = d.plan.iteration, d.load_dir
         self.weights_from = weights.record if weights is not None else d.metadata.get("weights_from")
-        if action == "resume":
+        if action == "resume" and not isinstance(d.source, LocalSnapshot):
             self.last_saved_iteration = run.progress.iteration   # nothing new to save until it trains
         if d.weights is not None:
             restored = attribute_sources(restored, d.plan, d.weights)
@@ -271,11 +310,12 @@ class CheckpointManager:
             self.validation = {"iteration": iteration, "lm loss": float(loss)}
 
     def saves_due(self, iteration: int) -> List[str]:
-        """The kinds of checkpoint ('full', 'weights') that the save intervals ask for at `iteration`."""
+        """The kinds of checkpoint ('full', 'weights', 'local') that the save intervals ask for at `iteration`."""
         c = self.cfg.checkpoint
         if not c.save or self.nonfinite_at is not None:
             return []
-        return [kind for kind, every in (("full", c.save_interval), ("weights", c.save_weights_only_interval))
+        return [kind for kind, every in (("full", c.save_interval), ("weights", c.save_weights_only_interval),
+                                         ("local", c.local_ckpt_interval))
                 if every and iteration % every == 0]
 
     def stop_saving(self, iteration: int, what: str) -> None:
@@ -290,7 +330,10 @@ class CheckpointManager:
         if self.lock is not None:
             self.lock.heartbeat()
         for kind in self.saves_due(run.progress.iteration):
-            self.save(run, kind)
+            if kind == "local":
+                self.local.snapshot(run)
+            else:
+                self.save(run, kind)
 
     def save_at_end(self, run: Run) -> None:
         """When the loop stops (done, exit flag, signal): a full checkpoint unless this iteration has
@@ -300,6 +343,8 @@ class CheckpointManager:
         if self.last_saved_iteration != run.progress.iteration and self.nonfinite_at is None:
             self.save(run, "full")
         self.finish()
+        if self.local is not None and self.last_saved_iteration == run.progress.iteration:
+            self.local.discard()   # the persistent checkpoint holds everything they did
 
     def save(self, run: Run, kind: str = "full") -> None:
         """Collective: every rank writes its shard; the iteration directory is committed atomically."""

@@ -63,6 +63,7 @@ class LoadPlan:
     verified_files: List[VerifiedFile] = field(default_factory=list)   # this rank's model files, read and kept
     format: str = OWN_FORMAT
     step_flag: str = "--ckpt-step"   # the flag that picks an iteration of load_dir, named in messages
+    notes: List[str] = field(default_factory=list)   # more lines for the report (the local snapshots)
 
 
 def _order_key(iteration: Iteration) -> int:
@@ -282,7 +283,9 @@ def _load_reason(plan: LoadPlan) -> str:
     """Why the plan's checkpoint was chosen, in the report's words."""
     return {"tracker": f"named by {TRACKER_FILENAME}", "--ckpt-step": f"requested with {plan.step_flag}",
             "best": f"{plan.step_flag} best: named by {BEST_FILENAME}",
-            "fallback": "fallback: the newest intact checkpoint"}[plan.reason]
+            "fallback": "fallback: the newest intact checkpoint",
+            "local": "the newest state: every rank's in-memory snapshot (--local-ckpt-interval), newer than the "
+                     "persistent checkpoints"}[plan.reason]
 
 
 def _survey(plan: LoadPlan, indent: str) -> List[str]:
@@ -306,6 +309,7 @@ def _survey(plan: LoadPlan, indent: str) -> List[str]:
     if plan.rejected:
         lines.append("not loaded:")
         lines += [f"  {name}: {why}" for name, why in plan.rejected]
+    lines += plan.notes
     if plan.iteration is None:
         lines.append("loading: nothing, training starts from scratch")
     else:

@@ -57,24 +57,28 @@ def _count_tensors(obj) -> tuple:
 
 
 def _shard_contents(iter_dir: str, relpaths: List[str]) -> dict:
-    """Top-level keys of each model_optim_rng.pt, read memory-mapped (tensor data stays on disk)."""
-    keys, model_tensors, model_elements, errors = set(), 0, 0, []
+    """Top-level keys of each model_optim_rng.pt and the tensors of each distrib_optim.pt, read
+    memory-mapped (tensor data stays on disk)."""
+    keys, model_tensors, model_elements, optimizer_elements, errors = set(), 0, 0, 0, []
     for relpath in relpaths:
-        if os.path.basename(relpath) != MODEL_FILENAME:
+        if os.path.basename(relpath) not in (MODEL_FILENAME, DISTRIB_OPTIM_FILENAME):
             continue
         try:
             shard = torch.load(os.path.join(iter_dir, relpath), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:   # a damaged file: reported, the rest is still described
-            errors.append(f"{relpath} cannot be read: {e}")
+            errors.append(f"{relpath} cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue
         if not isinstance(shard, dict):
             errors.append(f"{relpath} holds a {type(shard).__name__}, not a dict")
+            continue
+        if os.path.basename(relpath) == DISTRIB_OPTIM_FILENAME:
+            optimizer_elements += _count_tensors(shard)[1]
             continue
         keys |= set(shard)
         n, e = _count_tensors({k: v for k, v in shard.items() if k.startswith("model")})
         model_tensors, model_elements = model_tensors + n, model_elements + e
     return {"keys": sorted(keys), "model_tensors": model_tensors, "model_elements": model_elements,
-            "errors": errors}
+            "optimizer_elements": optimizer_elements, "errors": errors}
 
 
 def describe_megatron(iter_dir: str, fmt: str) -> dict:
@@ -128,8 +132,8 @@ def describe(iter_dir: str) -> dict:
         "other_metadata": sorted(k for k in meta if k not in RESERVED_METADATA_KEYS and k != "config"),
         "holds": holds, "other_keys": sorted(k for k in keys if not any(k.startswith(n) for n in known)),
         "model_tensors": contents["model_tensors"], "model_elements": contents["model_elements"],
-        "distributed_optimizer_shards": len(distrib), "files": len(files),
-        "total_bytes": sum(e.get("size", 0) for e in files.values() if isinstance(e, dict)),
+        "distributed_optimizer_shards": len(distrib), "distributed_optimizer_elements": contents["optimizer_elements"],
+        "files": len(files), "total_bytes": sum(e.get("size", 0) for e in files.values() if isinstance(e, dict)),
     })
     if not problems:   # files whose checksums match but that torch.load cannot read
         info["problems"] = contents["errors"]
@@ -150,7 +154,8 @@ def _print_checkpoint(info: dict) -> None:
         if info["model_config"]:
             print("  model config   " + " ".join(f"{k}={v}" for k, v in info["model_config"].items()))
         counts = (f" ({info['model_tensors']} weight tensors, {info['model_elements']:,} elements"
-                  + (f"; {info['distributed_optimizer_shards']} distributed-optimizer shards" if
+                  + (f"; {info['distributed_optimizer_shards']} distributed-optimizer shards, "
+                     f"{info['distributed_optimizer_elements']:,} elements" if
                      info["distributed_optimizer_shards"] else "") + ")") if "model_tensors" in info else ""
         print(f"  holds          {', '.join(info['holds']) or 'nothing recognised'}{counts}")
         if info.get("validation"):

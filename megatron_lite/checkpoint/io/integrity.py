@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from megatron_lite.checkpoint.io import fastio
 from megatron_lite.checkpoint.io.layout import METADATA_FILENAME, format_iteration, parse_dir_name
+from megatron_lite.checkpoint.io.torchfile import file_pickle_problem, pickle_problem
 
 CHECKSUM_ALGORITHM = "crc32"
 FORMAT_VERSION = 1
@@ -134,6 +135,9 @@ def keep_verified(iter_dir: str, meta: dict, relpath: str) -> VerifiedFile:
     if problem:
         raise CheckpointIntegrityError(problem, iter_dir)
     buffer, problem = read_verified(iter_dir, meta, relpath)
+    if problem is None and relpath.endswith(".pt"):
+        unsafe = pickle_problem(buffer)
+        problem = f"{relpath} {unsafe}" if unsafe else None
     if problem:
         raise CheckpointIntegrityError(problem, iter_dir)
     return VerifiedFile(path, buffer, _fingerprint(os.stat(path)))
@@ -214,7 +218,11 @@ def check_files(iter_dir: str, meta: dict, relpaths: Iterable[str], *, deep: boo
             _, checksum = checksum_file(path)
         except OSError as e:
             return f"{relpath} cannot be read: {e}"
-        return checksum_problem(relpath, entry, checksum)
+        problem = checksum_problem(relpath, entry, checksum)
+        if problem is None and relpath.endswith(".pt"):   # intact bytes that the loader would still refuse
+            unsafe = file_pickle_problem(path)
+            problem = f"{relpath} {unsafe}" if unsafe else None
+        return problem
 
     relpaths = sorted(relpaths)
     if deep and len(relpaths) > 1:

@@ -31,7 +31,7 @@ import pickle
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import _weights_only_unpickler
@@ -300,6 +300,43 @@ def unpickle_torch_file(buf: Union[mmap.mmap, memoryview]) -> object:
         raise pickle.UnpicklingError(f"Weights only load failed: the file holds something other than tensors, "
                                      f"numbers, strings and containers of them, which a checkpoint never does: "
                                      f"{e}") from e
+
+
+def pickle_problem(buf: Union[mmap.mmap, memoryview]) -> Optional[str]:
+    """Why the loader would refuse the archive in `buf`, found without touching a tensor byte: its
+    pickle runs through the same weights-only unpickler with every storage on the meta device.
+    None for a file the loader reads."""
+    try:
+        records = zip_records(buf)
+        pickle_name = next((n for n in records if n.endswith("/data.pkl") and n.count("/") == 1), None)
+        if pickle_name is None:
+            return "is not a torch.save archive (no data.pkl)"
+
+        def persistent_load(saved_id):
+            _, storage_type, _, _, numel = saved_id
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            untyped = torch.UntypedStorage(numel * torch._utils._element_size(dtype), device="meta")
+            return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+        unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(_record_bytes(buf, records[pickle_name])),
+                                                       encoding="utf-8")
+        unpickler.persistent_load = persistent_load
+        unpickler.load()
+    except pickle.UnpicklingError as e:
+        return (f"holds something other than tensors, numbers, strings and containers of them (code, or "
+                f"objects a checkpoint never holds), so it is refused unpickled: {str(e).split('. ')[0]}")
+    except Exception as e:   # a damaged archive, whatever the parser meets first
+        return f"is not a readable torch.save archive ({e.__class__.__name__}: {e})"
+    return None
+
+
+def file_pickle_problem(path: str) -> Optional[str]:
+    """`pickle_problem` of the file at `path`, reading only its directory and its pickle."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return "is empty"
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return pickle_problem(buf)
 
 
 def _record_bytes(buf, record: Tuple[int, int]) -> bytes:

@@ -33,3 +33,64 @@ def test_an_edited_metadata_json_is_reported_and_the_load_falls_back(tmp_path):
     assert "iter_0000004: " in again.stdout and "does not match the checksum" in again.stdout
     assert "loading: iter_0000002 (full), fallback: the newest intact checkpoint" in again.stdout
     assert " iteration        3/" in again.stdout   # resumed after iteration 2
+
+
+def _replace_with_checksummed(iter_dir, relpath, obj):
+    """Put `obj` (torch.save) in place of `relpath` and record its size and checksum in metadata.json,
+    as someone who rewrites a checkpoint on purpose would: every checksum matches."""
+    import torch
+
+    from megatron_lite.checkpoint.io.integrity import checksum_file, with_metadata_checksum
+
+    path = os.path.join(iter_dir, relpath)
+    torch.save(obj, path)
+    meta = read_metadata(iter_dir)
+    size, checksum = checksum_file(path)
+    meta["files"][relpath].update(size=size, checksum=checksum)
+    with open(os.path.join(iter_dir, "metadata.json"), "w") as f:
+        json.dump(with_metadata_checksum({k: v for k, v in meta.items() if k != METADATA_CHECKSUM_KEY}), f)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this never runs",))
+
+
+def test_unsafe_pickles_with_matching_checksums_are_named_and_the_load_falls_back(tmp_path):
+    """A model file and a distributed-optimizer file that would run code, their checksums recorded:
+    inspect.py and the loader name each file, and the run resumes from the intact checkpoint."""
+    save = str(tmp_path / "ck")
+    args = ["--train-iters", "8", "--save", save, "--save-interval", "2", "--use-distributed-optimizer"]
+    first = subprocess.run(CLI + args + ["--exit-interval", "6"], capture_output=True, text=True, cwd=REPO,
+                           timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    _replace_with_checksummed(os.path.join(save, "iter_0000006"), "mp_rank_00_000/model_optim_rng.pt",
+                              {"model": {}, "payload": _RunsCode()})
+    _replace_with_checksummed(os.path.join(save, "iter_0000004"), "mp_rank_00_000_000/distrib_optim.pt",
+                              {"optimizer": _RunsCode()})
+    for it, relpath in ((6, "mp_rank_00_000/model_optim_rng.pt"), (4, "mp_rank_00_000_000/distrib_optim.pt")):
+        status, out = _run_inspect(os.path.join(save, f"iter_{it:07d}"))
+        assert status == 1 and f"{relpath} holds something other than tensors" in out, out
+        assert "this never runs" not in out
+    again = subprocess.run(CLI + args + ["--load", save], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "this never runs" not in again.stdout + again.stderr
+    assert "iter_0000006: failed its checks: mp_rank_00_000/model_optim_rng.pt holds something other than" \
+        in again.stdout
+    assert "iter_0000004: failed its checks: mp_rank_00_000_000/distrib_optim.pt holds something other than" \
+        in again.stdout
+    assert "loading: iter_0000002 (full), fallback: the newest intact checkpoint" in again.stdout
+    assert " iteration        3/" in again.stdout
+
+
+def test_inspect_reads_the_distributed_optimizer_shards(tmp_path):
+    save = str(tmp_path / "ck")
+    run = subprocess.run(CLI + ["--train-iters", "4", "--save", save, "--use-distributed-optimizer"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    status, out = _run_inspect(os.path.join(save, "iter_0000004"))
+    # fp32 main params, exp_avg and exp_avg_sq of every parameter element (one DP rank holds them all)
+    import re
+    weights = int(re.search(r"weight tensors, ([\d,]+) elements", out).group(1).replace(",", ""))
+    optimizer = int(re.search(r"1 distributed-optimizer shards, ([\d,]+) elements", out).group(1).replace(",", ""))
+    assert status == 0 and optimizer >= 3 * weights, out
