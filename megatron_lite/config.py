@@ -376,10 +376,6 @@ class CheckpointConfig:
     non_persistent_ckpt_type: Optional[str] = flag(None, "local: --non-persistent-save-interval takes in-memory "
                                                    "snapshots (the only type here)",
                                                    choices=["global", "local", "in_memory"])
-    non_persistent_local_ckpt_algo: str = flag("fully_parallel", "accepted for Megatron-LM's scripts: every rank "
-                                               "writes its own snapshot either way",
-                                               choices=["fully_parallel", "atomic"])
-    replication: bool = flag(False, "accepted for Megatron-LM's scripts: snapshots are always replicated")
     replication_jump: Optional[int] = flag(None, "a snapshot's replica goes this many ranks further on (default: "
                                            "the ranks of a node, so to the next node)")
     replication_factor: int = flag(2, "copies of each snapshot (2: the rank's own and one replica)")

@@ -99,7 +99,10 @@ UNSUPPORTED: Dict[str, str] = {f: feature for feature, flags in UNSUPPORTED_FEAT
 # --use-mcore-models itself).
 WITHOUT_EFFECT: Dict[str, str] = {
     "--use-mcore-models": "megatron_lite has one model, with Megatron-Core's layout",
-    "--disable-gloo-process-groups": "megatron_lite creates no gloo side groups next to NCCL ones",
+    "--disable-gloo-process-groups": "megatron_lite's only gloo side group is the one --local-ckpt-interval "
+                                     "replicates its snapshots over, which needs it",
+    "--replication": "--local-ckpt-interval's snapshots are always replicated (to --replication-jump ranks on)",
+    "--non-persistent-local-ckpt-algo": "every rank writes and commits its own snapshot, whichever is asked",
     "--fp8-interval": "deprecated in Megatron-LM (Transformer Engine ignores it since 1.8): scales update every step",
 }
 

@@ -5,7 +5,7 @@ read by the code that implements it (an attribute access `.name`, or `getattr(x,
 somewhere in megatron_lite outside arguments.py and validation.py). The only other accepted
 flags are the fields whose one accepted value is the default (validation refuses any other),
 Megatron-LM's deprecated spellings and gates that validation turns into the flags they stand for
-(checked here for each), and the two flags Megatron-LM scripts pass that have no effect here
+(checked here for each), and the flags Megatron-LM scripts pass that have no effect here
 (`WITHOUT_EFFECT`, documented in unsupported.py).
 """
 
@@ -25,6 +25,8 @@ NOT_READERS = {"arguments.py", "validation.py"}
 
 # fields validation refuses unless they keep their default: the flag with a value it refuses
 ONLY_THE_DEFAULT = {
+    "replication_factor": (["--save", "/tmp/unused", "--local-ckpt-interval", "1", "--replication-factor", "3"],
+                           "--replication-factor 3: megatron_lite keeps each snapshot twice"),
     "context_parallel_size": (["--context-parallel-size", "2"], "context parallelism is not supported"),
     "expert_model_parallel_size": (["--expert-model-parallel-size", "2"], "expert parallelism"),
     "num_distributed_optimizer_instances": (["--num-distributed-optimizer-instances", "2"],
@@ -36,6 +38,8 @@ ONLY_THE_DEFAULT = {
 
 # deprecated spellings and gates validation turns into the fields they stand for
 ALIASES = {
+    "non_persistent_ckpt_type": (["--non-persistent-ckpt-type", "local", "--non-persistent-save-interval", "2",
+                                  "--save", "/tmp/unused"], lambda cfg: cfg.checkpoint.local_ckpt_interval == 2),
     "use_rotary_position_embeddings": (["--use-rotary-position-embeddings"],
                                        lambda cfg: cfg.model.position_embedding_type == "rope"),
     "add_position_embedding": (["--no-position-embedding", "--position-embedding-type", "rope"],
@@ -48,6 +52,8 @@ ALIASES = {
                                       lambda cfg: cfg.optimizer.exp_avg_dtype == "bf16"),
 }
 ALIAS_REFUSALS = {
+    "non_persistent_ckpt_type": (["--non-persistent-ckpt-type", "global", "--non-persistent-save-interval", "2"],
+                                 "non-persistent checkpoints are node-local snapshots"),
     "add_position_embedding": (["--no-position-embedding"], "--no-position-embedding is deprecated"),
     "use_precision_aware_optimizer": (["--exp-avg-dtype", "bf16"], "need --use-precision-aware-optimizer"),
 }
