@@ -181,16 +181,26 @@ def build_megatron_lite(ctx: Context) -> Built:
     run = build_megatron_lite_run(ctx.megatron_lite_flags)
     batches = itertools.cycle(ctx.batches)
     pending = []
+    local = None
+    if run.cfg.checkpoint.local_ckpt_interval:   # in-memory snapshots, as the loop takes them
+        from megatron_lite.checkpoint.local import LocalCheckpoints
+
+        local = LocalCheckpoints(run.cfg, run.state)
 
     def step():
         # as megatron_lite.training.train does: a step's numbers are read once the next is queued
         values = queue_train_step(run, batches)
         loss = pending.pop().read()["lm loss"] if pending else None
         pending.append(values)
+        run.progress.iteration += 1
+        if local is not None and local.due(run.progress.iteration):
+            loss = pending.pop().read()["lm loss"]   # a snapshot is taken once its step is known finite
+            local.wait_settled()
+            local.snapshot(run)
         return loss
 
-    return Built(step=step,
-                 params=sum(p.numel() for p in run.module.parameters()), detail=run.ops.describe())
+    return Built(step=step, params=sum(p.numel() for p in run.module.parameters()), detail=run.ops.describe(),
+                 cleanup=local.discard if local is not None else (lambda: None))
 
 
 def adamw_step(params: List[torch.nn.Parameter], device: torch.device, clip_grad: float) -> Callable[[], None]:
