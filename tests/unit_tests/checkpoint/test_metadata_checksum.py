@@ -94,3 +94,22 @@ def test_inspect_reads_the_distributed_optimizer_shards(tmp_path):
     weights = int(re.search(r"weight tensors, ([\d,]+) elements", out).group(1).replace(",", ""))
     optimizer = int(re.search(r"1 distributed-optimizer shards, ([\d,]+) elements", out).group(1).replace(",", ""))
     assert status == 0 and optimizer >= 3 * weights, out
+
+
+def test_a_tracker_of_non_ascii_digits_is_reported_by_inspect_and_the_loader(tmp_path):
+    """`²` (bytes C2 B2) passes str.isdigit(): inspect.py and a restart name it, without a traceback,
+    and the restart resumes from the newest intact checkpoint."""
+    save = str(tmp_path / "ck")
+    first = subprocess.run(CLI + ["--train-iters", "6", "--exit-interval", "4", "--save", save, "--save-interval", "2"],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "wb") as f:
+        f.write(b"\xc2\xb2")
+    status, out = _run_inspect(save)
+    assert status == 0 and "tracker names (says '\u00b2', which is not an iteration number)" in out, out
+    assert "Traceback" not in out
+    again = subprocess.run(CLI + ["--train-iters", "6", "--save", save, "--load", save, "--save-interval", "2"],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0 and "Traceback" not in again.stdout + again.stderr, again.stdout + again.stderr
+    assert "latest_checkpointed_iteration.txt: says '\u00b2', which is not an iteration number" in again.stdout
+    assert "loading: iter_0000004 (full), fallback: the newest intact checkpoint" in again.stdout
