@@ -138,11 +138,10 @@ class MegatronOptimizer:
 
     def _unscale_and_check_overflow(self, grads: List[torch.Tensor]) -> bool:
         """Divide the main grads by the loss scale; True when any rank has an inf or NaN."""
-        inv_scale = 1.0 / self.grad_scaler.scale
         found_inf = torch.zeros((), dtype=torch.float32, device=self.state.device)
-        for g in grads:
-            g.mul_(inv_scale)
-            found_inf = torch.maximum(found_inf, (~torch.isfinite(g)).any().to(found_inf))
+        inv_scale = torch.full((), 1.0 / self.grad_scaler.scale, dtype=torch.float32, device=self.state.device)
+        if grads:   # one multi-tensor pass: unscale, and set found_inf on a non-finite value
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
         all_reduce(found_inf, world_group(), op=torch.distributed.ReduceOp.MAX)
         return bool(found_inf.item())
 

@@ -118,7 +118,7 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_reduce(g.clone(), ctx.group), None
+        return _all_reduce(g, ctx.group), None   # in place, as Megatron reduces: the GEMM's fresh input gradient
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -126,7 +126,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
+        return _all_reduce(x, group)   # in place, as Megatron reduces: the GEMM's fresh output, saved by nothing
 
     @staticmethod
     def backward(ctx, g):
