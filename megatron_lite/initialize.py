@@ -7,7 +7,6 @@ stage's GPTModel gets parallel layers and a ParallelState, then it is wrapped fo
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -24,7 +23,6 @@ from megatron_lite.parallel.data import DistributedDataParallel
 from megatron_lite.parallel.random import seed_everything
 from megatron_lite.parallel.state import ParallelState, init_distributed, initialize
 
-logger = logging.getLogger("megatron_lite")
 
 
 @dataclass

@@ -21,7 +21,6 @@ split, as its zero length gives it zero weight in Megatron.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -33,7 +32,6 @@ from megatron_lite.data.gpt_dataset import SPLIT_NAMES, GPTDataset, GPTDatasetSe
 from megatron_lite.data.indexed_dataset import IndexedDataset, bin_path, idx_path
 from megatron_lite.validation import parse_split
 
-logger = logging.getLogger(__name__)
 
 MID_LEVEL_SURPLUS = 0.005
 SplitMatrix = List[Optional[Tuple[float, float]]]
@@ -173,7 +171,6 @@ def build_gpt_datasets(data_cfg, tokenizer, settings: GPTDatasetSettings,
             raise ValueError("NullTokenizer cannot tokenize the default text corpus; pass "
                              "--mock-data or --data-path")
         paths = [default_corpus_prefix(tokenizer, data_cfg.data_cache_path)]
-        logger.info("no data flags: using the default corpus %s", paths[0])
     return _blend_splits(paths, "--data-path", split_matrix(data_cfg.split),
                          f" by --split {data_cfg.split}", sizes, settings)
 

@@ -28,12 +28,7 @@ from megatron_lite.ops.cuda_build import load_extension
 ROW_THREADS = 512
 
 # Kernel launch variant per entry point that has several, and how many it has. The defaults are
-# the faster of each in bench/kernels.py on an H100 (2026-11-22, GPU time by CUDA-graph replay):
-# norm backward two rows per step (LayerNorm fwd+bwd 0.133 vs 0.142 ms, RMSNorm equal), the flat
-# one-vector-per-thread SwiGLU / bias-GeLU forwards (0.180 vs 0.194, 0.124 vs 0.141 ms), and the
-# cross-entropy forward with three reductions (equal on the GPU, faster eagerly), and the flat
-# rotary kernel (forward 0.048 vs 0.053 ms, forward+backward 0.095 vs 0.106; forward and
-# backward run the same variant).
+# the faster of each in bench/kernels.py (docs/PERFORMANCE.md, "Measurements behind defaults").
 DEFAULT_VARIANTS = {"norm_bwd": 1, "swiglu_fwd": 1, "bias_gelu_fwd": 1, "xent_fwd": 0, "rotary": 1}
 VARIANT_COUNTS = {"norm_bwd": 2, "swiglu_fwd": 3, "bias_gelu_fwd": 3, "xent_fwd": 2, "rotary": 2}
 

@@ -58,7 +58,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 IO_THREADS = 8
-READ_THREADS = 16   # the GPU machine's disk: direct x16 read the 12.4 GB shard in 7.6 s, x8 in 8.2 s
+READ_THREADS = 16   # docs/PERFORMANCE.md, "Measurements behind defaults"
 CHUNK_BYTES = 32 << 20
 ALIGN = 4096                  # O_DIRECT: buffer address, file offset and length are multiples of this
 

@@ -1,8 +1,7 @@
 """Whether a checkpoint directory is committed and intact: metadata.json, file sizes, checksums.
 
-The checksum is CRC-32 (zlib) of the whole file. Measured on the 2-core CI machine over 200 MB:
-2.4 to 3.6 GB/s, against 1.5 GB/s for SHA-256 (with SHA-NI), 0.7 GB/s for BLAKE2b and 0.6 GB/s
-for MD5. Files are written and read in parallel chunks whose CRC-32s are combined (fastio), so
+The checksum is CRC-32 (zlib) of the whole file, the fastest of the checksums compared in
+docs/PERFORMANCE.md ("Measurements behind defaults"). Files are written and read in parallel chunks whose CRC-32s are combined (fastio), so
 the checksum costs no extra pass. CRC-32 catches every error burst up to 32 bits and any other
 random corruption with probability 1 - 2^-32; truncation is caught by the size check before it.
 The algorithm's name is recorded in metadata.json so that it can change without breaking
