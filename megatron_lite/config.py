@@ -298,8 +298,8 @@ class LoggingConfig:
     profile_step_end: int = flag(12, "iteration at which profiling stops")
     profile_ranks: List[int] = flag([0], "global ranks that profile", nargs="+")
     generate_interval: Optional[int] = flag(None, "every N iterations, generate from --generate-prompt and print the "
-                                            "sample on rank 0 (--greedy, --temperature, ... as tools/generate.py); "
-                                            "training is unchanged by it")
+                                            "sample on rank 0 (--greedy, --temperature, ... as "
+                                            "megatron_lite.tools.generate); training is unchanged by it")
     generate_prompt: Optional[str] = flag(None, "the prompt of the --generate-interval samples")
 
 
@@ -383,7 +383,7 @@ class CheckpointConfig:
 
 @dataclass
 class InferenceConfig:
-    """Sampling for tools/generate.py and the --generate-interval samples; the sampling RNG is
+    """Sampling for megatron_lite.tools.generate and the --generate-interval samples; the sampling RNG is
     seeded with --seed and is its own, so sampling never moves training's random stream."""
     max_new_tokens: int = flag(30, "tokens to generate after the prompt", aliases=["--num-tokens-to-generate"])
     greedy: bool = flag(False, "take the most likely token at every step (argmax) instead of sampling")

@@ -1,4 +1,4 @@
-"""What every command-line entry point (pretrain_gpt.py, tools/generate.py) does around its work: a
+"""What every command-line entry point (pretrain_gpt.py, megatron_lite.tools.generate) does around its work: a
 mistake ends it with one line on rank 0's stderr and an exit code, never a traceback per rank.
 
 Every rank finds the same problem (the checks depend only on flags and shared files, and a

@@ -65,7 +65,7 @@ UNSUPPORTED_FEATURES: Dict[str, List[str]] = {
         "--async-strategy", "--async-ckpt-use-cpu-shm", "--verify-integrity", "--auto-detect-ckpt-format",
         "--save-retain-interval", "--use-mp-args-from-checkpoint-args",
     ],
-    "Megatron-Core's inference engines (megatron_lite generates with tools/generate.py)": [
+    "Megatron-Core's inference engines (megatron_lite generates with megatron_lite.tools.generate)": [
         "--inference-max-seq-length", "--inference-max-requests", "--inference-max-batch-size",
         "--inference-logging-step-interval", "--inference-ckpt-non-strict", "--inference-repeat-n",
         "--inference-fuse-tp-communication", "--inference-dynamic-batching-buffer-size-gb",

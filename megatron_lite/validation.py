@@ -174,7 +174,7 @@ def _check_lora(cfg: RunConfig) -> None:
     if cfg.checkpoint.ckpt_format != "megatron_lite":
         raise _error(f"--lora-rank: adapter-only checkpoints are megatron_lite's; save with --ckpt-format "
                      f"megatron_lite (not {cfg.checkpoint.ckpt_format}) and export them with "
-                     f"tools/checkpoint/convert.py --saver peft")
+                     f"`python -m megatron_lite.tools.convert --saver peft`")
 
 
 def _check_recompute(cfg: RunConfig) -> None:

@@ -28,13 +28,13 @@ run pp2 2 "${REF[@]}" --pipeline-model-parallel-size 2
 run dp4 4 "${REF[@]}" --use-distributed-optimizer
 run tp2dp2 4 "${REF[@]}" --tensor-model-parallel-size 2 --sequence-parallel
 for r in tp2 pp2 dp4 tp2dp2; do
-  echo "$r vs gpu1: $($PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1.log" "$OUT/$r.log" | tail -1)"
+  echo "$r vs gpu1: $($PY -m megatron_lite.tools.compare_logs --rtol 2e-2 --quiet "$OUT/gpu1.log" "$OUT/$r.log" | tail -1)"
 done
 # bf16 moments and bf16 gradient buffers (reduce-scattered in bf16): one GPU and DP=4
 LEAN=(--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 --main-grads-dtype bf16)
 run gpu1_lean 1 "${REF[@]}" "${LEAN[@]}"
 run dp4_lean 4 "${REF[@]}" "${LEAN[@]}" --use-distributed-optimizer
-echo "dp4_lean vs gpu1_lean: $($PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_lean.log" "$OUT/dp4_lean.log" \
+echo "dp4_lean vs gpu1_lean: $($PY -m megatron_lite.tools.compare_logs --rtol 2e-2 --quiet "$OUT/gpu1_lean.log" "$OUT/dp4_lean.log" \
   | tail -1)"
 SMALL=(--num-layers 4 --hidden-size 512 --num-attention-heads 8 --normalization RMSNorm --swiglu
        --position-embedding-type rope --disable-bias-linear --untie-embeddings-and-output-weights --seq-length 512
@@ -47,7 +47,7 @@ run det_straight 4 "${SMALL[@]}" --save /tmp/det_straight --save-interval 100
 run det_first 4 "${SMALL[@]}" --save /tmp/det_ck --load /tmp/det_ck --exit-interval 5
 run det_resumed 4 "${SMALL[@]}" --save /tmp/det_ck --load /tmp/det_ck
 cat "$OUT/det_first.log" "$OUT/det_resumed.log" >"$OUT/det_interrupted.log"
-echo "deterministic resume: $($PY tools/compare_logs.py --quiet "$OUT/det_straight.log" "$OUT/det_interrupted.log" | tail -1)"
+echo "deterministic resume: $($PY -m megatron_lite.tools.compare_logs --quiet "$OUT/det_straight.log" "$OUT/det_interrupted.log" | tail -1)"
 $PY - <<'PY'
 import torch
 from megatron_lite.checkpoint.io.storage import load_file

@@ -26,23 +26,23 @@ run() {  # name, nproc, flags...
 }
 run gpu1_bf16_fused 1
 run gpu1_bf16_torch 1 --no-fused-kernels --no-gradient-accumulation-fusion
-$PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_torch.log" "$OUT/gpu1_bf16_fused.log" | tee "$OUT/compare_fused.txt"
+$PY -m megatron_lite.tools.compare_logs --rtol 2e-2 --quiet "$OUT/gpu1_bf16_torch.log" "$OUT/gpu1_bf16_fused.log" | tee "$OUT/compare_fused.txt"
 # Adam's moments stored in bf16 (the arithmetic stays fp32): the same curve within bf16 tolerance
 run gpu1_bf16_moments 1 --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
-$PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_moments.log" \
+$PY -m megatron_lite.tools.compare_logs --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_moments.log" \
   | tee "$OUT/compare_moments.txt"
 # bf16 gradient buffers as well (wgrad GEMMs write bf16, AdamW reads bf16): within bf16 tolerance
 run gpu1_bf16_grads 1 --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 \
   --main-grads-dtype bf16
-$PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_grads.log" \
+$PY -m megatron_lite.tools.compare_logs --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_grads.log" \
   | tee "$OUT/compare_grads.txt"
 # selective recomputation of the norms' and the MLP activation's outputs: the same numbers
 run gpu1_bf16_recompute 1 --recompute-granularity selective --recompute-modules layernorm mlp_act
-$PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_recompute.log" \
+$PY -m megatron_lite.tools.compare_logs --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu1_bf16_recompute.log" \
   | tee "$OUT/compare_recompute.txt"
 if [ "$NGPU" -ge 2 ]; then
   run gpu2_tp2_bf16_fused 2 --tensor-model-parallel-size 2
-  $PY tools/compare_logs.py --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu2_tp2_bf16_fused.log" | tee "$OUT/compare_tp2.txt"
+  $PY -m megatron_lite.tools.compare_logs --rtol 2e-2 --quiet "$OUT/gpu1_bf16_fused.log" "$OUT/gpu2_tp2_bf16_fused.log" | tee "$OUT/compare_tp2.txt"
   run gpu2_tp2_sp_pp1 2 --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer
 fi
 exit $status

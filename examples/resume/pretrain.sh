@@ -5,7 +5,7 @@
 # Interrupt it (Ctrl-C, or `kill PID` of this script) and it saves where it is and exits 0; run
 # it again and it resumes from the newest checkpoint in PRETRAIN_CKPT: weights, optimizer, LR
 # scheduler, iteration, consumed samples, data position and RNG states, so the iterations after
-# the restart are the ones an uninterrupted run would have logged (tools/compare_logs.py).
+# the restart are the ones an uninterrupted run would have logged (megatron_lite.tools.compare_logs).
 #
 # The LR schedule is planned for LR_DECAY_ITERS (default 2000) iterations, longer than the run,
 # so that further_train.sh has a schedule left to continue.

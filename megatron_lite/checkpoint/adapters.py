@@ -66,8 +66,8 @@ def check_adapter_checkpoint(model_cfg: ModelConfig, metadata: dict, iter_dir: s
              f"{' '.join(saved['target_modules'])}")
     if not model_cfg.lora_rank:
         raise ConfigError(f"{iter_dir} holds only LoRA adapters (of the base {describe_base(metadata['base'])}): "
-                          f"pass {flags} to load them, or merge them into the base with tools/checkpoint/convert.py "
-                          f"--merge-lora")
+                          f"pass {flags} to load them, or merge them into the base with "
+                          f"`python -m megatron_lite.tools.convert --merge-lora`")
     mine = lora_settings(model_cfg)
     diffs = [f"{k}={saved[k]} (flags say {mine[k]})" for k in ("rank", "alpha", "target_modules") if saved[k] != mine[k]]
     if diffs:

@@ -66,7 +66,7 @@ def shard_contents(iteration, mode: str, model: Dict[str, torch.Tensor], *, prog
                    optimizer: Optional[dict] = None, fp8: Optional[dict] = None) -> dict:
     """What a (tp, pp) rank's model_optim_rng.pt holds (format in the module docstring): the one
     definition, used by training's saves (full: with progress and scheduler) and by
-    tools/checkpoint/convert.py (weights only)."""
+    megatron_lite.tools.convert (weights only)."""
     shard = {"format_version": FORMAT_VERSION, "iteration": iteration, "mode": mode, "model": model}
     extra = {"progress": progress, "opt_param_scheduler": scheduler, "rng_state": rng, "optimizer": optimizer,
              "fp8_state": fp8}

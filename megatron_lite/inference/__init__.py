@@ -5,7 +5,7 @@
     new_ids = generate(run, [run.tokenizer.tokenize("Once upon a time")], run.cfg.inference,
                        seed=run.cfg.train.seed, stop_token_id=run.tokenizer.eod)[0]
 
-tools/generate.py is the command line; training's --generate-interval calls print_training_sample.
+megatron_lite.tools.generate is the command line; training's --generate-interval calls print_training_sample.
 """
 
 from megatron_lite.inference.generate import InferenceContext, generate, print_training_sample, sample

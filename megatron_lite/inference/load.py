@@ -1,5 +1,5 @@
 """A Run for generation from any checkpoint the CheckpointManager reads (megatron_lite's own, converted
-from Hugging Face by tools/checkpoint/convert.py, Megatron-LM's torch and torch_dist), at the TP/PP
+from Hugging Face by megatron_lite.tools.convert, Megatron-LM's torch and torch_dist), at the TP/PP
 of this launch.
 
     cfg = parse_args(["--load", DIR, "--tensor-model-parallel-size", "2"])
@@ -63,7 +63,7 @@ def checkpoint_metadata(load_dir: str, ckpt_step: Optional[str] = None) -> dict:
     one it loads, and stops on any model field that differs from it."""
     if not os.path.isdir(load_dir):
         raise ConfigError(f"--load {load_dir}: no such directory; pass a checkpoint directory (pretrain_gpt.py's "
-                          f"--save, tools/checkpoint/convert.py's --save-dir, or Megatron-LM's --save)")
+                          f"--save, megatron_lite.tools.convert's --save-dir, or Megatron-LM's --save)")
     committed = [c for c in find_checkpoints(load_dir) if c.state == "committed"]
     if not committed:
         raise ConfigError(f"--load {load_dir}: no checkpoint in it (it holds {describe_contents(load_dir)}); pass "

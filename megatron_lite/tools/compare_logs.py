@@ -1,6 +1,6 @@
 """Line two training runs up by iteration and say whether they match.
 
-    python tools/compare_logs.py straight.log resumed.log [--rtol 1e-6] [--quiet]
+    python -m megatron_lite.tools.compare_logs straight.log resumed.log [--rtol 1e-6] [--quiet]
 
 Reads Megatron's iteration lines,
     ` iteration        5/      12 | consumed samples: ... | learning rate: 1.000000E-04 | ... |

@@ -1,13 +1,13 @@
 """Convert checkpoints: Hugging Face <-> megatron_lite <-> Megatron-LM (torch, torch_dist), at any TP/PP.
 
-    python tools/checkpoint/convert.py --loader hf --saver megatron_lite --load-dir HF_DIR --save-dir OUT \\
+    python -m megatron_lite.tools.convert --loader hf --saver megatron_lite --load-dir HF_DIR --save-dir OUT \\
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 [--params-dtype bf16]
-    python tools/checkpoint/convert.py --loader megatron_lite --saver hf --load-dir OUT --save-dir HF_OUT
-    python tools/checkpoint/convert.py --loader megatron_lite --saver megatron_lite --load-dir OUT \\
+    python -m megatron_lite.tools.convert --loader megatron_lite --saver hf --load-dir OUT --save-dir HF_OUT
+    python -m megatron_lite.tools.convert --loader megatron_lite --saver megatron_lite --load-dir OUT \\
         --save-dir OUT_TP1 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
-    python tools/checkpoint/convert.py --loader megatron --saver megatron_lite --load-dir MEGATRON_SAVE_DIR \
+    python -m megatron_lite.tools.convert --loader megatron --saver megatron_lite --load-dir MEGATRON_SAVE_DIR \
         --save-dir OUT [--target-tensor-parallel-size 2]
-    python tools/checkpoint/convert.py --loader megatron_lite --saver megatron --saver-ckpt-format torch_dist \
+    python -m megatron_lite.tools.convert --loader megatron_lite --saver megatron --saver-ckpt-format torch_dist \
         --load-dir OUT --save-dir MEGATRON_OUT
 
 `--loader megatron` reads Megatron-LM's legacy `torch` or Megatron-Core's `torch_dist` checkpoints
@@ -27,50 +27,43 @@ safetensors shard (Hugging Face). Everything is written into a temporary directo
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import resource
+import shutil
 import sys
+import time
+from collections import OrderedDict
+from typing import Callable, Iterator, Optional, Tuple
 
-# tools/checkpoint/inspect.py would shadow the standard library's `inspect` (which torch imports):
-# take this directory off the module search path, and put the repository on it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from collections import OrderedDict  # noqa: E402
-from typing import Callable, Iterator, Optional, Tuple  # noqa: E402
-
-import torch  # noqa: E402
-
-from megatron_lite.arguments import pad_vocab_size  # noqa: E402
-from megatron_lite.checkpoint import adapters  # noqa: E402
-from megatron_lite.checkpoint.manager import shard_contents  # noqa: E402
-from megatron_lite.checkpoint.hf import peft  # noqa: E402
-from megatron_lite.checkpoint.hf import (UnsupportedModelError, architecture_for, architecture_of,  # noqa: E402
+from megatron_lite.arguments import pad_vocab_size
+from megatron_lite.checkpoint import adapters
+from megatron_lite.checkpoint.manager import shard_contents
+from megatron_lite.checkpoint.hf import peft
+from megatron_lite.checkpoint.hf import (UnsupportedModelError, architecture_for, architecture_of,
                                          megatron_to_hf, plan_hf_to_megatron)
-from megatron_lite.checkpoint.hf.io import (CONFIG_FILE, GENERATION_CONFIG_FILE, HFCheckpointReader,  # noqa: E402
+from megatron_lite.checkpoint.hf.io import (CONFIG_FILE, GENERATION_CONFIG_FILE, HFCheckpointReader,
                                             SafetensorsShardWriter, copy_files, parse_size, read_json,
                                             tokenizer_files, write_json, write_safetensors)
-from megatron_lite.checkpoint.io.integrity import CheckpointMetadataError, read_metadata, verify_checkpoint  # noqa: E402
-from megatron_lite.checkpoint.io.layout import (MODEL_FILENAME, METADATA_FILENAME, RELEASE,  # noqa: E402
+from megatron_lite.checkpoint.io.integrity import CheckpointMetadataError, read_metadata, verify_checkpoint
+from megatron_lite.checkpoint.io.layout import (MODEL_FILENAME, METADATA_FILENAME, RELEASE,
                                                 iteration_dir_name, model_shard_path)
-from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint  # noqa: E402
-from megatron_lite.checkpoint.formats import (MEGATRON_FORMATS, OWN_FORMAT, SourceCheckpoint,  # noqa: E402
+from megatron_lite.checkpoint.recovery import CheckpointLoadError, choose_checkpoint
+from megatron_lite.checkpoint.formats import (MEGATRON_FORMATS, OWN_FORMAT, SourceCheckpoint,
                                               describe_contents, detect_format, format_module)
-from megatron_lite.checkpoint.formats import megatron_legacy, torch_dist  # noqa: E402
-from megatron_lite.checkpoint.formats.megatron_args import megatron_args_from_config  # noqa: E402
-from megatron_lite.checkpoint.io.layout import TRACKER_FILENAME  # noqa: E402
-from megatron_lite.checkpoint.reshard.sharding import (build_tensor_index, merge_to_global, open_piece_reader,  # noqa: E402
+from megatron_lite.checkpoint.formats import megatron_legacy, torch_dist
+from megatron_lite.checkpoint.formats.megatron_args import megatron_args_from_config
+from megatron_lite.checkpoint.io.layout import TRACKER_FILENAME
+from megatron_lite.checkpoint.reshard.sharding import (build_tensor_index, merge_to_global, open_piece_reader,
                                                        rank_params, rank_tensors, reshard_rank_tensors,
                                                        skeleton_state)
-from megatron_lite.checkpoint.io.storage import (CommitSpec, _parallel_layout, commit, prepare_tmp_dir,  # noqa: E402
+from megatron_lite.checkpoint.io.storage import (CommitSpec, _parallel_layout, commit, prepare_tmp_dir,
                                               write_files)
-from megatron_lite.config import ModelConfig, RunConfig  # noqa: E402
-from megatron_lite.model.lora import base_config  # noqa: E402
+from megatron_lite.config import ModelConfig, RunConfig
+from megatron_lite.model.lora import base_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_SUBDIR = "hf"

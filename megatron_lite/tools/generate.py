@@ -1,10 +1,11 @@
 """Generate from a checkpoint with a KV cache, at the TP/PP it is launched with.
 
-    python tools/generate.py --load CKPT --prompt "Once upon a time" --max-new-tokens 32 \\
+    python -m megatron_lite.tools.generate --load CKPT --prompt "Once upon a time" --max-new-tokens 32 \\
         [--greedy | --temperature 0.8 --top-k 50 --top-p 0.9] [--seed 1]
-    torchrun --nproc_per_node 2 tools/generate.py --tensor-model-parallel-size 2 --load CKPT --prompt-ids 5 17 42
+    torchrun --nproc_per_node 2 -m megatron_lite.tools.generate --tensor-model-parallel-size 2 --load CKPT \\
+        --prompt-ids 5 17 42
 
---load takes any directory megatron_lite loads: its own checkpoints, tools/checkpoint/convert.py's
+--load takes any directory megatron_lite loads: its own checkpoints, megatron_lite.tools.convert's
 (e.g. from Hugging Face), Megatron-LM's torch and torch_dist; --ckpt-step picks an iteration. The
 model config and the tokenizer are the checkpoint's (flags override them). With --prompt the
 prompt and its continuation are printed as text; with --prompt-ids the generated ids, on one line.
@@ -17,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_lite.arguments import ConfigError, _Parser, build_parser, parse_args  # noqa: E402
-from megatron_lite.entry_point import rank, run_entry_point  # noqa: E402
-from megatron_lite.inference import generate, load_for_inference  # noqa: E402
+from megatron_lite.arguments import ConfigError, _Parser, build_parser, parse_args
+from megatron_lite.entry_point import rank, run_entry_point
+from megatron_lite.inference import generate, load_for_inference
 
 
 def _prompt_parser() -> argparse.ArgumentParser:

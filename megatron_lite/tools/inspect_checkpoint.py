@@ -1,6 +1,6 @@
 """What a checkpoint holds, its parallel layout, and whether it is intact.
 
-    python tools/checkpoint/inspect.py DIR [--json]
+    python -m megatron_lite.tools.inspect_checkpoint DIR [--json]
 
 DIR is a save directory (every checkpoint in it is described, with the tracker and any
 leftovers of unfinished saves) or one iteration directory. Every checksum is read. The exit
@@ -10,28 +10,21 @@ directory that is not committed; leftovers in a save directory are reported, not
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+from typing import List, Optional
 
-# This file shares its name with the standard library's `inspect`, which torch imports: take
-# this directory off the module search path before anything else is imported.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from typing import List, Optional  # noqa: E402
-
-import torch  # noqa: E402
-
-from megatron_lite.checkpoint.formats import (FORMAT_NAMES, OWN_FORMAT, detect_format, foreign_problems,  # noqa: E402
+from megatron_lite.checkpoint.formats import (FORMAT_NAMES, OWN_FORMAT, detect_format, foreign_problems,
                                               format_module)
-from megatron_lite.checkpoint.io.integrity import committed_metadata, verify_checkpoint  # noqa: E402
-from megatron_lite.checkpoint.io.layout import (BEST_FILENAME, DISTRIB_OPTIM_FILENAME, METADATA_FILENAME,  # noqa: E402
+from megatron_lite.checkpoint.io.integrity import committed_metadata, verify_checkpoint
+from megatron_lite.checkpoint.io.layout import (BEST_FILENAME, DISTRIB_OPTIM_FILENAME, METADATA_FILENAME,
                                                 MODEL_FILENAME, format_iteration, parse_dir_name)
-from megatron_lite.checkpoint.recovery import find_checkpoints, human_bytes, read_tracker  # noqa: E402
-from megatron_lite.checkpoint.io.storage import RESERVED_METADATA_KEYS  # noqa: E402
+from megatron_lite.checkpoint.recovery import find_checkpoints, human_bytes, read_tracker
+from megatron_lite.checkpoint.io.storage import RESERVED_METADATA_KEYS
 
 # Top-level keys of model_optim_rng.pt and what they mean (Megatron-LM's names).
 _HOLDINGS = (("weights", ("model",)), ("optimizer", ("optimizer",)),

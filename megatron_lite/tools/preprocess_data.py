@@ -1,6 +1,6 @@
 """Tokenize a JSON-lines corpus into Megatron `.bin`/`.idx` files (Megatron-LM's flags).
 
-    python tools/preprocess_data.py --input corpus.jsonl --json-keys text \\
+    python -m megatron_lite.tools.preprocess_data --input corpus.jsonl --json-keys text \\
         --output-prefix data/corpus --tokenizer-type GPT2BPETokenizer \\
         --vocab-file vocab.json --merge-file merges.txt --append-eod --workers 8
 
@@ -11,13 +11,10 @@ writes data/corpus_text_document.bin/.idx; train on it with
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_lite.config import DataConfig  # noqa: E402
-from megatron_lite.data.preprocess import output_prefix_for, preprocess_jsonl  # noqa: E402
+from megatron_lite.config import DataConfig
+from megatron_lite.data.preprocess import output_prefix_for, preprocess_jsonl
 
 TOKENIZERS = ["ByteLevelTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"]
 

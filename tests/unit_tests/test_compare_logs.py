@@ -1,26 +1,19 @@
-"""tools/compare_logs.py on synthetic logs: verdicts, the first difference, restarts, bad input."""
+"""megatron_lite.tools.compare_logs on synthetic logs: verdicts, the first difference, restarts, bad input."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 
+from megatron_lite.tools import compare_logs
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("compare_logs_tool", os.path.join(REPO, "tools", "compare_logs.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare_logs = _load_tool()
 
 
 def iteration_line(it: int, lr: float, loss: float, total: int = 12) -> str:
@@ -177,3 +170,17 @@ def test_parses_what_the_training_loop_prints():
     step = {"grad_norm": 1.5, "lm loss": 4.8532094, "loss_scale": 1.0}
     line = format_log_line(run, 5, 12, step, 12.5, 9.999978e-4)
     assert compare_logs.parse_line(line) == (5, {"lr": "9.999978E-04", "loss": "4.853209E+00"})
+
+
+@pytest.mark.parametrize("command", [[os.path.join(REPO, "tools", "compare_logs.py")],
+                                     ["-m", "megatron_lite.tools.compare_logs"]], ids=["wrapper", "module"])
+def test_runs_as_a_command(tmp_path, command):
+    """tools/compare_logs.py (the old path) and `python -m megatron_lite.tools.compare_logs` give its verdicts."""
+    a = write(tmp_path / "a.log", run_log(range(1, 4)))
+    b = write(tmp_path / "b.log", run_log(range(1, 4), loss_of=lambda it: 5.0 - 0.2 * it))
+    same = subprocess.run([sys.executable, *command, a, a, "--quiet"], capture_output=True, text=True, cwd=REPO)
+    assert same.returncode == 0, same.stderr
+    assert same.stdout.strip().splitlines()[-1] == "MATCH: iterations 1-3 identical (lr, loss)"
+    differ = subprocess.run([sys.executable, *command, a, b, "--quiet"], capture_output=True, text=True, cwd=REPO)
+    assert differ.returncode == 1 and differ.stdout.strip().splitlines()[-1].startswith(
+        "DIFFER: first difference at iteration 1: loss")

@@ -13,7 +13,6 @@ The runs are shared between the tests: each script starts torch, so each run cos
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -25,6 +24,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_lite.tools import compare_logs
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(REPO, "examples", "resume")
 PRETRAIN_ITERS = 24     # SIGTERM comes after iteration 2: the run must still be going then
@@ -32,16 +33,6 @@ FINETUNE_ITERS = 8
 RUN_TIMEOUT_S = 600     # a hung run is killed rather than hanging the test session
 
 pytestmark = pytest.mark.slow
-
-
-def _load_compare_logs():
-    spec = importlib.util.spec_from_file_location("compare_logs_tool", os.path.join(REPO, "tools", "compare_logs.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare_logs = _load_compare_logs()
 
 
 def script_env(runs_dir, **settings) -> dict:

@@ -5,7 +5,7 @@
     plan = plan_hf_to_megatron(arch, cfg, global_names, reader.names)   # global name -> Rule
     megatron_to_hf(arch, cfg, merge_to_global(...))                     # (HF name, tensor) stream
 
-tools/checkpoint/convert.py drives them; sharding.py cuts the global tensors into rank pieces.
+megatron_lite.tools.convert drives them; sharding.py cuts the global tensors into rank pieces.
 """
 
 from megatron_lite.checkpoint.hf.gpt2 import GPT2_ARCH

@@ -42,7 +42,7 @@ class CheckpointIntegrityError(ValueError):
 
     def __init__(self, problem: str, iter_dir: str) -> None:
         super().__init__(f"{problem}; checkpoint {iter_dir} is damaged: load another with --ckpt-step, or "
-                         f"check it with `python tools/checkpoint/inspect.py {iter_dir}`")
+                         f"check it with `python -m megatron_lite.tools.inspect_checkpoint {iter_dir}`")
         self.problem = problem
 
 

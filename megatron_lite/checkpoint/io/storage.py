@@ -375,7 +375,7 @@ def load_file(load_dir: str, iteration: Iteration, relpath: str, verified: Itera
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: the checkpoint was saved with another parallel layout or "
                                 f"without this part; see what it holds with "
-                                f"`python tools/checkpoint/inspect.py {iter_dir}`")
+                                f"`python -m megatron_lite.tools.inspect_checkpoint {iter_dir}`")
     buffer, problem = take_verified(path, verified), None
     if buffer is None:
         buffer, problem = read_verified(iter_dir, read_metadata(iter_dir), relpath)

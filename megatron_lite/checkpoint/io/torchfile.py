@@ -2,7 +2,7 @@
 
 A file is the zip archive torch.save writes (`<name>/data.pkl`, `<name>/byteorder`,
 `<name>/data/<key>` per storage, `<name>/version`), stored uncompressed, so torch.load,
-torch.load(mmap=True) and tools/checkpoint/inspect.py read it as before. What differs from
+torch.load(mmap=True) and megatron_lite.tools.inspect_checkpoint read it as before. What differs from
 torch.save: the whole layout (headers, offsets, the pickle) is computed before any tensor byte
 is copied, so fastio writes the file in parallel chunks straight from the tensors' devices; the
 zip's per-record CRC fields are 0 (as with torch.serialization.set_crc32_options(False)), since

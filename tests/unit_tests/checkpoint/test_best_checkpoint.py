@@ -1,6 +1,6 @@
 """best_checkpointed_iteration.txt: the full checkpoint with the lowest validation loss, recorded in
 metadata.json, kept by --keep-last-n-checkpoints, loaded with --ckpt-step best, shown by the
-recovery report and inspect.py."""
+recovery report and megatron_lite.tools.inspect_checkpoint."""
 
 import os
 import subprocess
@@ -55,7 +55,7 @@ def test_ckpt_step_best_loads_it_and_the_report_and_inspect_say_so(runs, tmp_pat
     assert run.checkpoints.loaded_iteration == best
     assert f"--ckpt-step best: named by best_checkpointed_iteration.txt" in report
     assert f"best_checkpointed_iteration.txt names iter_{best:07d} (lowest validation loss)" in report
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "inspect.py"), every],
+    out = subprocess.run([sys.executable, "-m", "megatron_lite.tools.inspect_checkpoint", every],
                          capture_output=True, text=True, cwd=ROOT)
     assert f"best (lowest validation loss) iter_{best:07d}" in out.stdout and "validation     lm loss" in out.stdout
 

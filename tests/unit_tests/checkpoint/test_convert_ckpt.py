@@ -1,4 +1,4 @@
-"""tools/checkpoint/convert.py: Hugging Face <-> megatron_lite at any TP/PP, checked on logits and bits.
+"""megatron_lite.tools.convert: Hugging Face <-> megatron_lite at any TP/PP, checked on logits and bits.
 
 Tiny random Hugging Face models (built from a config with transformers, every parameter drawn at
 random so biases and norms count too) are converted to each (TP, PP) layout; megatron_lite's
@@ -11,7 +11,6 @@ one query group (MQA, TP 1 only); the vocabulary (250) is padded to 280 at TP 1 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,20 +26,16 @@ from megatron_lite.config import RunConfig
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.ops import build_ops
 from megatron_lite.parallel.state import initialize
+from megatron_lite.tools import convert
 from tests.unit_tests.dist_utils import run_distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 VOCAB, DIVISIBLE_BY = 250, 40
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 MODELS = ["llama", "mistral", "qwen2", "gpt2", "llama_mqa"]
 
 
 def convert_tool():
-    spec = importlib.util.spec_from_file_location("convert_tool", os.path.join(REPO, "tools", "checkpoint",
-                                                                               "convert.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return convert
 
 
 def run_convert(*argv: str) -> None:

@@ -1,5 +1,5 @@
 """Untrusted Hugging Face weight files: every malformed safetensors header and every .bin that needs
-more than tensors stops convert.py with one line naming the file and the tensor, before anything is
+more than tensors stops the convert tool with one line naming the file and the tensor, before anything is
 allocated or written."""
 
 import json

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -19,7 +18,8 @@ from megatron_lite.checkpoint.io.integrity import (FORMAT_VERSION, CheckpointInt
 from megatron_lite.checkpoint.recovery import choose_checkpoint
 from megatron_lite.checkpoint.io.layout import distrib_optim_shard_path, model_shard_path, tmp_dir_name
 from megatron_lite.checkpoint.io.storage import load_file, save_files
-from tests.unit_tests.checkpoint.test_storage import MODEL, REPO, save_tiny
+from megatron_lite.tools import inspect_checkpoint
+from tests.unit_tests.checkpoint.test_storage import MODEL, save_tiny
 
 
 def flip_byte(path, offset: int = 100) -> None:
@@ -160,20 +160,12 @@ def test_damaged_json_is_named(ckpt):
     assert problem.startswith(f"{ckpt / 'metadata.json'} is damaged: ")
 
 
-# ---- tools/checkpoint/inspect.py ------------------------------------------------------------
-
-def _load_inspect_tool():
-    spec = importlib.util.spec_from_file_location("checkpoint_inspect_tool",
-                                                  os.path.join(REPO, "tools", "checkpoint", "inspect.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+# ---- megatron_lite.tools.inspect_checkpoint ------------------------------------------------
 
 def _run_inspect(*argv):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        status = _load_inspect_tool().main(list(argv))
+        status = inspect_checkpoint.main(list(argv))
     return status, out.getvalue()
 
 

@@ -18,6 +18,7 @@ from megatron_lite.arguments import ConfigError, parse_args
 from megatron_lite.checkpoint.io.integrity import read_metadata
 from megatron_lite.checkpoint.io.storage import load_file
 from megatron_lite.inference import generate, load_for_inference
+from megatron_lite.tools import convert
 from megatron_lite.training import pretrain
 from tests.unit_tests.checkpoint.test_resume import _assert_bitwise, _final_model, _run_until, _state
 from tests.unit_tests.dist_utils import run_distributed
@@ -163,10 +164,7 @@ def test_lora_errors_name_the_fix(bases, tmp_path):
 # ---------------------------------------------------------------------------------- PEFT
 
 def _convert(*argv):
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tools/checkpoint/convert.py"), *argv],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out
+    assert convert.main(list(argv)) == 0
 
 
 HF_MODELS = {
@@ -223,8 +221,8 @@ def test_peft_loads_the_exported_adapters_with_equal_logits_and_merging_gives_th
 def test_convert_refuses_adapters_without_a_lora_saver(bases, tmp_path):
     out = str(tmp_path / "lora")
     pretrain(parse_args(_lora_flags("gpt2", bases["gpt2"]) + ["--save", out, "--train-iters", "3"]))
-    res = subprocess.run([sys.executable, os.path.join(REPO, "tools/checkpoint/convert.py"), "--loader",
-                          "megatron_lite", "--saver", "hf", "--load-dir", out, "--save-dir", str(tmp_path / "x")],
+    res = subprocess.run([sys.executable, "-m", "megatron_lite.tools.convert", "--loader", "megatron_lite",
+                          "--saver", "hf", "--load-dir", out, "--save-dir", str(tmp_path / "x")],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 2
     assert "holds only LoRA adapters" in res.stderr and "--saver peft, or pass --merge-lora" in res.stderr

@@ -1,5 +1,5 @@
 """--ckpt-format torch and torch_dist through the CheckpointManager: a run saves in Megatron-LM's
-format and resumes from it, the recovery report says what came from where, inspect.py describes
+format and resumes from it, the recovery report says what came from where, inspect_checkpoint describes
 such a checkpoint, and a directory in no known format is never taken for a damaged one.
 
 (The formats themselves are checked against Megatron-Core in test_megatron_legacy.py and
@@ -69,7 +69,7 @@ def test_finetune_takes_only_the_weights_of_a_megatron_format_checkpoint(interru
 
 def test_inspect_describes_a_megatron_format_checkpoint(interrupted):
     fmt, d, _, _ = interrupted
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "inspect.py"), d],
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "inspect_checkpoint.py"), d],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "FAILED" not in out.stdout and "damaged" not in out.stdout
@@ -95,7 +95,7 @@ def test_formats_that_only_megatron_lite_writes_refuse_other_formats_in_one_line
 
 
 def _convert(*argv):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert.py"), *argv],
+    out = subprocess.run([sys.executable, "-m", "megatron_lite.tools.convert", *argv],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     return out

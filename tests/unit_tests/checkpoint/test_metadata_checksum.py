@@ -1,5 +1,5 @@
 """metadata.json carries its own checksum: a valid-JSON edit of it (a model size, as a hand edit
-would make) is damage like any other, reported by inspect.py and skipped by the loader, which
+would make) is damage like any other, reported by inspect_checkpoint and skipped by the loader, which
 falls back to the previous intact checkpoint."""
 
 import json
@@ -58,7 +58,7 @@ class _RunsCode:
 
 def test_unsafe_pickles_with_matching_checksums_are_named_and_the_load_falls_back(tmp_path):
     """A model file and a distributed-optimizer file that would run code, their checksums recorded:
-    inspect.py and the loader name each file, and the run resumes from the intact checkpoint."""
+    inspect_checkpoint and the loader name each file, and the run resumes from the intact checkpoint."""
     save = str(tmp_path / "ck")
     args = ["--train-iters", "8", "--save", save, "--save-interval", "2", "--use-distributed-optimizer"]
     first = subprocess.run(CLI + args + ["--exit-interval", "6"], capture_output=True, text=True, cwd=REPO,
@@ -97,7 +97,7 @@ def test_inspect_reads_the_distributed_optimizer_shards(tmp_path):
 
 
 def test_a_tracker_of_non_ascii_digits_is_reported_by_inspect_and_the_loader(tmp_path):
-    """`²` (bytes C2 B2) passes str.isdigit(): inspect.py and a restart name it, without a traceback,
+    """`²` (bytes C2 B2) passes str.isdigit(): inspect_checkpoint and a restart name it, without a traceback,
     and the restart resumes from the newest intact checkpoint."""
     save = str(tmp_path / "ck")
     first = subprocess.run(CLI + ["--train-iters", "6", "--exit-interval", "4", "--save", save, "--save-interval", "2"],

@@ -1,6 +1,6 @@
-"""tools/preprocess_data.py and the library call behind it."""
+"""megatron_lite.tools.preprocess_data (and its wrapper tools/preprocess_data.py) and the library call
+behind it."""
 
-import importlib.util
 import io
 import json
 import os
@@ -13,6 +13,7 @@ import pytest
 from megatron_lite.config import DataConfig
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.preprocess import preprocess_jsonl
+from megatron_lite.tools import preprocess_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 BYTES = DataConfig()                                      # ByteLevelTokenizer
@@ -87,18 +88,12 @@ def test_progress_line_reports_documents_and_throughput(tmp_path):
     assert lines[-1].startswith("done: 30 documents (") and lines[-1].endswith(" MB/s)")
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "preprocess_data", os.path.join(REPO, "tools", "preprocess_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_command_line_tool_runs_standalone(tmp_path):
+@pytest.mark.parametrize("command", [[os.path.join(REPO, "tools", "preprocess_data.py")],
+                                     ["-m", "megatron_lite.tools.preprocess_data"]], ids=["wrapper", "module"])
+def test_command_line_tool_runs_standalone(tmp_path, command):
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}, {"text": "world"}])
     done = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", source,
+        [sys.executable, *command, "--input", source,
          "--output-prefix", str(tmp_path / "cli"), "--json-keys", "text", "--tokenizer-type",
          "ByteLevelTokenizer", "--append-eod", "--workers", "2"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -108,8 +103,8 @@ def test_command_line_tool_runs_standalone(tmp_path):
 
 def test_command_line_errors_exit_2_with_the_reason(tmp_path, capsys):
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
-    code = load_tool().main(["--input", source, "--output-prefix", str(tmp_path / "cli"),
-                             "--json-keys", "body"])
+    code = preprocess_data.main(["--input", source, "--output-prefix", str(tmp_path / "cli"),
+                                 "--json-keys", "body"])
     assert code == 2
     assert "preprocess_data.py: error: " in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["in.jsonl"]

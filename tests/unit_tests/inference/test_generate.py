@@ -1,8 +1,8 @@
 """Generation with a KV cache: greedy decoding equals Hugging Face `generate` token for token on the
 converted model, the cache gives the full sequence's logits, TP=2 and PP=2 generate what one process
-does, Megatron-LM's checkpoint formats generate what megatron_lite's does, tools/generate.py prints
-the ids, --generate-interval leaves training bit for bit as it was, and sampling keeps to its
-top-k / top-p tokens.
+does, Megatron-LM's checkpoint formats generate what megatron_lite's does, megatron_lite.tools.generate
+(and its wrapper tools/generate.py) prints the ids, --generate-interval leaves training bit for bit
+as it was, and sampling keeps to its top-k / top-p tokens.
 
 The models are tiny random Hugging Face ones (weights drawn with std 0.4, so that greedy decoding
 does not just repeat one token): a Llama with GQA (RoPE, RMSNorm, SwiGLU, untied) and a GPT-2
@@ -12,7 +12,6 @@ does not just repeat one token): a Llama with GQA (RoPE, RMSNorm, SwiGLU, untied
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch
 from megatron_lite.arguments import ConfigError, parse_args, validate
 from megatron_lite.inference import InferenceContext, generate, load_for_inference, sample
 from megatron_lite.config import InferenceConfig
+from megatron_lite.tools import generate as generate_cli
 from megatron_lite.trainer import Trainer
 from tests.unit_tests.checkpoint.test_convert_ckpt import run_convert
 from tests.unit_tests.dist_utils import free_port, run_distributed
@@ -126,11 +126,20 @@ def test_tp2_and_pp2_generation_equal_single_process(models):
 
 def test_generate_tool_under_torchrun_prints_the_generated_ids_on_one_line(models):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
-           os.path.join(REPO, "tools", "generate.py"), "--tensor-model-parallel-size", "2",
+           "-m", "megatron_lite.tools.generate", "--tensor-model-parallel-size", "2",
            "--load", models["llama"]["dir"], "--prompt-ids", *map(str, PROMPTS[0]), "--greedy",
            "--max-new-tokens", str(NEW_TOKENS)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines() == [" ".join(map(str, models["llama"]["hf"][0]))]
+
+
+def test_generate_wrapper_script_prints_the_generated_ids_on_one_line(models):
+    """tools/generate.py, the path Megatron-LM's users run, runs megatron_lite.tools.generate."""
+    cmd = [sys.executable, os.path.join(REPO, "tools", "generate.py"), "--load", models["llama"]["dir"],
+           "--prompt-ids", *map(str, PROMPTS[0]), "--greedy", "--max-new-tokens", str(NEW_TOKENS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines() == [" ".join(map(str, models["llama"]["hf"][0]))]
 
@@ -246,10 +255,7 @@ def test_prompts_the_model_cannot_take_are_one_line_errors(models):
 
 
 def generate_tool():
-    spec = importlib.util.spec_from_file_location("generate_tool", os.path.join(REPO, "tools", "generate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return generate_cli
 
 
 @pytest.mark.parametrize("args,message", [
