@@ -1,4 +1,5 @@
-"""Builds megatron_lite, its pybind11 data helpers and, where a CUDA torch is present, its kernels.
+"""Builds megatron_lite's extension modules: its pybind11 data helpers and, where a CUDA torch is present, its
+kernels (the package's metadata is in pyproject.toml).
 
 The pybind11 helper needs no torch. The CUDA extension needs a CUDA build of torch and nvcc
 in the *build* environment, so it is built only with `pip install --no-build-isolation -e .`
@@ -10,7 +11,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ext_modules = []
 cmdclass = {}
@@ -58,17 +59,5 @@ if cuda is not None:
 else:
     print(f"megatron_lite: skipping the CUDA kernels ({why_not})", file=sys.stderr)
 
-setup(
-    name="megatron_lite",
-    version="0.1.0",
-    description="A compact Megatron-style model-parallel trainer for GPT/Llama models",
-    packages=find_packages(include=["megatron_lite", "megatron_lite.*"]),
-    package_data={"megatron_lite": ["data/corpus/*.txt"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.1", "numpy", "pyyaml"],
-    extras_require={"test": ["pytest", "transformers>=4.40", "peft", "safetensors", "tokenizers", "regex", "tiktoken",
-                                "sentencepiece", "tensorboard", "wandb"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+# Metadata, packages and entry points are in pyproject.toml's [project] and [tool.setuptools] tables.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
