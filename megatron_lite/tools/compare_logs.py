@@ -1,6 +1,6 @@
 """Line two training runs up by iteration and say whether they match.
 
-    python -m megatron_lite.tools.compare_logs straight.log resumed.log [--rtol 1e-6] [--quiet]
+    python -m megatron_lite.tools.compare_logs straight.log resumed.log [--rtol 1e-6] [--quiet] [--plot out.png]
 
 Reads Megatron's iteration lines,
     ` iteration        5/      12 | consumed samples: ... | learning rate: 1.000000E-04 | ... |
@@ -169,6 +169,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rtol", type=float, default=None,
                         help="compare as numbers within this relative tolerance instead of as printed")
     parser.add_argument("--quiet", action="store_true", help="print only the notes and the verdict, no table")
+    parser.add_argument("--plot", metavar="OUT.png", default=None,
+                        help="also draw both runs' loss and learning-rate curves into this image, marking restarts "
+                             "and the first difference (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.rtol is not None and not args.rtol >= 0:
         parser.error(f"--rtol must be a non-negative number, got {args.rtol}")
@@ -185,6 +188,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in notes(a, b):
         print(note)
     print(line)
+    if args.plot:
+        from megatron_lite.tools import plot_log
+
+        first = next((it for it in common if differing_fields(a.values[it], b.values[it], args.rtol)), None)
+        try:
+            plot_log.plot([plot_log.read_curves(a.path), plot_log.read_curves(b.path)], args.plot,
+                          first_difference=first)
+        except plot_log.PlotError as e:
+            print(f"compare_logs.py: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}")
     return 0 if matched else 1
 
 
