@@ -244,7 +244,7 @@ class LocalCheckpoints:
                 record["checksum"] = _record_checksum(record)
                 _write_pair(self.directory, _stem(iteration), blob, record)
                 mine = record
-            except OSError as e:   # (/dev/shm full): the other ranks still take part in the exchange
+            except Exception as e:   # (/dev/shm full): the other ranks still take part in the exchange
                 blob, mine = None, {"iteration": iteration, "error": str(e)}
                 self._error = e
             if self.group is not None:
