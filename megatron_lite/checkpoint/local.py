@@ -173,7 +173,11 @@ class LocalCheckpoints:
         self.cfg, self.state, self.interval = cfg, state, c.local_ckpt_interval
         self.root = local_root(cfg)
         self.directory = os.path.join(self.root, f"rank_{state.rank:05d}")
-        os.makedirs(self.directory, exist_ok=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--local-ckpt-dir: cannot create {self.directory} ({e.strerror}); pass a writable "
+                              f"directory in node-local memory (default /dev/shm)") from None
         world, rank = state.world_size, state.rank
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         jump = c.replication_jump or (per_node if world > per_node else 1)

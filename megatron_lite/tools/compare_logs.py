@@ -60,13 +60,18 @@ def parse_line(line: str) -> Optional[tuple]:
     return int(match.group(1)), {label: items.get(key) for label, key in COMPARED_FIELDS}
 
 
-def parse_log(path: str) -> ParsedLog:
-    """Every iteration line of `path`; a later occurrence of an iteration replaces an earlier one."""
+def read_lines(path: str) -> List[str]:
+    """The lines of a log; LogError naming the file when it cannot be read."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
-            lines = fh.readlines()
+            return fh.readlines()
     except OSError as e:
         raise LogError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def parse_log(path: str) -> ParsedLog:
+    """Every iteration line of `path`; a later occurrence of an iteration replaces an earlier one."""
+    lines = read_lines(path)
     values: Dict[int, Dict[str, Optional[str]]] = {}
     repeated = set()
     for line in lines:

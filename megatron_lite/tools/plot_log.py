@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from megatron_lite.tools.compare_logs import LogError, parse_line
+from megatron_lite.tools.compare_logs import LogError, parse_line, read_lines
 
 _RESTART_MARK = "checkpoint recovery report for"
 
@@ -50,11 +50,7 @@ def _number(text: Optional[str]) -> float:
 
 def read_curves(path: str) -> Curves:
     """The curves of one log; LogError when it cannot be read or has no iteration line."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            lines = fh.readlines()
-    except OSError as e:
-        raise LogError(f"cannot read {path}: {e.strerror or e}") from e
+    lines = read_lines(path)
     curves, last, restarted = Curves(path), None, False
     for line in lines:
         if _RESTART_MARK in line and last is not None:

@@ -14,11 +14,11 @@ import sys
 import time
 
 import pytest
-import torch
 
 from megatron_lite.checkpoint.io.storage import load_file
 from tests.unit_tests.dist_utils import free_port
 from tests.unit_tests.checkpoint.test_resume import REPO
+from tests.unit_tests.checkpoint.test_storage import assert_bitwise_equal
 
 WORLD, ITERS = 4, 14
 MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -100,21 +100,6 @@ def _final_state(save):
     return {f: load_file(save, ITERS, f) for f in files}
 
 
-def _assert_bitwise(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_bitwise(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
@@ -157,7 +142,7 @@ def test_kills_of_one_or_all_ranks_resume_within_one_iteration_and_end_bitwise_e
     trials, final = _kill_and_restart(tmp_path, 3, random.Random(3))
     _check_trials(trials, final)
     assert "the newest state: every rank's in-memory snapshot (--local-ckpt-interval)" in final.text
-    _assert_bitwise(_final_state(str(tmp_path / "run")), expected)
+    assert_bitwise_equal(_final_state(str(tmp_path / "run")), expected)
     # the run ended with its final save: the snapshots are gone from memory
     root = tmp_path / "shm" / "megatron_lite_local"
     assert not any(os.scandir(next(os.scandir(root)).path))
@@ -172,7 +157,7 @@ def test_forty_kills_at_random_moments_each_resume_within_one_iteration(straight
         directory.mkdir()
         trials, final = _kill_and_restart(directory, 4, rng)
         _check_trials(trials, final)
-        _assert_bitwise(_final_state(str(directory / "run")), expected, f"chain {chain}")
+        assert_bitwise_equal(_final_state(str(directory / "run")), expected, f"chain {chain}")
 
 
 def _snapshots(tmp_path):
@@ -195,7 +180,7 @@ def test_a_lost_nodes_memory_is_made_good_from_the_replicas(straight, tmp_path):
     final = _finished(args, tmp_path)
     assert re.search(r"rank 1's snapshot of iteration \d+: from its replica on rank 2", final.text), final.text
     assert int(RESUMED.search(final.text).group(1)) >= job.logged()[-1] - 2
-    _assert_bitwise(_final_state(str(tmp_path / "run")), expected)
+    assert_bitwise_equal(_final_state(str(tmp_path / "run")), expected)
 
 
 def test_a_damaged_snapshot_is_named_and_the_older_one_or_the_replica_is_used(straight, tmp_path):
@@ -214,7 +199,7 @@ def test_a_damaged_snapshot_is_named_and_the_older_one_or_the_replica_is_used(st
         f.write(bytes([byte[0] ^ 0xFF]))
     final = _finished(args, tmp_path)
     assert f"rank 0's {newest[:-3]}: its data fails the CRC-32 of its record" in final.text, final.text
-    _assert_bitwise(_final_state(str(tmp_path / "run")), expected)
+    assert_bitwise_equal(_final_state(str(tmp_path / "run")), expected)
 
 
 def test_a_persistent_checkpoint_newer_than_the_snapshots_wins_and_older_histories_are_removed(tmp_path):
@@ -247,7 +232,9 @@ def test_local_checkpoint_flags_are_checked_with_one_line(tmp_path):
               "--non-persistent-ckpt-type local needs --non-persistent-save-interval N"),
              (["--save", str(tmp_path), "--local-ckpt-interval", "0"], "--local-ckpt-interval 0: give a positive"),
              (["--save", str(tmp_path), "--local-ckpt-interval", "1", "--replication-factor", "3"],
-              "--replication-factor 3: megatron_lite keeps each snapshot twice")]
+              "--replication-factor 3: megatron_lite keeps each snapshot twice"),
+             (["--save", str(tmp_path), "--local-ckpt-interval", "1", "--local-ckpt-dir", "/proc/no_such_dir"],
+              "--local-ckpt-dir: cannot create /proc/no_such_dir/megatron_lite_local/")]
     for extra, message in cases:
         out = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert out.returncode == 2 and message in out.stderr, (extra, out.stdout, out.stderr)
